@@ -1,0 +1,537 @@
+//! Configuration types consumed by the actors.
+//!
+//! Every struct denies unknown fields and documents every field: the doc comments are
+//! the user documentation (`config/anchorflow.toml` repeats them). Loading (TOML file,
+//! `ANCHORFLOW_*` environment variables, `--set` flags) and the exit code for invalid
+//! configuration live in the binary (`src/settings.rs`); this module only defines the
+//! shape, the defaults and [`Config::validate`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration of one anchorflow instance.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Which topic to read and how records are batched on the way in.
+    pub source: SourceConfig,
+    /// librdkafka properties passed through unchanged (`bootstrap.servers`,
+    /// `security.protocol`, `sasl.*`, `ssl.*`, …). `group.id` comes from
+    /// `source.group_id`; offset storing is always manual.
+    pub kafka: KafkaProperties,
+    /// Limits applied when decoding a record; a record that breaks one is dead-lettered.
+    pub decode: DecodeConfig,
+    /// Aggregation, checkpoints, shutdown.
+    pub pipeline: PipelineConfig,
+    /// The Redis sink (austin-compatible keys).
+    pub redis: RedisConfig,
+    /// The Parquet warehouse sink.
+    pub warehouse: WarehouseConfig,
+    /// Time zone used for `dt`/`hour` folders and for "end of the current day" TTLs.
+    pub time: TimeConfig,
+    /// The `/metrics`, `/healthz` and `/readyz` HTTP endpoint.
+    pub metrics: MetricsConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    /// Kafka topic holding austin `AnchorInfo` JSON records.
+    pub topic: String,
+    /// Consumer group id; instances with the same id share the partitions.
+    pub group_id: String,
+    /// Most records a partition batch holds before it is handed to its reader.
+    pub batch_max_records: usize,
+    /// Most payload bytes a partition batch holds before it is handed to its reader.
+    pub batch_max_bytes: usize,
+    /// Unique name of this instance among those sharing a warehouse root; it prefixes
+    /// this instance's in-progress files so that it cleans up only its own.
+    pub instance_id: String,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            topic: "austinTraceLog".into(),
+            group_id: "anchorflow".into(),
+            batch_max_records: 4096,
+            batch_max_bytes: 1 << 20,
+            instance_id: "anchorflow".into(),
+        }
+    }
+}
+
+/// librdkafka properties; values whose key names a secret are redacted in `Debug`.
+#[derive(Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct KafkaProperties(pub BTreeMap<String, String>);
+
+impl KafkaProperties {
+    /// Whether a librdkafka property holds a secret (password, secret, key material).
+    pub fn is_secret(key: &str) -> bool {
+        let key = key.to_ascii_lowercase();
+        ["password", "secret", "ssl.key.pem", "keystore", "token"]
+            .iter()
+            .any(|needle| key.contains(needle))
+    }
+
+    /// The properties with secrets replaced by `***`, for display.
+    pub fn redacted(&self) -> BTreeMap<String, String> {
+        self.0
+            .iter()
+            .map(|(k, v)| {
+                let v = if Self::is_secret(k) {
+                    "***".to_string()
+                } else {
+                    v.clone()
+                };
+                (k.clone(), v)
+            })
+            .collect()
+    }
+}
+
+impl fmt::Debug for KafkaProperties {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.redacted()).finish()
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DecodeConfig {
+    /// Records with a larger value are dead-lettered as `record_too_large`.
+    pub max_record_bytes: usize,
+    /// Records whose `ids` array has more receivers are dead-lettered as `too_many_ids`.
+    pub max_ids: usize,
+    /// Records whose JSON nests deeper are dead-lettered as `nesting_too_deep`.
+    pub max_nesting_depth: usize,
+}
+
+impl Default for DecodeConfig {
+    fn default() -> Self {
+        DecodeConfig {
+            max_record_bytes: 1 << 20,
+            max_ids: 10_000,
+            max_nesting_depth: 32,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Number of aggregator shards; 0 means one per CPU core.
+    pub aggregator_shards: usize,
+    /// Number of threads the partition readers run on; 0 means one per CPU core.
+    pub reader_threads: usize,
+    /// Milliseconds between checkpoints (flush aggregates, commit sinks, store offsets).
+    pub checkpoint_interval_ms: u64,
+    /// Seconds a graceful shutdown may take before the process exits non-zero.
+    pub shutdown_timeout_secs: u64,
+    /// Milliseconds a rebalance may spend checkpointing revoked partitions; keep it
+    /// well below the consumer's `session.timeout.ms`.
+    pub revoke_timeout_ms: u64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            aggregator_shards: 0,
+            reader_threads: 0,
+            checkpoint_interval_ms: 1000,
+            shutdown_timeout_secs: 30,
+            revoke_timeout_ms: 20_000,
+        }
+    }
+}
+
+impl PipelineConfig {
+    /// Shard count with 0 resolved to the number of cores.
+    pub fn shards(&self) -> usize {
+        resolve_cores(self.aggregator_shards)
+    }
+
+    /// Reader thread count with 0 resolved to the number of cores.
+    pub fn readers(&self) -> usize {
+        resolve_cores(self.reader_threads)
+    }
+}
+
+fn resolve_cores(n: usize) -> usize {
+    if n > 0 {
+        n
+    } else {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    }
+}
+
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS.
+    pub url: String,
+    /// Prefix of the per-receiver list keys (austin-web reads them without a prefix).
+    pub receiver_key_prefix: String,
+    /// Prefix of the per-template hash keys (austin-web reads them without a prefix).
+    pub template_key_prefix: String,
+    /// Prefix of the per-message trace list keys.
+    pub message_key_prefix: String,
+    /// Time to live of the per-template hashes, in seconds (austin: 30 days).
+    pub template_ttl_secs: u64,
+    /// Time to live of the per-message trace lists, in seconds (austin: 3 days).
+    pub message_ttl_secs: u64,
+    /// Seconds to wait for a Redis reply before the commit is retried.
+    pub command_timeout_secs: u64,
+    /// Benchmarks only: sleep this many times the commit's own duration after each
+    /// commit, to emulate a slow sink. 0 disables.
+    pub slowdown_factor: u32,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            receiver_key_prefix: String::new(),
+            template_key_prefix: String::new(),
+            message_key_prefix: "Austin:MessageId:".into(),
+            template_ttl_secs: 30 * 86_400,
+            message_ttl_secs: 3 * 86_400,
+            command_timeout_secs: 30,
+            slowdown_factor: 0,
+        }
+    }
+}
+
+impl RedisConfig {
+    /// The URL with any password replaced by `***`.
+    pub fn redacted_url(&self) -> String {
+        redact_url_password(&self.url)
+    }
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &self.redacted_url())
+            .field("receiver_key_prefix", &self.receiver_key_prefix)
+            .field("template_key_prefix", &self.template_key_prefix)
+            .field("message_key_prefix", &self.message_key_prefix)
+            .field("template_ttl_secs", &self.template_ttl_secs)
+            .field("message_ttl_secs", &self.message_ttl_secs)
+            .field("command_timeout_secs", &self.command_timeout_secs)
+            .field("slowdown_factor", &self.slowdown_factor)
+            .finish()
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host` with `***`.
+pub fn redact_url_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let Some(at) = rest.rfind('@') else {
+        return url.to_string();
+    };
+    let userinfo = &rest[..at];
+    let redacted = match userinfo.find(':') {
+        Some(colon) => format!("{}:***", &userinfo[..colon]),
+        None if userinfo.is_empty() => String::new(),
+        // `redis://password@host` is how some clients spell a bare password.
+        None => "***".to_string(),
+    };
+    format!("{}{}@{}", &url[..scheme_end + 3], redacted, &rest[at + 1..])
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WarehouseConfig {
+    /// Local folder holding one sub-folder per table (`ods_anchor_log`, `dead_letter`).
+    pub root: String,
+    /// A file is rolled (closed and published) at the next checkpoint once it reaches
+    /// this many bytes.
+    pub target_file_bytes: u64,
+    /// A file is rolled at the next checkpoint once it has been open this many seconds.
+    pub roll_interval_secs: u64,
+    /// Rows per Parquet row group; bounds the memory an open file buffers.
+    pub row_group_rows: usize,
+}
+
+impl Default for WarehouseConfig {
+    fn default() -> Self {
+        WarehouseConfig {
+            root: "./warehouse".into(),
+            target_file_bytes: 128 << 20,
+            roll_interval_secs: 60,
+            row_group_rows: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeConfig {
+    /// IANA time zone name (e.g. `Asia/Shanghai`, `UTC`).
+    pub timezone: String,
+}
+
+impl Default for TimeConfig {
+    fn default() -> Self {
+        TimeConfig {
+            timezone: "Asia/Shanghai".into(),
+        }
+    }
+}
+
+impl TimeConfig {
+    /// The parsed time zone; [`Config::validate`] guarantees it parses.
+    pub fn tz(&self) -> chrono_tz::Tz {
+        self.timezone.parse().unwrap_or(chrono_tz::UTC)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the HTTP endpoint; empty disables it.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            listen: "127.0.0.1:9898".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` (human-readable) or `json`.
+    pub format: String,
+    /// A `tracing` filter such as `info` or `anchorflow=debug,rdkafka=warn`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// A configuration value that cannot work; names the field.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: `{field}`: {message}")]
+pub struct ConfigError {
+    /// Dotted path of the offending field, e.g. `redis.url`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl Config {
+    /// Checks what types alone cannot; the error names the first bad field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = |field: &str, value: u64| {
+            if value == 0 {
+                Err(ConfigError::new(field, "must be greater than 0"))
+            } else {
+                Ok(())
+            }
+        };
+        if self.source.topic.trim().is_empty() {
+            return Err(ConfigError::new("source.topic", "must not be empty"));
+        }
+        if self.source.group_id.trim().is_empty() {
+            return Err(ConfigError::new("source.group_id", "must not be empty"));
+        }
+        if self.source.instance_id.is_empty()
+            || !self
+                .source
+                .instance_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ConfigError::new(
+                "source.instance_id",
+                "must be non-empty and use only letters, digits, '-' and '_'",
+            ));
+        }
+        positive(
+            "source.batch_max_records",
+            self.source.batch_max_records as u64,
+        )?;
+        positive("source.batch_max_bytes", self.source.batch_max_bytes as u64)?;
+        if !self.kafka.0.contains_key("bootstrap.servers") {
+            return Err(ConfigError::new("kafka.bootstrap.servers", "is required"));
+        }
+        for reserved in ["group.id", "enable.auto.offset.store"] {
+            if self.kafka.0.contains_key(reserved) {
+                return Err(ConfigError::new(
+                    format!("kafka.{reserved}"),
+                    "is managed by anchorflow (use source.group_id; offsets are stored after sinks commit)",
+                ));
+            }
+        }
+        positive(
+            "decode.max_record_bytes",
+            self.decode.max_record_bytes as u64,
+        )?;
+        positive(
+            "decode.max_nesting_depth",
+            self.decode.max_nesting_depth as u64,
+        )?;
+        positive(
+            "pipeline.checkpoint_interval_ms",
+            self.pipeline.checkpoint_interval_ms,
+        )?;
+        positive(
+            "pipeline.shutdown_timeout_secs",
+            self.pipeline.shutdown_timeout_secs,
+        )?;
+        positive(
+            "pipeline.revoke_timeout_ms",
+            self.pipeline.revoke_timeout_ms,
+        )?;
+        if !(self.redis.url.starts_with("redis://") || self.redis.url.starts_with("rediss://")) {
+            return Err(ConfigError::new(
+                "redis.url",
+                "must start with redis:// or rediss://",
+            ));
+        }
+        if let Err(e) = redis::Client::open(self.redis.url.as_str()) {
+            return Err(ConfigError::new(
+                "redis.url",
+                format!("cannot be parsed: {e}"),
+            ));
+        }
+        positive("redis.template_ttl_secs", self.redis.template_ttl_secs)?;
+        positive("redis.message_ttl_secs", self.redis.message_ttl_secs)?;
+        positive(
+            "redis.command_timeout_secs",
+            self.redis.command_timeout_secs,
+        )?;
+        if self.warehouse.root.trim().is_empty() {
+            return Err(ConfigError::new("warehouse.root", "must not be empty"));
+        }
+        positive(
+            "warehouse.target_file_bytes",
+            self.warehouse.target_file_bytes,
+        )?;
+        positive(
+            "warehouse.roll_interval_secs",
+            self.warehouse.roll_interval_secs,
+        )?;
+        positive(
+            "warehouse.row_group_rows",
+            self.warehouse.row_group_rows as u64,
+        )?;
+        if self.time.timezone.parse::<chrono_tz::Tz>().is_err() {
+            return Err(ConfigError::new(
+                "time.timezone",
+                format!("`{}` is not an IANA time zone name", self.time.timezone),
+            ));
+        }
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(ConfigError::new(
+                "metrics.listen",
+                "must be host:port (an IP address) or empty",
+            ));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(ConfigError::new("log.format", "must be `text` or `json`"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> Config {
+        let mut config = Config::default();
+        config
+            .kafka
+            .0
+            .insert("bootstrap.servers".into(), "127.0.0.1:9092".into());
+        config
+    }
+
+    #[test]
+    fn defaults_with_brokers_are_valid() {
+        valid().validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let mut config = valid();
+        config.time.timezone = "Mars/Olympus".into();
+        assert_eq!(config.validate().unwrap_err().field, "time.timezone");
+
+        let mut config = valid();
+        config.redis.url = "http://x".into();
+        assert_eq!(config.validate().unwrap_err().field, "redis.url");
+
+        let mut config = valid();
+        config.kafka.0.insert("group.id".into(), "x".into());
+        assert_eq!(config.validate().unwrap_err().field, "kafka.group.id");
+
+        let mut config = Config::default();
+        config.pipeline.checkpoint_interval_ms = 1;
+        assert_eq!(
+            config.validate().unwrap_err().field,
+            "kafka.bootstrap.servers"
+        );
+    }
+
+    #[test]
+    fn secrets_never_reach_debug_output() {
+        let mut config = valid();
+        config
+            .kafka
+            .0
+            .insert("sasl.password".into(), "hunter2".into());
+        config.redis.url = "rediss://default:s3cret@cache:6380/2".into();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("rediss://default:***@cache:6380/2"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn url_redaction_handles_every_userinfo_shape() {
+        assert_eq!(redact_url_password("redis://h:1"), "redis://h:1");
+        assert_eq!(redact_url_password("redis://:pw@h:1"), "redis://:***@h:1");
+        assert_eq!(
+            redact_url_password("redis://u:pw@h:1/0"),
+            "redis://u:***@h:1/0"
+        );
+        assert_eq!(redact_url_password("redis://pw@h"), "redis://***@h");
+    }
+}

@@ -1,0 +1,691 @@
+//! `KafkaSource`: the consumer-group member. It runs alone on its own arbiter thread
+//! because it blocks in librdkafka's `poll`, which is also where rebalance callbacks
+//! run; blocking there (to checkpoint revoked partitions) must stall nothing else.
+//!
+//! Its jobs:
+//! - poll records in bursts and cut them into per-partition [`RecordBatch`]es;
+//! - create one supervised [`PartitionReader`] per assigned partition (on a pool of
+//!   reader arbiters) and drop it on revocation;
+//! - hand batches to readers with `try_send`; when a reader's mailbox is full, **pause**
+//!   the partition, deliver the queued items with `send().await` from a drainer task on
+//!   the reader's arbiter, and **resume** when the drainer reports back. The consumer
+//!   keeps polling all the while (rebalances and other partitions carry on);
+//! - inject checkpoint barriers after each partition's last batch, collect the sinks'
+//!   fences, and only then commit offsets to Kafka (the minimum over the sinks). This
+//!   is at-least-once: a crash replays from the last committed offsets.
+//!
+//! Revocation runs a final checkpoint inside the rebalance callback (bounded by
+//! `pipeline.revoke_timeout_ms`) and commits synchronously before the partitions go.
+//! A lost assignment (the group moved on without us) stops the process with exit code
+//! 75: state for those partitions must not be published, and a restart is the simplest
+//! way to resume exactly from committed offsets.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use actix::dev::SendError;
+use actix::prelude::*;
+use anyhow::Context as _;
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::Message as _;
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use tracing::{debug, error, info, warn};
+
+use crate::config::Config;
+use crate::messages::{
+    Barrier, CheckpointKind, CheckpointSpec, PartitionInput, RecordBatch, SinkKind, SourceNotice,
+};
+use crate::metrics::{MailboxMeter, Metrics, PartitionLabel};
+use crate::partition_reader::{PartitionReader, ReaderLinks};
+
+/// Exit code when the group took our partitions away before we could checkpoint them.
+pub const EXIT_ASSIGNMENT_LOST: i32 = 75;
+
+/// How long one `poll` may block when no records are waiting. Control messages (a
+/// checkpoint trigger, shutdown) wait at most this long.
+const POLL_WAIT: Duration = Duration::from_millis(20);
+
+/// Most records taken in one burst before batches are dispatched and control
+/// messages get a turn.
+const POLL_BURST: usize = 16_384;
+
+/// Mailbox capacity of the source: only control messages (checkpoint triggers, a
+/// shutdown request) arrive here; the timer skips a tick rather than queue a second.
+pub const SOURCE_MAILBOX: usize = 4;
+
+/// Asks the source to start a checkpoint.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct TriggerCheckpoint;
+
+/// Asks the source to stop reading, run a final checkpoint, commit, and leave the group.
+/// `done` receives the outcome.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Shutdown {
+    pub done: tokio::sync::oneshot::Sender<anyhow::Result<()>>,
+}
+
+/// The self-message that keeps the poll loop going between other messages.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Poll;
+
+/// Everything a reader needs, minus the partition number.
+#[derive(Clone)]
+pub struct ReaderFactory {
+    pub topic: Arc<str>,
+    pub config: Arc<Config>,
+    pub links: ReaderLinks,
+    pub arbiters: Arc<[ArbiterHandle]>,
+    pub metrics: Metrics,
+}
+
+struct Slot {
+    reader: Addr<PartitionReader>,
+    arbiter: ArbiterHandle,
+    building: RecordBatch,
+    outbox: VecDeque<PartitionInput>,
+    blocked: bool,
+    /// Offset after the last record handed on; -1 until a record arrives.
+    next_offset: i64,
+}
+
+struct InFlight {
+    spec: Arc<CheckpointSpec>,
+    started: Instant,
+    fences: BTreeMap<SinkKind, Vec<(i32, i64)>>,
+}
+
+/// State shared by the actor and the rebalance callback (which runs inside `poll`,
+/// when the actor holds no lock).
+struct SourceState {
+    factory: ReaderFactory,
+    slots: BTreeMap<i32, Slot>,
+    next_reader: usize,
+    notices: Receiver<SourceNotice>,
+    notices_tx: Sender<SourceNotice>,
+    in_flight: Option<InFlight>,
+    next_checkpoint: u64,
+    /// Set when a final checkpoint completed; consumed by whoever waits for it.
+    completed: Option<u64>,
+    meter: MailboxMeter,
+}
+
+pub struct SourceContext {
+    state: Mutex<SourceState>,
+    metrics: Metrics,
+    revoke_timeout: Duration,
+}
+
+impl SourceContext {
+    fn lock(&self) -> MutexGuard<'_, SourceState> {
+        // A panic while holding this lock already took the process down with it
+        // (panics abort the arbiter); recovering the guard keeps shutdown working.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+type SourceConsumer = BaseConsumer<SourceContext>;
+
+impl SourceState {
+    fn flush_building(&mut self, consumer: &SourceConsumer, partition: i32) {
+        let Some(slot) = self.slots.get_mut(&partition) else {
+            return;
+        };
+        if slot.building.records.is_empty() {
+            return;
+        }
+        let batch = std::mem::replace(&mut slot.building, RecordBatch::new(partition));
+        slot.outbox.push_back(PartitionInput::Records(batch));
+        self.dispatch(consumer, partition);
+    }
+
+    /// Hands queued items to the reader while it has room; pauses the partition and
+    /// starts a drainer when it does not.
+    fn dispatch(&mut self, consumer: &SourceConsumer, partition: i32) {
+        let topic = self.factory.topic.clone();
+        let meter = self.meter.clone();
+        let notices = self.notices_tx.clone();
+        let metrics = self.factory.metrics.clone();
+        let Some(slot) = self.slots.get_mut(&partition) else {
+            return;
+        };
+        if slot.blocked {
+            return;
+        }
+        while let Some(item) = slot.outbox.pop_front() {
+            match slot.reader.try_send(item) {
+                Ok(()) => meter.sent(),
+                Err(SendError::Full(item)) => {
+                    slot.outbox.push_front(item);
+                    slot.blocked = true;
+                    metrics.partition_pauses.inc();
+                    if let Err(e) = consumer.pause(&single(&topic, partition)) {
+                        warn!(partition, error = %e, "could not pause partition");
+                    }
+                    let items: Vec<PartitionInput> = slot.outbox.drain(..).collect();
+                    let reader = slot.reader.clone();
+                    let meter = meter.clone();
+                    slot.arbiter.spawn(async move {
+                        let started = Instant::now();
+                        for item in items {
+                            meter.sent();
+                            if reader.send(item).await.is_err() {
+                                meter.received();
+                            }
+                        }
+                        meter.blocked_for(started.elapsed());
+                        let _ = notices.send(SourceNotice::Drained { partition });
+                    });
+                    return;
+                }
+                Err(SendError::Closed(_)) => {
+                    error!(
+                        partition,
+                        "partition reader is gone; its records cannot be processed"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
+    fn start_checkpoint(&mut self, consumer: &SourceConsumer, kind: CheckpointKind) -> Option<u64> {
+        if self.in_flight.is_some() {
+            return None;
+        }
+        let partitions: Vec<i32> = self.slots.keys().copied().collect();
+        if partitions.is_empty() {
+            return None;
+        }
+        self.next_checkpoint += 1;
+        let spec = Arc::new(CheckpointSpec {
+            id: self.next_checkpoint,
+            partitions: partitions.clone(),
+            kind,
+        });
+        for partition in partitions {
+            self.flush_building(consumer, partition);
+            if let Some(slot) = self.slots.get_mut(&partition) {
+                let barrier = Barrier {
+                    spec: spec.clone(),
+                    partition,
+                    next_offset: slot.next_offset,
+                };
+                slot.outbox.push_back(PartitionInput::Barrier(barrier));
+            }
+            self.dispatch(consumer, partition);
+        }
+        debug!(checkpoint = spec.id, ?kind, "checkpoint started");
+        let id = spec.id;
+        self.in_flight = Some(InFlight {
+            spec,
+            started: Instant::now(),
+            fences: BTreeMap::new(),
+        });
+        Some(id)
+    }
+
+    /// Applies one notice; commits offsets when a checkpoint completes.
+    fn on_notice(&mut self, consumer: &SourceConsumer, notice: SourceNotice, mode: CommitMode) {
+        match notice {
+            SourceNotice::Drained { partition } => {
+                if let Some(slot) = self.slots.get_mut(&partition) {
+                    slot.blocked = false;
+                    if let Err(e) = consumer.resume(&single(&self.factory.topic, partition)) {
+                        warn!(partition, error = %e, "could not resume partition");
+                    }
+                }
+                self.dispatch(consumer, partition);
+            }
+            SourceNotice::SinkCommitted {
+                sink,
+                checkpoint,
+                fences,
+            } => {
+                let Some(in_flight) = self.in_flight.as_mut() else {
+                    return;
+                };
+                if in_flight.spec.id != checkpoint {
+                    warn!(
+                        checkpoint,
+                        current = in_flight.spec.id,
+                        sink = sink.name(),
+                        "stale sink commit ignored"
+                    );
+                    return;
+                }
+                in_flight.fences.insert(sink, fences);
+                if in_flight.fences.len() == 2 {
+                    if let Some(done) = self.in_flight.take() {
+                        self.complete(consumer, done, mode);
+                    }
+                }
+            }
+        }
+    }
+
+    fn complete(&mut self, consumer: &SourceConsumer, done: InFlight, mode: CommitMode) {
+        // Kafka's offset is the lowest fence over the sinks; -1 means nothing read yet.
+        let fence = |sink: SinkKind, partition: i32| {
+            done.fences
+                .get(&sink)?
+                .iter()
+                .find(|(p, _)| *p == partition)
+                .map(|(_, o)| *o)
+        };
+        let durable: BTreeMap<i32, i64> = done
+            .spec
+            .partitions
+            .iter()
+            .filter_map(|&p| {
+                let offset = fence(SinkKind::Redis, p)?.min(fence(SinkKind::Warehouse, p)?);
+                (offset >= 0).then_some((p, offset))
+            })
+            .collect();
+        let metrics = &self.factory.metrics;
+        if !durable.is_empty() {
+            let mut tpl = TopicPartitionList::new();
+            for (&partition, &offset) in &durable {
+                if let Err(e) =
+                    tpl.add_partition_offset(&self.factory.topic, partition, Offset::Offset(offset))
+                {
+                    warn!(partition, error = %e, "cannot express offset");
+                }
+            }
+            match consumer.commit(&tpl, mode) {
+                Ok(()) => {
+                    if let Ok(mut committed) = metrics.committed_offsets.lock() {
+                        committed.extend(durable.iter().map(|(p, o)| (*p, *o)));
+                    }
+                }
+                Err(e) => {
+                    warn!(checkpoint = done.spec.id, error = %e, "offset commit failed; the next checkpoint retries")
+                }
+            }
+        }
+        let took = done.started.elapsed();
+        metrics.checkpoints.inc();
+        metrics.checkpoint_seconds.observe(took.as_secs_f64());
+        metrics
+            .last_checkpoint_timestamp_seconds
+            .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+        metrics.set_ready(true);
+        debug!(
+            checkpoint = done.spec.id,
+            took_ms = took.as_millis() as u64,
+            partitions = durable.len(),
+            "checkpoint complete"
+        );
+        self.completed = Some(done.spec.id);
+    }
+
+    fn drain_notices(&mut self, consumer: &SourceConsumer) {
+        while let Ok(notice) = self.notices.try_recv() {
+            self.on_notice(consumer, notice, CommitMode::Async);
+        }
+    }
+
+    /// Runs a final checkpoint and waits for it (used by revocation and shutdown).
+    fn final_checkpoint(
+        &mut self,
+        consumer: &SourceConsumer,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let wait =
+            |state: &mut SourceState, until: &dyn Fn(&SourceState) -> bool| -> anyhow::Result<()> {
+                while !until(state) {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match state
+                        .notices
+                        .recv_timeout(left.max(Duration::from_millis(1)))
+                    {
+                        Ok(notice) => state.on_notice(consumer, notice, CommitMode::Sync),
+                        Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
+                            anyhow::bail!("final checkpoint did not complete within {timeout:?}")
+                        }
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => anyhow::bail!("sinks are gone"),
+                    }
+                }
+                Ok(())
+            };
+        // A periodic checkpoint may be running; let it finish first.
+        wait(self, &|s| s.in_flight.is_none())?;
+        self.completed = None;
+        let Some(id) = self.start_checkpoint(consumer, CheckpointKind::Final) else {
+            return Ok(());
+        };
+        wait(self, &|s| s.completed == Some(id))
+    }
+
+    fn create_reader(&mut self, partition: i32) -> Slot {
+        let factory = &self.factory;
+        let arbiter = factory.arbiters[self.next_reader % factory.arbiters.len()].clone();
+        self.next_reader += 1;
+        let (topic, config, links, metrics) = (
+            factory.topic.clone(),
+            factory.config.clone(),
+            factory.links.clone(),
+            factory.metrics.clone(),
+        );
+        let reader = Supervisor::start_in_arbiter(&arbiter, move |_| {
+            PartitionReader::new(
+                topic,
+                partition,
+                config.decode.clone(),
+                config.time.tz(),
+                links,
+                metrics,
+            )
+        });
+        Slot {
+            reader,
+            arbiter,
+            building: RecordBatch::new(partition),
+            outbox: VecDeque::new(),
+            blocked: false,
+            next_offset: -1,
+        }
+    }
+}
+
+fn single(topic: &str, partition: i32) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    tpl
+}
+
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
+    tpl.elements().iter().map(|e| e.partition()).collect()
+}
+
+impl ClientContext for SourceContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                error!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Warning => {
+                warn!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                info!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Debug => debug!(target: "librdkafka", facility = fac, "{log_message}"),
+        }
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        for topic in statistics.topics.values() {
+            for (id, partition) in &topic.partitions {
+                if *id >= 0 && partition.consumer_lag >= 0 {
+                    self.metrics
+                        .consumer_lag
+                        .get_or_create(&PartitionLabel { partition: *id })
+                        .set(partition.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let partitions = partitions_of(tpl);
+                info!(?partitions, cooperative, "partitions assigned");
+                {
+                    let mut state = self.lock();
+                    for &partition in &partitions {
+                        let slot = state.create_reader(partition);
+                        state.slots.insert(partition, slot);
+                    }
+                    self.metrics
+                        .partitions_assigned
+                        .set(state.slots.len() as i64);
+                }
+                let result = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(e) = result {
+                    error!(error = %e, "assign failed");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let partitions = partitions_of(tpl);
+                if consumer.assignment_lost() {
+                    error!(?partitions, "assignment lost: the group moved on before we checkpointed; exiting so a restart resumes from committed offsets");
+                    System::current().stop_with_code(EXIT_ASSIGNMENT_LOST);
+                } else {
+                    info!(?partitions, "partitions revoked; checkpointing them first");
+                    let mut state = self.lock();
+                    match state.final_checkpoint(consumer, self.revoke_timeout) {
+                        Ok(()) => info!(?partitions, "revoked partitions checkpointed"),
+                        Err(e) => warn!(?partitions, error = format!("{e:#}"), "revocation checkpoint incomplete; uncommitted records will be read again"),
+                    }
+                    for partition in &partitions {
+                        state.slots.remove(partition);
+                    }
+                    self.metrics
+                        .partitions_assigned
+                        .set(state.slots.len() as i64);
+                }
+                let result = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = result {
+                    error!(error = %e, "unassign failed");
+                }
+            }
+            other => error!(error = ?other, "rebalance error"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            warn!(error = %e, "offset commit failed");
+        }
+    }
+}
+
+pub struct KafkaSource {
+    consumer: Arc<SourceConsumer>,
+    shutdown: Option<tokio::sync::oneshot::Sender<anyhow::Result<()>>>,
+    shutdown_timeout: Duration,
+}
+
+impl KafkaSource {
+    /// Builds the consumer and subscribes; the actor starts polling once started.
+    pub fn new(
+        factory: ReaderFactory,
+        notices: Receiver<SourceNotice>,
+        notices_tx: Sender<SourceNotice>,
+    ) -> anyhow::Result<Self> {
+        let config = factory.config.clone();
+        let mut client = ClientConfig::new();
+        // Defaults an operator may override in [kafka]…
+        client.set("auto.offset.reset", "earliest");
+        client.set("statistics.interval.ms", "5000");
+        client.set("queued.max.messages.kbytes", "16384");
+        for (key, value) in &config.kafka.0 {
+            client.set(key, value);
+        }
+        // …and the settings delivery depends on, which they may not.
+        client.set("group.id", &config.source.group_id);
+        client.set("enable.auto.commit", "false");
+        client.set("enable.auto.offset.store", "false");
+        let metrics = factory.metrics.clone();
+        let meter = metrics.mailbox("partition_reader");
+        let context = SourceContext {
+            state: Mutex::new(SourceState {
+                factory,
+                slots: BTreeMap::new(),
+                next_reader: 0,
+                notices,
+                notices_tx,
+                in_flight: None,
+                next_checkpoint: 0,
+                completed: None,
+                meter,
+            }),
+            metrics,
+            revoke_timeout: Duration::from_millis(config.pipeline.revoke_timeout_ms),
+        };
+        let consumer: SourceConsumer = client
+            .create_with_context(context)
+            .context("creating the kafka consumer")?;
+        consumer
+            .subscribe(&[config.source.topic.as_str()])
+            .context("subscribing to the topic")?;
+        Ok(KafkaSource {
+            consumer: Arc::new(consumer),
+            shutdown: None,
+            shutdown_timeout: Duration::from_secs(config.pipeline.shutdown_timeout_secs),
+        })
+    }
+
+    fn poll_burst(&mut self) {
+        let consumer = &*self.consumer;
+        let context = consumer.context().clone();
+        let (max_records, max_bytes) = {
+            let state = context.lock();
+            (
+                state.factory.config.source.batch_max_records,
+                state.factory.config.source.batch_max_bytes,
+            )
+        };
+        let mut taken = 0;
+        while taken < POLL_BURST {
+            let wait = if taken == 0 {
+                POLL_WAIT
+            } else {
+                Duration::ZERO
+            };
+            let Some(result) = consumer.poll(wait) else {
+                break;
+            };
+            let message = match result {
+                Ok(message) => message,
+                Err(e) => {
+                    warn!(error = %e, "kafka consumer error");
+                    break;
+                }
+            };
+            taken += 1;
+            let partition = message.partition();
+            let mut state = context.lock();
+            let Some(slot) = state.slots.get_mut(&partition) else {
+                warn!(
+                    partition,
+                    offset = message.offset(),
+                    "record for an unassigned partition skipped"
+                );
+                continue;
+            };
+            slot.building.push(message.offset(), message.payload());
+            slot.next_offset = message.offset() + 1;
+            if slot.building.records.len() >= max_records || slot.building.data.len() >= max_bytes {
+                state.flush_building(consumer, partition);
+            }
+        }
+        let mut state = context.lock();
+        let partitions: Vec<i32> = state.slots.keys().copied().collect();
+        for partition in partitions {
+            state.flush_building(consumer, partition);
+        }
+        state.drain_notices(consumer);
+    }
+
+    fn finish(&mut self) {
+        let consumer = &*self.consumer;
+        let context = consumer.context().clone();
+        let result = context
+            .lock()
+            .final_checkpoint(consumer, self.shutdown_timeout);
+        if result.is_ok() {
+            info!("final checkpoint committed");
+        }
+        consumer.unsubscribe();
+        if let Some(done) = self.shutdown.take() {
+            let _ = done.send(result);
+        }
+    }
+}
+
+impl Actor for KafkaSource {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(SOURCE_MAILBOX);
+        ctx.notify(Poll);
+    }
+}
+
+impl Handler<Poll> for KafkaSource {
+    type Result = ();
+
+    fn handle(&mut self, _: Poll, ctx: &mut Self::Context) {
+        if self.shutdown.is_some() {
+            self.finish();
+            ctx.stop();
+            return;
+        }
+        self.poll_burst();
+        ctx.notify(Poll);
+    }
+}
+
+impl Handler<TriggerCheckpoint> for KafkaSource {
+    type Result = ();
+
+    fn handle(&mut self, _: TriggerCheckpoint, _ctx: &mut Self::Context) {
+        let consumer = &*self.consumer;
+        let context = consumer.context().clone();
+        let mut state = context.lock();
+        if state
+            .start_checkpoint(consumer, CheckpointKind::Periodic)
+            .is_none()
+            && state.in_flight.is_some()
+        {
+            debug!("previous checkpoint still running; tick skipped");
+        }
+    }
+}
+
+impl Handler<Shutdown> for KafkaSource {
+    type Result = ();
+
+    fn handle(&mut self, msg: Shutdown, _ctx: &mut Self::Context) {
+        info!("shutdown requested: stopping reads, draining, final checkpoint");
+        self.shutdown = Some(msg.done);
+    }
+}

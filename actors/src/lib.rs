@@ -1,0 +1,34 @@
+//! The actors of anchorflow and the typed messages they exchange.
+//!
+//! Where things live:
+//! - [`messages`]: the data messages (all batches) and barriers passed between actors.
+//! - [`kafka_source`]: `KafkaSource`, the consumer-group member: polls, creates and
+//!   pauses partition readers, injects checkpoint barriers, commits offsets.
+//! - [`partition_reader`]: `PartitionReader`, one per partition: decode, validate,
+//!   build warehouse rows, route events to aggregator shards.
+//! - [`aggregator`]: `Aggregator`, a shard of pre-aggregated Redis state, scoped by
+//!   source partition.
+//! - [`timer`]: `Timer`, sleeps until the next deadline and triggers checkpoints.
+//! - [`redis_sink`]: `RedisSink`, applies a checkpoint with one Lua script call.
+//! - [`warehouse_sink`]: `WarehouseSink`, Parquet files in Hive layout, published at
+//!   checkpoints by fsync and rename.
+//! - [`decode`]: the lenient austin `AnchorInfo` decoder and its rejection reasons.
+//! - [`tables`]: warehouse schemas, column builders and Hive folders.
+//! - [`config`], [`metrics`], [`backoff`]: configuration types, every metric, retry
+//!   schedule.
+//!
+//! The wiring (which actor runs on which thread, with which links) is in the binary's
+//! `pipeline` module.
+
+pub mod aggregator;
+pub mod backoff;
+pub mod config;
+pub mod decode;
+pub mod kafka_source;
+pub mod messages;
+pub mod metrics;
+pub mod partition_reader;
+pub mod redis_sink;
+pub mod tables;
+pub mod timer;
+pub mod warehouse_sink;

@@ -1,0 +1,343 @@
+//! The typed data messages that travel between actors, all of them batches.
+//!
+//! ```text
+//! KafkaSource ──PartitionInput──> PartitionReader ──ShardInput──> Aggregator ──ShardFlush──> RedisSink
+//!                                                 └─WarehouseInput──────────────────────────> WarehouseSink
+//! RedisSink, WarehouseSink ──SourceNotice (std channel)──> KafkaSource
+//! ```
+//!
+//! Every batch names its source partition, and every stream carries [`Barrier`]s in
+//! band: a barrier for checkpoint *n* on partition *p* says "everything of *p* before
+//! `next_offset` came before me". Operator state is scoped by partition, so a barrier
+//! never has to stall other partitions (see `docs/checkpoints.md`).
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use actix::Message;
+use arrow_array::RecordBatch as ArrowBatch;
+
+/// Identifies one checkpoint and the partitions taking part in it.
+#[derive(Debug)]
+pub struct CheckpointSpec {
+    /// Monotonic within one process.
+    pub id: u64,
+    /// Partitions that will each send one barrier for this checkpoint (sorted).
+    pub partitions: Vec<i32>,
+    /// Whether sinks must make everything durable now (shutdown, revocation).
+    pub kind: CheckpointKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CheckpointKind {
+    /// Timer-driven: the warehouse may keep files open if they are not due to roll.
+    Periodic,
+    /// Shutdown or revocation: every sink makes all it holds durable.
+    Final,
+}
+
+/// The in-band marker of a checkpoint on one partition's stream.
+#[derive(Clone, Debug)]
+pub struct Barrier {
+    pub spec: Arc<CheckpointSpec>,
+    pub partition: i32,
+    /// The offset after the last record of this partition that precedes the barrier.
+    pub next_offset: i64,
+}
+
+/// Raw records of one partition as read from Kafka. Payloads share one buffer so a
+/// batch costs two allocations however many records it holds.
+#[derive(Debug, Default)]
+pub struct RecordBatch {
+    pub partition: i32,
+    pub records: Vec<RawRecord>,
+    pub data: Vec<u8>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RawRecord {
+    pub offset: i64,
+    /// Range of the value in [`RecordBatch::data`]; `None` for a null value.
+    pub payload: Option<Range<usize>>,
+}
+
+impl RecordBatch {
+    pub fn new(partition: i32) -> Self {
+        RecordBatch {
+            partition,
+            records: Vec::new(),
+            data: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, offset: i64, payload: Option<&[u8]>) {
+        let payload = payload.map(|bytes| {
+            let start = self.data.len();
+            self.data.extend_from_slice(bytes);
+            start..self.data.len()
+        });
+        self.records.push(RawRecord { offset, payload });
+    }
+
+    pub fn payload(&self, record: &RawRecord) -> Option<&[u8]> {
+        record.payload.clone().map(|range| &self.data[range])
+    }
+
+    pub fn next_offset(&self) -> Option<i64> {
+        self.records.last().map(|r| r.offset + 1)
+    }
+}
+
+/// What the source hands a partition reader, in partition order.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub enum PartitionInput {
+    Records(RecordBatch),
+    Barrier(Barrier),
+}
+
+/// Events of one partition routed to one aggregator shard. Receivers and message ids
+/// live in one shared string buffer.
+#[derive(Debug, Default)]
+pub struct EventBatch {
+    pub partition: i32,
+    pub events: Vec<RoutedEvent>,
+    /// Concatenated receivers and message ids.
+    pub text: String,
+    /// Byte ranges of receivers in `text`; each event names a range of these.
+    pub receivers: Vec<Range<u32>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RoutedEvent {
+    pub state: i32,
+    pub business_id: i64,
+    pub log_timestamp: i64,
+    /// Indexes into [`EventBatch::receivers`].
+    pub receivers: Range<u32>,
+    /// Byte range of the message id in [`EventBatch::text`].
+    pub message_id: Option<Range<u32>>,
+}
+
+impl EventBatch {
+    pub fn new(partition: i32) -> Self {
+        EventBatch {
+            partition,
+            ..Default::default()
+        }
+    }
+
+    fn push_text(&mut self, s: &str) -> Range<u32> {
+        let start = self.text.len() as u32;
+        self.text.push_str(s);
+        start..self.text.len() as u32
+    }
+
+    /// Appends one event, copying its strings into the shared buffer.
+    pub fn push<'a>(
+        &mut self,
+        state: i32,
+        business_id: i64,
+        log_timestamp: i64,
+        ids: impl IntoIterator<Item = &'a str>,
+        message_id: Option<&str>,
+    ) {
+        let first = self.receivers.len() as u32;
+        for id in ids {
+            let range = self.push_text(id);
+            self.receivers.push(range);
+        }
+        let receivers = first..self.receivers.len() as u32;
+        let message_id = message_id.map(|m| self.push_text(m));
+        self.events.push(RoutedEvent {
+            state,
+            business_id,
+            log_timestamp,
+            receivers,
+            message_id,
+        });
+    }
+
+    pub fn text(&self, range: &Range<u32>) -> &str {
+        &self.text[range.start as usize..range.end as usize]
+    }
+
+    pub fn receivers_of<'s>(
+        &'s self,
+        event: &'s RoutedEvent,
+    ) -> impl Iterator<Item = &'s str> + 's {
+        self.receivers[event.receivers.start as usize..event.receivers.end as usize]
+            .iter()
+            .map(move |r| self.text(r))
+    }
+}
+
+/// What a reader hands an aggregator shard.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub enum ShardInput {
+    Events(EventBatch),
+    Barrier(Barrier),
+}
+
+/// The value pushed onto receiver and message lists: austin's `SimpleAnchorInfo`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TraceValue {
+    pub state: i32,
+    pub business_id: i64,
+    pub timestamp: i64,
+}
+
+impl TraceValue {
+    /// `{"state":S,"businessId":B,"timestamp":T}`, exactly these keys in this order.
+    pub fn to_json(&self) -> String {
+        format!(
+            r#"{{"state":{},"businessId":{},"timestamp":{}}}"#,
+            self.state, self.business_id, self.timestamp
+        )
+    }
+}
+
+/// Values to push onto one list key, oldest first.
+#[derive(Debug)]
+pub struct ListPush {
+    /// The key without its configured prefix (a receiver or a message id).
+    pub key: String,
+    pub values: Vec<TraceValue>,
+}
+
+/// One partition's share of one shard's state for one checkpoint.
+#[derive(Debug)]
+pub struct PartitionDelta {
+    pub partition: i32,
+    /// The barrier's offset: this delta covers the partition's records before it.
+    pub next_offset: i64,
+    /// `(businessId, state, receivers)` increments.
+    pub template_counts: Vec<(i64, i32, i64)>,
+    pub receiver_lists: Vec<ListPush>,
+    pub message_lists: Vec<ListPush>,
+}
+
+/// Everything one aggregator shard holds for one checkpoint.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct ShardFlush {
+    pub shard: usize,
+    pub spec: Arc<CheckpointSpec>,
+    pub partitions: Vec<PartitionDelta>,
+}
+
+/// The warehouse tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    OdsAnchorLog,
+    DeadLetter,
+}
+
+impl Table {
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::OdsAnchorLog => "ods_anchor_log",
+            Table::DeadLetter => "dead_letter",
+        }
+    }
+}
+
+/// Rows of one table for one Hive partition folder (`dt=…/hour=…`).
+#[derive(Debug)]
+pub struct TableRows {
+    pub table: Table,
+    /// Folder below the table, e.g. `dt=2023-11-20/hour=11`.
+    pub folder: String,
+    pub rows: ArrowBatch,
+}
+
+/// Rows of one partition's record batch, already columnar and split by folder.
+#[derive(Debug)]
+pub struct DetailBatch {
+    pub partition: i32,
+    pub parts: Vec<TableRows>,
+}
+
+/// What a reader hands the warehouse sink.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub enum WarehouseInput {
+    Rows(DetailBatch),
+    Barrier(Barrier),
+}
+
+/// The sinks, as named in notices, logs and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SinkKind {
+    Redis,
+    Warehouse,
+}
+
+impl SinkKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            SinkKind::Redis => "redis",
+            SinkKind::Warehouse => "warehouse",
+        }
+    }
+}
+
+/// Reports to the Kafka source. They travel over a std channel because the source's
+/// thread may be blocked inside librdkafka's rebalance callback waiting for them; at
+/// most a few arrive per checkpoint, so the channel needs no bound.
+#[derive(Debug)]
+pub enum SourceNotice {
+    /// A sink made everything before `fences[p]` durable for checkpoint `checkpoint`.
+    SinkCommitted {
+        sink: SinkKind,
+        checkpoint: u64,
+        fences: Vec<(i32, i64)>,
+    },
+    /// The items a blocked partition had queued were delivered; resume it.
+    Drained { partition: i32 },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_value_json_has_exactly_austins_keys() {
+        let v = TraceValue {
+            state: 60,
+            business_id: 1000001220231120,
+            timestamp: 1700450000123,
+        };
+        let json: serde_json::Value = serde_json::from_str(&v.to_json()).unwrap();
+        let obj = json.as_object().unwrap();
+        assert_eq!(obj.len(), 3);
+        assert_eq!(obj["state"], 60);
+        assert_eq!(obj["businessId"], 1000001220231120i64);
+        assert_eq!(obj["timestamp"], 1700450000123i64);
+    }
+
+    #[test]
+    fn event_batch_keeps_strings_apart() {
+        let mut batch = EventBatch::new(3);
+        batch.push(10, 7, 1, ["a", "bc"], Some("m1"));
+        batch.push(60, 7, 2, std::iter::empty(), None);
+        let first: Vec<_> = batch.receivers_of(&batch.events[0]).collect();
+        assert_eq!(first, vec!["a", "bc"]);
+        assert_eq!(
+            batch.text(batch.events[0].message_id.as_ref().unwrap()),
+            "m1"
+        );
+        assert_eq!(batch.receivers_of(&batch.events[1]).count(), 0);
+    }
+
+    #[test]
+    fn record_batch_tracks_offsets_and_nulls() {
+        let mut batch = RecordBatch::new(0);
+        batch.push(5, Some(b"ab"));
+        batch.push(6, None);
+        assert_eq!(batch.payload(&batch.records[0]), Some(&b"ab"[..]));
+        assert_eq!(batch.payload(&batch.records[1]), None);
+        assert_eq!(batch.next_offset(), Some(7));
+    }
+}

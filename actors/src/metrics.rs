@@ -1,0 +1,367 @@
+//! Every metric anchorflow exports, declared in one place.
+//!
+//! Names follow Prometheus conventions (`anchorflow_<what>_<unit>_total`); labels are
+//! low-cardinality (reason, table, actor, sink, partition number) and never carry user
+//! data. Actors hold a cheap clone of [`Metrics`]; the HTTP endpoint encodes
+//! [`Metrics::registry`].
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    pub table: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActorLabel {
+    pub actor: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabel {
+    pub sink: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabel {
+    pub partition: i32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: i32,
+}
+
+type FloatCounter = Counter<f64, AtomicU64>;
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// Handles to every metric; clone freely (each field is reference-counted).
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Arc<Registry>,
+    pub records_read: Counter,
+    pub events_decoded: Counter,
+    pub dead_letters: Family<ReasonLabel, Counter>,
+    pub unknown_state_events: Family<StateLabel, Counter>,
+    pub redis_commands: Counter,
+    pub redis_errors: Counter,
+    pub redis_script_operations: Counter,
+    pub redis_commit_seconds: Histogram,
+    pub sink_commits: Family<SinkLabel, Counter>,
+    pub parquet_rows: Family<TableLabel, Counter>,
+    pub parquet_files: Family<TableLabel, Counter>,
+    pub parquet_bytes: Family<TableLabel, Counter>,
+    pub mailbox_depth: Family<ActorLabel, Gauge>,
+    pub backpressure_seconds: Family<ActorLabel, FloatCounter>,
+    pub consumer_lag: Family<PartitionLabel, Gauge>,
+    pub partitions_assigned: Gauge,
+    pub partition_pauses: Counter,
+    pub checkpoints: Counter,
+    pub checkpoint_seconds: Histogram,
+    pub last_checkpoint_timestamp_seconds: FloatGauge,
+    pub actor_restarts: Family<ActorLabel, Counter>,
+    /// Readiness for `/readyz`: partitions assigned and the last commit succeeded.
+    pub ready: Arc<AtomicBool>,
+    /// Offsets committed to Kafka per partition (next offset to read), for progress
+    /// reports in the demo, the benchmark and tests.
+    pub committed_offsets: Arc<Mutex<BTreeMap<i32, i64>>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("anchorflow");
+        let records_read = Counter::default();
+        registry.register("records_read", "Kafka records read", records_read.clone());
+        let events_decoded = Counter::default();
+        registry.register(
+            "events_decoded",
+            "Records decoded into trace events",
+            events_decoded.clone(),
+        );
+        let dead_letters = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "dead_letters",
+            "Records sent to the dead-letter table, by reason",
+            dead_letters.clone(),
+        );
+        for reason in crate::decode::DecodeError::REASONS {
+            drop(dead_letters.get_or_create(&ReasonLabel { reason }));
+        }
+        let unknown_state_events = Family::<StateLabel, Counter>::default();
+        registry.register(
+            "unknown_state_events",
+            "Events whose state code is not one of austin's (kept and counted under their number)",
+            unknown_state_events.clone(),
+        );
+        let redis_commands = Counter::default();
+        registry.register(
+            "redis_commands",
+            "Commands sent to Redis",
+            redis_commands.clone(),
+        );
+        let redis_script_operations = Counter::default();
+        registry.register(
+            "redis_script_operations",
+            "Redis operations (LPUSH, HINCRBY, expiries) executed inside commit scripts",
+            redis_script_operations.clone(),
+        );
+        let redis_errors = Counter::default();
+        registry.register(
+            "redis_errors",
+            "Failed Redis commits (retried)",
+            redis_errors.clone(),
+        );
+        let redis_commit_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "redis_commit_seconds",
+            "Duration of one Redis commit",
+            redis_commit_seconds.clone(),
+        );
+        let sink_commits = Family::<SinkLabel, Counter>::default();
+        registry.register(
+            "sink_commits",
+            "Checkpoints committed by each sink",
+            sink_commits.clone(),
+        );
+        let parquet_rows = Family::<TableLabel, Counter>::default();
+        registry.register(
+            "parquet_rows",
+            "Rows written to published Parquet files",
+            parquet_rows.clone(),
+        );
+        let parquet_files = Family::<TableLabel, Counter>::default();
+        registry.register(
+            "parquet_files",
+            "Parquet files published",
+            parquet_files.clone(),
+        );
+        let parquet_bytes = Family::<TableLabel, Counter>::default();
+        registry.register(
+            "parquet_bytes",
+            "Bytes of published Parquet files",
+            parquet_bytes.clone(),
+        );
+        let mailbox_depth = Family::<ActorLabel, Gauge>::default();
+        registry.register(
+            "mailbox_depth",
+            "Messages waiting in an actor kind's mailboxes",
+            mailbox_depth.clone(),
+        );
+        let backpressure_seconds = Family::<ActorLabel, FloatCounter>::default();
+        registry.register(
+            "backpressure_seconds",
+            "Time an actor kind spent waiting for room in a full downstream mailbox",
+            backpressure_seconds.clone(),
+        );
+        let consumer_lag = Family::<PartitionLabel, Gauge>::default();
+        registry.register(
+            "consumer_lag",
+            "Records between the committed offset and the end, per partition",
+            consumer_lag.clone(),
+        );
+        let partitions_assigned = Gauge::default();
+        registry.register(
+            "partitions_assigned",
+            "Kafka partitions assigned to this instance",
+            partitions_assigned.clone(),
+        );
+        let partition_pauses = Counter::default();
+        registry.register(
+            "partition_pauses",
+            "Times a partition was paused because its reader was full",
+            partition_pauses.clone(),
+        );
+        let checkpoints = Counter::default();
+        registry.register(
+            "checkpoints",
+            "Checkpoints completed by every sink",
+            checkpoints.clone(),
+        );
+        let checkpoint_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "checkpoint_seconds",
+            "Time from triggering a checkpoint to its completion",
+            checkpoint_seconds.clone(),
+        );
+        let last_checkpoint_timestamp_seconds = FloatGauge::default();
+        registry.register(
+            "last_checkpoint_timestamp_seconds",
+            "Unix time of the last completed checkpoint",
+            last_checkpoint_timestamp_seconds.clone(),
+        );
+        let actor_restarts = Family::<ActorLabel, Counter>::default();
+        registry.register(
+            "actor_restarts",
+            "Supervised actor restarts",
+            actor_restarts.clone(),
+        );
+        Metrics {
+            registry: Arc::new(registry),
+            records_read,
+            events_decoded,
+            dead_letters,
+            unknown_state_events,
+            redis_commands,
+            redis_errors,
+            redis_script_operations,
+            redis_commit_seconds,
+            sink_commits,
+            parquet_rows,
+            parquet_files,
+            parquet_bytes,
+            mailbox_depth,
+            backpressure_seconds,
+            consumer_lag,
+            partitions_assigned,
+            partition_pauses,
+            checkpoints,
+            checkpoint_seconds,
+            last_checkpoint_timestamp_seconds,
+            actor_restarts,
+            ready: Arc::new(AtomicBool::new(false)),
+            committed_offsets: Arc::default(),
+        }
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// A per-actor-kind handle for mailbox depth and send-wait time.
+    pub fn mailbox(&self, actor: &'static str) -> MailboxMeter {
+        MailboxMeter {
+            depth: self
+                .mailbox_depth
+                .get_or_create(&ActorLabel { actor })
+                .clone(),
+            blocked: self
+                .backpressure_seconds
+                .get_or_create(&ActorLabel { actor })
+                .clone(),
+        }
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Sum over partitions of the committed offsets: records durably processed when
+    /// every partition started at offset 0.
+    pub fn committed_total(&self) -> i64 {
+        self.committed_offsets
+            .lock()
+            .map(|c| c.values().sum())
+            .unwrap_or(0)
+    }
+}
+
+/// Mailbox depth and blocked-send time of one actor kind. The sender calls
+/// [`MailboxMeter::sent`] and the receiver [`MailboxMeter::received`]: actix does not
+/// expose queue lengths, so depth is counted at both ends.
+#[derive(Clone, Debug)]
+pub struct MailboxMeter {
+    depth: Gauge,
+    blocked: FloatCounter,
+}
+
+impl MailboxMeter {
+    pub fn sent(&self) {
+        self.depth.inc();
+    }
+
+    pub fn received(&self) {
+        self.depth.dec();
+    }
+
+    /// Records time spent waiting for room in this actor's mailbox.
+    pub fn blocked_for(&self, waited: Duration) {
+        self.blocked.inc_by(waited.as_secs_f64());
+    }
+
+    pub fn depth(&self) -> i64 {
+        self.depth.get()
+    }
+}
+
+/// Sends `msg` with `send().await` (which waits for room), recording depth and the time
+/// spent waiting. Returns an error only when the receiving actor is gone for good.
+pub async fn send_metered<A, M>(
+    addr: &actix::Addr<A>,
+    msg: M,
+    meter: &MailboxMeter,
+) -> Result<(), actix::MailboxError>
+where
+    A: actix::Actor<Context = actix::Context<A>> + actix::Handler<M>,
+    M: actix::Message<Result = ()> + Send + 'static,
+{
+    let started = Instant::now();
+    meter.sent();
+    let result = addr.send(msg).await;
+    let waited = started.elapsed();
+    // Only waits long enough to be backpressure are worth counting; a handoff into a
+    // mailbox with room returns in microseconds.
+    if waited > Duration::from_micros(200) {
+        meter.blocked_for(waited);
+    }
+    if result.is_err() {
+        meter.received();
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_prometheus_names() {
+        let metrics = Metrics::new();
+        metrics.records_read.inc_by(3);
+        metrics
+            .dead_letters
+            .get_or_create(&ReasonLabel {
+                reason: "invalid_json",
+            })
+            .inc();
+        metrics.mailbox("aggregator").sent();
+        let text = metrics.encode();
+        assert!(text.contains("anchorflow_records_read_total 3"), "{text}");
+        assert!(
+            text.contains(r#"anchorflow_dead_letters_total{reason="invalid_json"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"anchorflow_mailbox_depth{actor="aggregator"} 1"#),
+            "{text}"
+        );
+    }
+}

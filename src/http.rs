@@ -1,0 +1,51 @@
+//! The HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (process alive) and
+//! `/readyz` (partitions assigned and the last checkpoint committed). It runs on its
+//! own thread with a small synchronous server; scrapes are rare and cheap.
+
+use std::thread::JoinHandle;
+
+use anchorflow_actors::metrics::Metrics;
+use anyhow::Context as _;
+use tiny_http::{Header, Response, Server};
+use tracing::warn;
+
+/// Starts serving on `listen`; returns the bound address and the server thread.
+pub fn serve(
+    listen: &str,
+    metrics: Metrics,
+) -> anyhow::Result<(std::net::SocketAddr, JoinHandle<()>)> {
+    let server = Server::http(listen)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("binding the metrics endpoint to {listen}"))?;
+    let addr = server
+        .server_addr()
+        .to_ip()
+        .context("metrics endpoint is not on an IP address")?;
+    let thread = std::thread::Builder::new()
+        .name("anchorflow-http".into())
+        .spawn(move || {
+            for request in server.incoming_requests() {
+                let (status, body, content_type) = match request.url() {
+                    "/metrics" => (
+                        200,
+                        metrics.encode(),
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                    "/healthz" => (200, "ok\n".to_string(), "text/plain"),
+                    "/readyz" if metrics.is_ready() => (200, "ready\n".to_string(), "text/plain"),
+                    "/readyz" => (503, "not ready\n".to_string(), "text/plain"),
+                    _ => (404, "not found\n".to_string(), "text/plain"),
+                };
+                let header = Header::from_bytes("Content-Type", content_type)
+                    .expect("static header is valid");
+                let response = Response::from_string(body)
+                    .with_status_code(status)
+                    .with_header(header);
+                if let Err(e) = request.respond(response) {
+                    warn!(error = %e, "metrics response failed");
+                }
+            }
+        })
+        .context("spawning the metrics thread")?;
+    Ok((addr, thread))
+}

@@ -1,0 +1,179 @@
+//! The `anchorflow` command line: `run`, `demo`, `check-config`, `bench`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anchorflow::settings::{self, EXIT_CONFIG};
+use anchorflow::{bench, demo, http, pipeline};
+use anchorflow_actors::config::Config;
+use anchorflow_actors::metrics::Metrics;
+use clap::{Parser, Subcommand};
+use tracing::{error, info};
+
+#[derive(Parser)]
+#[command(
+    name = "anchorflow",
+    version,
+    about = "austin trace events from Kafka into Redis aggregates and a Parquet warehouse, exactly once"
+)]
+struct Cli {
+    /// Configuration file (TOML). Without it, built-in defaults plus overrides apply.
+    #[arg(long, short, env = "ANCHORFLOW_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Override one field, e.g. `--set redis.url=redis://host:6379/0` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", global = true)]
+    sets: Vec<String>,
+    /// Log format: `text` or `json` (overrides `log.format`).
+    #[arg(long, global = true)]
+    log_format: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the pipeline until SIGINT/SIGTERM.
+    Run,
+    /// Run the product end to end on an in-process mock Kafka cluster.
+    Demo {
+        /// Records to produce.
+        #[arg(long, default_value_t = 50_000)]
+        events: usize,
+        /// Partitions of the demo topic.
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+        /// Redis to write to; a throwaway redis-server is started if none answers here.
+        #[arg(long, default_value = "redis://127.0.0.1:6379/9")]
+        redis_url: String,
+        /// Warehouse root.
+        #[arg(long, default_value = "./warehouse")]
+        warehouse: PathBuf,
+        /// Address of the metrics endpoint during the demo (empty disables it).
+        #[arg(long, default_value = "127.0.0.1:9898")]
+        metrics_listen: String,
+    },
+    /// Validate the configuration and print it with secrets redacted.
+    CheckConfig,
+    /// Measure throughput and memory (see docs/benchmarks.md).
+    Bench(bench::BenchOptions),
+}
+
+fn init_logging(config: &Config, format: Option<&str>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ANCHORFLOW_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format.unwrap_or(&config.log.format) == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load_config(cli: &Cli, demo_defaults: bool) -> Result<Config, ExitCode> {
+    let mut sets = Vec::new();
+    if demo_defaults {
+        // The demo brings its own broker; the file's brokers (if any) are replaced.
+        sets.push("kafka.bootstrap.servers=127.0.0.1:0".to_string());
+    }
+    sets.extend(cli.sets.iter().cloned());
+    let path = cli.config.clone().or_else(|| {
+        demo_defaults.then(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/demo.toml"))
+    });
+    settings::load(
+        path.as_deref().filter(|p| !demo_defaults || p.exists()),
+        std::env::vars(),
+        &sets,
+    )
+    .map_err(|e| {
+        eprintln!("anchorflow: {e}");
+        ExitCode::from(EXIT_CONFIG as u8)
+    })
+}
+
+fn exit(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(format) = &cli.log_format {
+        if !matches!(format.as_str(), "text" | "json") {
+            eprintln!(
+                "anchorflow: invalid configuration: `--log-format`: must be `text` or `json`"
+            );
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    }
+    let demo_like = matches!(cli.command, Command::Demo { .. } | Command::Bench(_));
+    let config = match load_config(&cli, demo_like) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    init_logging(&config, cli.log_format.as_deref());
+    match cli.command {
+        Command::CheckConfig => {
+            println!(
+                "# configuration is valid\n{}",
+                settings::render_redacted(&config)
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Run => {
+            let metrics = Metrics::new();
+            if !config.metrics.listen.is_empty() {
+                match http::serve(&config.metrics.listen, metrics.clone()) {
+                    Ok((addr, _)) => info!(%addr, "metrics endpoint listening"),
+                    Err(e) => {
+                        error!(error = format!("{e:#}"), "cannot serve metrics");
+                        return ExitCode::from(EXIT_CONFIG as u8);
+                    }
+                }
+            }
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            if let Err(e) = ctrlc::set_handler(move || {
+                let _ = stop_tx.send(true);
+            }) {
+                error!(error = %e, "cannot install the signal handler");
+                return ExitCode::FAILURE;
+            }
+            match pipeline::run(config, metrics, stop_rx) {
+                Ok(code) => exit(code),
+                Err(e) => {
+                    error!(error = format!("{e:#}"), "pipeline failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo {
+            events,
+            partitions,
+            redis_url,
+            warehouse,
+            metrics_listen,
+        } => {
+            let options = demo::DemoOptions {
+                events,
+                partitions,
+                redis_url,
+                warehouse,
+                metrics_listen,
+            };
+            match demo::run(config, options) {
+                Ok(code) => exit(code),
+                Err(e) => {
+                    eprintln!("anchorflow demo: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Bench(options) => match bench::run(config, options) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("anchorflow bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

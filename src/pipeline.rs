@@ -1,0 +1,169 @@
+//! Wiring of the actor system: which actor runs on which thread, linked to whom.
+//!
+//! ```text
+//! KafkaSource (own thread) ─[2]─> PartitionReader ×partitions (reader threads)
+//!     PartitionReader ─[8]─> Aggregator ×shards (one thread each) ─[64]─> RedisSink (own thread)
+//!     PartitionReader ─[16]──────────────────────────────────────────────> WarehouseSink (own thread)
+//! Timer (main thread) ──> KafkaSource;  sinks ──notices──> KafkaSource
+//! ```
+//! Numbers in brackets are mailbox capacities (see each actor's constant for why).
+//! Every actor except the source and the timer is started under an actix `Supervisor`.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use actix::prelude::*;
+use anchorflow_actors::aggregator::Aggregator;
+use anchorflow_actors::config::Config;
+use anchorflow_actors::kafka_source::{KafkaSource, ReaderFactory, Shutdown};
+use anchorflow_actors::metrics::Metrics;
+use anchorflow_actors::partition_reader::ReaderLinks;
+use anchorflow_actors::redis_sink::RedisSink;
+use anchorflow_actors::timer::Timer;
+use anchorflow_actors::warehouse_sink::WarehouseSink;
+use anyhow::Context as _;
+use tokio::sync::watch;
+use tracing::{error, info};
+
+/// Exit code when the final checkpoint did not complete within the shutdown deadline.
+pub const EXIT_SHUTDOWN_TIMEOUT: i32 = 1;
+
+/// A pipeline running on its own thread (used by `demo`, `bench` and tests; `run`
+/// calls [`run`] on the main thread).
+pub struct PipelineHandle {
+    pub metrics: Metrics,
+    stop: watch::Sender<bool>,
+    thread: Option<JoinHandle<anyhow::Result<i32>>>,
+}
+
+impl PipelineHandle {
+    /// Starts a pipeline on a new thread.
+    pub fn spawn(config: Config, metrics: Metrics) -> Self {
+        let (stop, stop_rx) = watch::channel(false);
+        let thread_metrics = metrics.clone();
+        let thread = std::thread::Builder::new()
+            .name("anchorflow-pipeline".into())
+            .spawn(move || run(config, thread_metrics, stop_rx))
+            .expect("spawning the pipeline thread");
+        PipelineHandle {
+            metrics,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Asks for a graceful stop (final checkpoint, offsets committed).
+    pub fn request_stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Whether the pipeline thread has ended (e.g. a fatal error stopped it).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Stops gracefully and returns the exit code.
+    pub fn stop(mut self) -> anyhow::Result<i32> {
+        self.request_stop();
+        self.join()
+    }
+
+    /// Waits for the pipeline to end on its own.
+    pub fn join(&mut self) -> anyhow::Result<i32> {
+        match self.thread.take() {
+            Some(thread) => thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("pipeline thread panicked"))?,
+            None => Ok(0),
+        }
+    }
+}
+
+impl Drop for PipelineHandle {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.request_stop();
+            let _ = self.join();
+        }
+    }
+}
+
+/// Runs the pipeline on the current thread until `stop` turns true (then drains,
+/// commits a final checkpoint and returns 0) or an actor stops the system with an
+/// exit code (I/O error, lost assignment).
+pub fn run(
+    config: Config,
+    metrics: Metrics,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<i32> {
+    let config = Arc::new(config);
+    let system = System::new();
+    let shutdown_timeout = Duration::from_secs(config.pipeline.shutdown_timeout_secs);
+    let setup: anyhow::Result<()> = system.block_on(async {
+        let (notices_tx, notices_rx) = std::sync::mpsc::channel();
+        let tz = config.time.tz();
+        let shards = config.pipeline.shards();
+
+        let redis_thread = Arbiter::new();
+        let (c, m, n) = (config.redis.clone(), metrics.clone(), notices_tx.clone());
+        let redis = Supervisor::start_in_arbiter(&redis_thread.handle(), move |_| RedisSink::new(c, tz, shards, m, n));
+
+        let warehouse_thread = Arbiter::new();
+        let (c, i, m, n) =
+            (config.warehouse.clone(), config.source.instance_id.clone(), metrics.clone(), notices_tx.clone());
+        let warehouse = Supervisor::start_in_arbiter(&warehouse_thread.handle(), move |_| WarehouseSink::new(c, i, m, n));
+
+        let aggregators: Vec<Addr<Aggregator>> = (0..shards)
+            .map(|shard| {
+                let (r, m) = (redis.clone(), metrics.clone());
+                Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |_| Aggregator::new(shard, r, m))
+            })
+            .collect();
+
+        let reader_threads: Arc<[ArbiterHandle]> =
+            (0..config.pipeline.readers()).map(|_| Arbiter::new().handle()).collect();
+        let factory = ReaderFactory {
+            topic: config.source.topic.as_str().into(),
+            config: config.clone(),
+            links: ReaderLinks { shards: aggregators.into(), warehouse },
+            arbiters: reader_threads,
+            metrics: metrics.clone(),
+        };
+        let source = KafkaSource::new(factory, notices_rx, notices_tx)?;
+        let source = KafkaSource::start_in_arbiter(&Arbiter::new().handle(), move |_| source);
+        Timer::new(source.clone().recipient(), Duration::from_millis(config.pipeline.checkpoint_interval_ms)).start();
+        info!(topic = %config.source.topic, group = %config.source.group_id, shards, "pipeline started");
+
+        actix::spawn(async move {
+            while !*stop.borrow() {
+                if stop.changed().await.is_err() {
+                    break;
+                }
+            }
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            let code = match source.send(Shutdown { done: done_tx }).await {
+                Err(_) => 0,
+                Ok(()) => match tokio::time::timeout(shutdown_timeout + Duration::from_secs(1), done_rx).await {
+                    Ok(Ok(Ok(()))) => {
+                        info!("stopped cleanly");
+                        0
+                    }
+                    Ok(Ok(Err(e))) => {
+                        error!(error = format!("{e:#}"), "final checkpoint failed");
+                        EXIT_SHUTDOWN_TIMEOUT
+                    }
+                    Ok(Err(_)) | Err(_) => {
+                        error!(timeout_secs = shutdown_timeout.as_secs(), "shutdown deadline passed");
+                        EXIT_SHUTDOWN_TIMEOUT
+                    }
+                },
+            };
+            System::current().stop_with_code(code);
+        });
+        Ok(())
+    });
+    setup.context("starting the pipeline")?;
+    let code = system.run_with_code().context("running the actor system")?;
+    Ok(code)
+}
