@@ -211,6 +211,8 @@ pub fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<()> {
         &topic,
         options.partitions,
         payloads.iter().cloned(),
+        // A real broker (tansu) gets one record per batch; see `demo::produce`.
+        options.brokers.is_some(),
     )?;
     println!(
         "preloaded: {} events, {:.1} MiB, {} partitions, in {:.1} s",

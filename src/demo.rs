@@ -91,14 +91,24 @@ pub fn start_throwaway_redis() -> anyhow::Result<ThrowawayRedis> {
 }
 
 /// Produces `records` to `topic`, round-robin over partitions; returns them by partition.
+///
+/// With `one_per_batch`, every record is its own record batch. The tansu broker used by
+/// the tests answers a fetch that starts in the middle of a stored batch with nothing
+/// (real Kafka returns the containing batch), which stalls a consumer that resumes or
+/// restarts mid-batch; one record per batch keeps every offset a batch boundary.
 pub fn produce(
     brokers: &str,
     topic: &str,
     partitions: i32,
     records: impl Iterator<Item = Option<Vec<u8>>>,
+    one_per_batch: bool,
 ) -> anyhow::Result<BTreeMap<i32, Vec<Option<Vec<u8>>>>> {
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
+        .set(
+            "batch.num.messages",
+            if one_per_batch { "1" } else { "10000" },
+        )
         .set("linger.ms", "20")
         .set("queue.buffering.max.messages", "1000000")
         .set("message.max.bytes", "10000000")
@@ -148,7 +158,16 @@ pub fn wait_for_commits(
             bail!("the pipeline stopped before committing all records ({committed} of {total})");
         }
         if started.elapsed() > limit {
-            bail!("only {committed} of {total} records committed after {limit:?}");
+            let by_partition = handle
+                .metrics
+                .committed_offsets
+                .lock()
+                .map(|c| format!("{c:?}"))
+                .unwrap_or_default();
+            bail!(
+                "only {committed} of {total} records committed after {limit:?} (by partition: {by_partition}; pauses: {})",
+                handle.metrics.partition_pauses.get()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -205,6 +224,7 @@ pub fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<i32> {
         &topic,
         options.partitions,
         records.into_iter().map(|r| r.value),
+        false,
     )?;
     let total: usize = produced.values().map(Vec::len).sum();
     println!(

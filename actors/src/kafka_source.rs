@@ -56,6 +56,9 @@ const POLL_WAIT: Duration = Duration::from_millis(20);
 /// messages get a turn.
 const POLL_BURST: usize = 16_384;
 
+/// How long a seek after resuming a partition may block the poll thread.
+const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Mailbox capacity of the source: only control messages (checkpoint triggers, a
 /// shutdown request) arrive here; the timer skips a tick rather than queue a second.
 pub const SOURCE_MAILBOX: usize = 4;
@@ -170,6 +173,12 @@ impl SourceState {
                     slot.outbox.push_front(item);
                     slot.blocked = true;
                     metrics.partition_pauses.inc();
+                    debug!(
+                        partition,
+                        queued = slot.outbox.len(),
+                        next_offset = slot.next_offset,
+                        "reader full; partition paused"
+                    );
                     if let Err(e) = consumer.pause(&single(&topic, partition)) {
                         warn!(partition, error = %e, "could not pause partition");
                     }
@@ -242,8 +251,27 @@ impl SourceState {
             SourceNotice::Drained { partition } => {
                 if let Some(slot) = self.slots.get_mut(&partition) {
                     slot.blocked = false;
-                    if let Err(e) = consumer.resume(&single(&self.factory.topic, partition)) {
+                    let topic = &self.factory.topic;
+                    if let Err(e) = consumer.resume(&single(topic, partition)) {
                         warn!(partition, error = %e, "could not resume partition");
+                    }
+                    // Pausing purges librdkafka's prefetched records; it does not always
+                    // fetch them again on resume, so say exactly where to continue.
+                    // Records below that offset that still arrive are skipped on poll.
+                    debug!(
+                        partition,
+                        next_offset = slot.next_offset,
+                        "reader drained; partition resumed"
+                    );
+                    if slot.next_offset >= 0 {
+                        if let Err(e) = consumer.seek(
+                            topic,
+                            partition,
+                            Offset::Offset(slot.next_offset),
+                            SEEK_TIMEOUT,
+                        ) {
+                            warn!(partition, offset = slot.next_offset, error = %e, "could not seek after resume");
+                        }
                     }
                 }
                 self.dispatch(consumer, partition);
@@ -611,6 +639,10 @@ impl KafkaSource {
                 );
                 continue;
             };
+            if message.offset() < slot.next_offset {
+                // Already handed on before a pause; librdkafka delivered it again.
+                continue;
+            }
             slot.building.push(message.offset(), message.payload());
             slot.next_offset = message.offset() + 1;
             if slot.building.records.len() >= max_records || slot.building.data.len() >= max_bytes {
@@ -633,6 +665,13 @@ impl KafkaSource {
             .final_checkpoint(consumer, self.shutdown_timeout);
         if result.is_ok() {
             info!("final checkpoint committed");
+        }
+        // Everything is committed; the readers go now, so that the revocation librdkafka
+        // runs while closing the consumer finds nothing left to checkpoint.
+        {
+            let mut state = context.lock();
+            state.slots.clear();
+            self.consumer.context().metrics.partitions_assigned.set(0);
         }
         consumer.unsubscribe();
         if let Some(done) = self.shutdown.take() {

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Starts the services the integration tests talk to, on free loopback ports, and
+# prints `export` lines for them:
+#   ANCHORFLOW_TEST_REDIS_URL  a private redis-server (installed with apt-get if missing)
+#   ANCHORFLOW_TEST_BROKERS    tansu, a Kafka-protocol broker (built once into a cache)
+# Usage: eval "$(scripts/test-env.sh start)"; ...; scripts/test-env.sh stop
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+state=${ANCHORFLOW_TEST_STATE:-${TMPDIR:-/tmp}/anchorflow-test-env}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+wait_port() { # host port seconds
+  for _ in $(seq 1 $(( $3 * 10 ))); do
+    if (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "nothing listens on $1:$2 after $3 s" >&2
+  return 1
+}
+
+ensure_packages() {
+  local missing=()
+  command -v redis-server >/dev/null || missing+=(redis-server)
+  command -v python3 >/dev/null || missing+=(python3)
+  command -v pkg-config >/dev/null || missing+=(pkg-config)
+  [ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
+  command -v cc >/dev/null || missing+=(build-essential)
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing ${missing[*]}" >&2
+    local sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+    $sudo apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >&2
+  fi
+}
+
+start() {
+  ensure_packages
+  stop >/dev/null 2>&1 || true
+  mkdir -p "$state"
+  local tansu; tansu=$("$here/install-tansu.sh")
+  local redis_port kafka_port
+  redis_port=$(free_port)
+  redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
+    --dir "$state" --daemonize yes --pidfile "$state/redis.pid" --logfile "$state/redis.log" \
+    --databases 64 >&2
+  wait_port 127.0.0.1 "$redis_port" 10
+  kafka_port=$(free_port)
+  nohup "$tansu" broker --listener-url "tcp://127.0.0.1:$kafka_port" \
+    --advertised-listener-url "tcp://127.0.0.1:$kafka_port" \
+    --storage-engine memory://tansu/ >"$state/tansu.log" 2>&1 &
+  echo $! >"$state/tansu.pid"
+  wait_port 127.0.0.1 "$kafka_port" 30
+  echo "export ANCHORFLOW_TEST_REDIS_URL=redis://127.0.0.1:$redis_port"
+  echo "export ANCHORFLOW_TEST_BROKERS=127.0.0.1:$kafka_port"
+}
+
+stop() {
+  for pidfile in "$state/tansu.pid" "$state/redis.pid"; do
+    if [ -f "$pidfile" ]; then
+      kill "$(cat "$pidfile")" 2>/dev/null || true
+      rm -f "$pidfile"
+    fi
+  done
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+esac

@@ -1,0 +1,422 @@
+//! Shared helpers of the integration tests: the services started by
+//! `scripts/test-env.sh`, producing, running the pipeline, reading Redis and Parquet
+//! back, and the oracle, which computes the expected outputs from the produced bytes
+//! with its own small parser (it shares no code with the pipeline's decoder).
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anchorflow::demo::{parquet_files, produce};
+use anchorflow_actors::config::Config;
+use arrow_array::{
+    Array, BinaryArray, Int32Array, Int64Array, ListArray, RecordBatch, StringArray,
+};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::ClientConfig;
+use serde_json::Value;
+
+/// Reads a service address exported by `scripts/test-env.sh`. Missing means the suite
+/// was started the wrong way: fail loudly rather than skip.
+pub fn service(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run the suite with scripts/test.sh, which starts Redis and the Kafka broker")
+    })
+}
+
+/// Shows the pipeline's warnings and errors in a failing test's output.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("ANCHORFLOW_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+}
+
+pub fn redis_url(db: u32) -> String {
+    init_logs();
+    format!("{}/{db}", service("ANCHORFLOW_TEST_REDIS_URL"))
+}
+
+pub fn brokers() -> String {
+    service("ANCHORFLOW_TEST_BROKERS")
+}
+
+pub fn unique(name: &str) -> String {
+    format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_micros()
+    )
+}
+
+pub fn create_topic(topic: &str, partitions: i32) {
+    let admin: AdminClient<_> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let results = runtime
+        .block_on(admin.create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        ))
+        .expect("create topics");
+    for result in results {
+        result.expect("topic created");
+    }
+}
+
+pub fn flush_db(url: &str) {
+    let mut conn = redis::Client::open(url)
+        .unwrap()
+        .get_connection()
+        .expect("redis connection");
+    redis::cmd("FLUSHDB").query::<()>(&mut conn).unwrap();
+}
+
+/// A pipeline config for tests: fast checkpoints and rolls, a private Redis db and
+/// warehouse.
+pub fn config(topic: &str, redis_url: &str, warehouse: &Path) -> Config {
+    let mut config = Config::default();
+    config.kafka.0.insert("bootstrap.servers".into(), brokers());
+    config.source.topic = topic.into();
+    config.source.group_id = format!("{topic}-group");
+    config.source.batch_max_records = 256;
+    config.redis.url = redis_url.into();
+    config.warehouse.root = warehouse.to_string_lossy().into_owned();
+    config.warehouse.roll_interval_secs = 1;
+    config.pipeline.checkpoint_interval_ms = 200;
+    config.pipeline.aggregator_shards = 3;
+    config.decode.max_ids = 40;
+    config.metrics.listen = String::new();
+    if let Ok(debug) = std::env::var("ANCHORFLOW_TEST_KAFKA_DEBUG") {
+        // librdkafka's own debug contexts (e.g. `fetch,consumer`) for diagnosing a test.
+        config.kafka.0.insert("debug".into(), debug);
+    }
+    config.validate().expect("test config is valid");
+    config
+}
+
+/// Produced records, by partition, in offset order (the broker's offsets start at 0).
+pub type Produced = BTreeMap<i32, Vec<Option<Vec<u8>>>>;
+
+pub fn produce_records(topic: &str, partitions: i32, records: Vec<Option<Vec<u8>>>) -> Produced {
+    produce(&brokers(), topic, partitions, records.into_iter(), true).expect("produce")
+}
+
+/// Appends `more` to `into`, as a second production to the same partitions would.
+pub fn extend(into: &mut Produced, more: Produced) {
+    for (p, records) in more {
+        into.entry(p).or_default().extend(records);
+    }
+}
+
+/// One event as the oracle understands it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Event {
+    pub biz_id: Option<String>,
+    pub message_id: Option<String>,
+    pub ids: Vec<String>,
+    pub state: i64,
+    pub business_id: i64,
+    pub log_timestamp: i64,
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) if n.is_i64() || n.is_u64() => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The oracle's reading of a record: `Some(event)` if valid.
+pub fn oracle_parse(value: &Option<Vec<u8>>, max_ids: usize) -> Option<Event> {
+    let object = serde_json::from_slice::<Value>(value.as_ref()?).ok()?;
+    let object = object.as_object()?;
+    let ids: Vec<String> = object
+        .get("ids")?
+        .as_array()?
+        .iter()
+        .map(text)
+        .collect::<Option<_>>()?;
+    if ids.len() > max_ids {
+        return None;
+    }
+    let state = int(object.get("state")?)?;
+    i32::try_from(state).ok()?;
+    let optional = |k: &str| -> Option<Option<String>> {
+        match object.get(k) {
+            None | Some(Value::Null) => Some(None),
+            Some(v) => text(v).map(Some),
+        }
+    };
+    Some(Event {
+        biz_id: optional("bizId")?,
+        message_id: optional("messageId")?,
+        ids,
+        state,
+        business_id: int(object.get("businessId")?)?,
+        log_timestamp: int(object.get("logTimestamp")?)?,
+    })
+}
+
+/// Expected Redis contents: list keys to multisets of values, hash keys to fields.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RedisContents {
+    pub lists: BTreeMap<String, BTreeMap<String, usize>>,
+    pub hashes: BTreeMap<String, BTreeMap<String, i64>>,
+}
+
+pub fn expected_redis(produced: &Produced, max_ids: usize) -> RedisContents {
+    let mut out = RedisContents::default();
+    for records in produced.values() {
+        for event in records.iter().filter_map(|r| oracle_parse(r, max_ids)) {
+            let value = format!(
+                r#"{{"state":{},"businessId":{},"timestamp":{}}}"#,
+                event.state, event.business_id, event.log_timestamp
+            );
+            for id in &event.ids {
+                *out.lists
+                    .entry(id.clone())
+                    .or_default()
+                    .entry(value.clone())
+                    .or_default() += 1;
+            }
+            if let Some(m) = &event.message_id {
+                *out.lists
+                    .entry(format!("Austin:MessageId:{m}"))
+                    .or_default()
+                    .entry(value.clone())
+                    .or_default() += 1;
+            }
+            *out.hashes
+                .entry(event.business_id.to_string())
+                .or_default()
+                .entry(event.state.to_string())
+                .or_default() += event.ids.len() as i64;
+        }
+    }
+    out
+}
+
+/// Everything in the Redis db, with each key's remaining TTL in ms.
+pub fn read_redis(url: &str) -> (RedisContents, BTreeMap<String, i64>) {
+    let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
+    let mut out = RedisContents::default();
+    let mut ttls = BTreeMap::new();
+    for key in keys {
+        let kind: String = redis::cmd("TYPE").arg(&key).query(&mut conn).unwrap();
+        match kind.as_str() {
+            "list" => {
+                let values: Vec<String> = redis::cmd("LRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(-1)
+                    .query(&mut conn)
+                    .unwrap();
+                let entry = out.lists.entry(key.clone()).or_default();
+                for v in values {
+                    *entry.entry(v).or_default() += 1;
+                }
+            }
+            "hash" => {
+                let fields: BTreeMap<String, i64> =
+                    redis::cmd("HGETALL").arg(&key).query(&mut conn).unwrap();
+                out.hashes.insert(key.clone(), fields);
+            }
+            other => panic!("unexpected key {key} of type {other}"),
+        }
+        let ttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut conn).unwrap();
+        ttls.insert(key, ttl);
+    }
+    (out, ttls)
+}
+
+/// A warehouse row: which record it came from and what it says.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub partition: i32,
+    pub offset: i64,
+    pub folder: PathBuf,
+    /// `Ok(event)` for `ods_anchor_log`, `Err(reason)` for `dead_letter`.
+    pub content: Result<Event, (String, Option<Vec<u8>>)>,
+}
+
+fn batches(path: &Path) -> Vec<RecordBatch> {
+    ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap())
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect()
+}
+
+fn col<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> &'a T {
+    batch
+        .column_by_name(name)
+        .unwrap_or_else(|| panic!("column {name}"))
+        .as_any()
+        .downcast_ref::<T>()
+        .unwrap()
+}
+
+pub fn read_warehouse(root: &Path) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for path in parquet_files(root) {
+        let folder = path
+            .parent()
+            .unwrap()
+            .strip_prefix(root)
+            .unwrap()
+            .to_path_buf();
+        let is_ods = folder.starts_with("ods_anchor_log");
+        for batch in batches(&path) {
+            let partitions = col::<Int32Array>(&batch, "kafka_partition");
+            let offsets = col::<Int64Array>(&batch, "kafka_offset");
+            for i in 0..batch.num_rows() {
+                let content = if is_ods {
+                    let ids = col::<ListArray>(&batch, "ids").value(i);
+                    let ids = ids.as_any().downcast_ref::<StringArray>().unwrap();
+                    let ts = batch.column_by_name("log_timestamp").unwrap();
+                    let ts = arrow_array::cast::as_primitive_array::<
+                        arrow_array::types::TimestampMillisecondType,
+                    >(ts);
+                    let opt = |name: &str| {
+                        let c = col::<StringArray>(&batch, name);
+                        c.is_valid(i).then(|| c.value(i).to_string())
+                    };
+                    Ok(Event {
+                        biz_id: opt("biz_id"),
+                        message_id: opt("message_id"),
+                        ids: (0..ids.len()).map(|j| ids.value(j).to_string()).collect(),
+                        state: col::<Int32Array>(&batch, "state").value(i) as i64,
+                        business_id: col::<Int64Array>(&batch, "business_id").value(i),
+                        log_timestamp: ts.value(i),
+                    })
+                } else {
+                    let raw = col::<BinaryArray>(&batch, "raw");
+                    Err((
+                        col::<StringArray>(&batch, "reason").value(i).to_string(),
+                        raw.is_valid(i).then(|| raw.value(i).to_vec()),
+                    ))
+                };
+                rows.push(Row {
+                    partition: partitions.value(i),
+                    offset: offsets.value(i),
+                    folder: folder.clone(),
+                    content,
+                });
+            }
+        }
+    }
+    rows
+}
+
+/// Files whose name marks them in progress, anywhere under root.
+pub fn hidden_files(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.path().is_dir() {
+                stack.push(entry.path());
+            } else if entry.file_name().to_string_lossy().starts_with('.') {
+                out.push(entry.path());
+            }
+        }
+    }
+    out
+}
+
+/// `dt=…/hour=…` of an event time in Asia/Shanghai (UTC+8, no DST), computed by hand.
+pub fn shanghai_folder(ts_ms: i64) -> String {
+    let local = chrono::DateTime::from_timestamp_millis(ts_ms + 8 * 3_600_000).unwrap();
+    local
+        .format("ods_anchor_log/dt=%Y-%m-%d/hour=%H")
+        .to_string()
+}
+
+/// Compares the warehouse with what was produced: every (partition, offset) exactly
+/// once, valid records as ods rows with the right content and folder, the others as
+/// dead letters with their raw bytes. Returns the number of duplicate rows.
+pub fn check_warehouse(
+    root: &Path,
+    produced: &Produced,
+    max_ids: usize,
+    allow_duplicates: bool,
+) -> usize {
+    let rows = read_warehouse(root);
+    let mut seen: BTreeMap<(i32, i64), usize> = BTreeMap::new();
+    for row in &rows {
+        *seen.entry((row.partition, row.offset)).or_default() += 1;
+        let record = produced
+            .get(&row.partition)
+            .and_then(|r| r.get(row.offset as usize))
+            .unwrap_or_else(|| panic!("row for unknown record {}:{}", row.partition, row.offset));
+        match (&row.content, oracle_parse(record, max_ids)) {
+            (Ok(event), Some(expected)) => {
+                assert_eq!(event, &expected, "ods row {}:{}", row.partition, row.offset);
+                assert_eq!(
+                    row.folder,
+                    PathBuf::from(shanghai_folder(expected.log_timestamp))
+                );
+            }
+            (Err((reason, raw)), None) => {
+                assert!(!reason.is_empty());
+                assert_eq!(
+                    raw, record,
+                    "dead letter {}:{} keeps the raw bytes",
+                    row.partition, row.offset
+                );
+                assert!(row.folder.starts_with("dead_letter"));
+            }
+            (content, expected) => {
+                panic!(
+                    "record {}:{} landed as {content:?}, oracle says {expected:?}",
+                    row.partition, row.offset
+                )
+            }
+        }
+    }
+    let all: BTreeSet<(i32, i64)> = produced
+        .iter()
+        .flat_map(|(p, r)| (0..r.len() as i64).map(move |o| (*p, o)))
+        .collect();
+    let missing: Vec<_> = all
+        .iter()
+        .filter(|k| !seen.contains_key(k))
+        .take(10)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "records missing from the warehouse (first 10): {missing:?}"
+    );
+    assert_eq!(seen.len(), all.len(), "distinct (partition, offset) pairs");
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    if !allow_duplicates {
+        assert_eq!(duplicates, 0, "duplicate warehouse rows");
+    }
+    assert!(
+        hidden_files(root).is_empty(),
+        "in-progress files left: {:?}",
+        hidden_files(root)
+    );
+    duplicates
+}
