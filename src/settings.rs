@@ -88,12 +88,12 @@ fn assignment(key: &str, value: &str) -> String {
         _ => key.to_string(),
     };
     let is_kafka = key.starts_with("kafka.");
-    let literal = if !is_kafka && value.parse::<toml::Value>().is_ok() {
-        value.to_string()
-    } else if !is_kafka && format!("x = {value}").parse::<toml::Table>().is_ok() {
+    // A value that is already a TOML literal (number, boolean, quoted string, array)
+    // is kept; librdkafka properties are strings whatever they look like.
+    let is_literal = format!("x = {value}").parse::<toml::Table>().is_ok();
+    let literal = if !is_kafka && is_literal {
         value.to_string()
     } else {
-        // librdkafka properties are strings, whatever they look like.
         toml::Value::String(value.to_string()).to_string()
     };
     format!("{key} = {literal}\n")

@@ -328,7 +328,7 @@ mod tests {
         assert_eq!(shard_of(1000001220231120, 4), shard_of(1000001220231120, 4));
         let mut seen = [0usize; 4];
         for b in 0..1000 {
-            seen[shard_of(1_000_000_2023_1120 + b * 100_000_000, 4)] += 1;
+            seen[shard_of(1_000_000_220_231_120 + b * 100_000_000, 4)] += 1;
         }
         assert!(seen.iter().all(|&n| n > 150), "{seen:?}");
         assert_eq!(shard_of(42, 1), 0);

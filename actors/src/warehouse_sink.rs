@@ -81,6 +81,9 @@ struct Generation {
     dirty: BTreeSet<i32>,
 }
 
+/// A completed checkpoint: its id and the sink's fences per partition.
+type Completed = (u64, Vec<(i32, i64)>);
+
 struct Roll {
     spec: Arc<CheckpointSpec>,
     seen: BTreeMap<i32, i64>,
@@ -199,7 +202,7 @@ impl WarehouseSink {
     }
 
     /// Handles a barrier; returns the fences to report once the checkpoint is complete.
-    fn on_barrier(&mut self, barrier: Barrier) -> anyhow::Result<Option<(u64, Vec<(i32, i64)>)>> {
+    fn on_barrier(&mut self, barrier: Barrier) -> anyhow::Result<Option<Completed>> {
         if self
             .roll
             .as_ref()
