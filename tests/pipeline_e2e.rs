@@ -153,3 +153,79 @@ fn graceful_restart_loses_and_duplicates_nothing() {
     println!("duplicates after graceful restart: {duplicates}");
     check_redis(&url, &produced, config.decode.max_ids);
 }
+
+/// The later of several runs' committed offsets, per partition.
+fn committed_union(metrics: &[&Metrics]) -> std::collections::BTreeMap<i32, i64> {
+    let mut out = std::collections::BTreeMap::new();
+    for m in metrics {
+        for (p, o) in m.committed_offsets.lock().unwrap().iter() {
+            let entry = out.entry(*p).or_insert(*o);
+            *entry = (*entry).max(*o);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_second_instance_joining_mid_stream_loses_and_duplicates_nothing() {
+    let topic = unique("rebalance");
+    create_topic(&topic, 4);
+    let url = redis_url(3);
+    flush_db(&url);
+    let warehouse = tempfile::tempdir().unwrap();
+    let base = config(&topic, &url, warehouse.path());
+    let mut produced = produce_records(&topic, 4, generate(21, 2000, base.decode.max_ids));
+
+    let mut first_config = base.clone();
+    first_config.source.instance_id = "first".into();
+    let first = PipelineHandle::spawn(first_config, Metrics::new());
+    wait_for_commits(&first, 400, Duration::from_secs(120)).expect("first instance makes progress");
+
+    // The second instance joins the same group: the first must checkpoint what it
+    // holds for revoked partitions before they move.
+    let mut second_config = base.clone();
+    second_config.source.instance_id = "second".into();
+    let second = PipelineHandle::spawn(second_config, Metrics::new());
+    let joined = std::time::Instant::now() + Duration::from_secs(90);
+    while second.metrics.partitions_assigned.get() == 0 {
+        assert!(
+            std::time::Instant::now() < joined,
+            "the second instance never got partitions"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        first.metrics.partitions_assigned.get() < 4,
+        "the first instance gave partitions up"
+    );
+    extend(
+        &mut produced,
+        produce_records(&topic, 4, generate(22, 2000, base.decode.max_ids)),
+    );
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let committed = committed_union(&[&first.metrics, &second.metrics]);
+        if produced
+            .iter()
+            .all(|(p, r)| committed.get(p) == Some(&(r.len() as i64)))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "instances did not finish: {committed:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (a, b) = (first.metrics.clone(), second.metrics.clone());
+    assert_eq!(first.stop().expect("first stops"), 0);
+    assert_eq!(second.stop().expect("second stops"), 0);
+    assert!(
+        a.records_read.get() > 0 && b.records_read.get() > 0,
+        "both instances read records"
+    );
+
+    check_warehouse(warehouse.path(), &produced, base.decode.max_ids, false);
+    check_redis(&url, &produced, base.decode.max_ids);
+}
