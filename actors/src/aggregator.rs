@@ -109,6 +109,7 @@ struct PendingCheckpoint {
 }
 
 pub struct Aggregator {
+    restart: crate::backoff::RestartBackoff,
     shard: usize,
     redis: Addr<RedisSink>,
     metrics: Metrics,
@@ -122,6 +123,7 @@ pub struct Aggregator {
 impl Aggregator {
     pub fn new(shard: usize, redis: Addr<RedisSink>, metrics: Metrics) -> Self {
         Aggregator {
+            restart: Default::default(),
             shard,
             redis,
             own_meter: metrics.mailbox("aggregator"),
@@ -179,12 +181,14 @@ impl Actor for Aggregator {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        self.restart.started(ctx);
         ctx.set_mailbox_capacity(AGGREGATOR_MAILBOX);
     }
 }
 
 impl Supervised for Aggregator {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
+        self.restart.restarting();
         // The struct survives a restart with its state, so nothing is lost.
         self.metrics
             .actor_restarts

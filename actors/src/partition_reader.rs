@@ -49,6 +49,7 @@ pub struct ReaderCounters {
 }
 
 pub struct PartitionReader {
+    restart: crate::backoff::RestartBackoff,
     topic: Arc<str>,
     partition: i32,
     limits: DecodeConfig,
@@ -71,6 +72,7 @@ impl PartitionReader {
         metrics: Metrics,
     ) -> Self {
         PartitionReader {
+            restart: Default::default(),
             shard_meter: metrics.mailbox("aggregator"),
             warehouse_meter: metrics.mailbox("warehouse_sink"),
             own_meter: metrics.mailbox("partition_reader"),
@@ -214,12 +216,14 @@ impl Actor for PartitionReader {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        self.restart.started(ctx);
         ctx.set_mailbox_capacity(READER_MAILBOX);
     }
 }
 
 impl Supervised for PartitionReader {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
+        self.restart.restarting();
         // A reader holds no state between batches; a restart only needs counting.
         self.metrics
             .actor_restarts

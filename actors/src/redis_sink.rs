@@ -84,6 +84,7 @@ pub struct RedisSinkCounters {
 }
 
 pub struct RedisSink {
+    restart: crate::backoff::RestartBackoff,
     config: RedisConfig,
     tz: chrono_tz::Tz,
     shards: usize,
@@ -105,6 +106,7 @@ impl RedisSink {
         notices: Sender<SourceNotice>,
     ) -> Self {
         RedisSink {
+            restart: Default::default(),
             config,
             tz,
             shards,
@@ -254,12 +256,14 @@ impl Actor for RedisSink {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        self.restart.started(ctx);
         ctx.set_mailbox_capacity(REDIS_SINK_MAILBOX);
     }
 }
 
 impl Supervised for RedisSink {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
+        self.restart.restarting();
         self.metrics
             .actor_restarts
             .get_or_create(&ActorLabel {

@@ -91,6 +91,7 @@ struct Roll {
 }
 
 pub struct WarehouseSink {
+    restart: crate::backoff::RestartBackoff,
     config: WarehouseConfig,
     instance: String,
     run: String,
@@ -114,6 +115,7 @@ impl WarehouseSink {
     ) -> Self {
         let run = format!("{:x}", chrono::Utc::now().timestamp_millis());
         WarehouseSink {
+            restart: Default::default(),
             config,
             instance,
             run,
@@ -367,7 +369,13 @@ impl Actor for WarehouseSink {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        self.restart.started(ctx);
         ctx.set_mailbox_capacity(WAREHOUSE_SINK_MAILBOX);
+        // Only on the first start: after a supervised restart the hidden files are this
+        // run's own open files, not orphans.
+        if self.restart.restarts() > 0 {
+            return;
+        }
         match remove_orphans(&self.config.root, &self.instance) {
             Ok(0) => {}
             Ok(n) => info!(
@@ -381,6 +389,7 @@ impl Actor for WarehouseSink {
 
 impl Supervised for WarehouseSink {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
+        self.restart.restarting();
         self.metrics
             .actor_restarts
             .get_or_create(&ActorLabel {
