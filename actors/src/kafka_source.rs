@@ -461,15 +461,42 @@ impl ClientContext for SourceContext {
     fn stats(&self, statistics: Statistics) {
         for topic in statistics.topics.values() {
             for (id, partition) in &topic.partitions {
-                if *id >= 0 && partition.consumer_lag >= 0 {
+                if *id < 0 {
+                    continue; // librdkafka's internal "unassigned" partition
+                }
+                let lag = partition_lag(
+                    partition.consumer_lag,
+                    partition.hi_offset,
+                    partition.lo_offset,
+                    partition.app_offset,
+                );
+                if let Some(lag) = lag {
                     self.metrics
                         .consumer_lag
                         .get_or_create(&PartitionLabel { partition: *id })
-                        .set(partition.consumer_lag);
+                        .set(lag);
                 }
             }
         }
     }
+}
+
+/// Records between the end of a partition and where this group will continue.
+/// librdkafka's `consumer_lag` is -1 until an offset has been committed; fall back to
+/// the high watermark minus the position the application has read to.
+fn partition_lag(
+    consumer_lag: i64,
+    hi_offset: i64,
+    lo_offset: i64,
+    app_offset: i64,
+) -> Option<i64> {
+    if consumer_lag >= 0 {
+        return Some(consumer_lag);
+    }
+    if hi_offset < 0 {
+        return None;
+    }
+    Some((hi_offset - app_offset.max(lo_offset).max(0)).max(0))
 }
 
 impl ConsumerContext for SourceContext {
@@ -726,5 +753,23 @@ impl Handler<Shutdown> for KafkaSource {
     fn handle(&mut self, msg: Shutdown, _ctx: &mut Self::Context) {
         info!("shutdown requested: stopping reads, draining, final checkpoint");
         self.shutdown = Some(msg.done);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::partition_lag;
+
+    #[test]
+    fn lag_falls_back_to_the_high_watermark() {
+        assert_eq!(partition_lag(7, 100, 0, 93), Some(7));
+        assert_eq!(
+            partition_lag(-1, 100, 0, -1),
+            Some(100),
+            "nothing read or committed yet"
+        );
+        assert_eq!(partition_lag(-1, 100, 40, 60), Some(40));
+        assert_eq!(partition_lag(-1, 0, 0, -1), Some(0), "empty partition");
+        assert_eq!(partition_lag(-1, -1, -1, -1), None, "watermarks unknown");
     }
 }
