@@ -227,10 +227,19 @@ async fn apply(
 ) -> anyhow::Result<i64> {
     use anyhow::Context as _;
     if conn.is_none() {
-        let fresh = tokio::time::timeout(timeout, client.get_multiplexed_async_connection())
-            .await
-            .context("timed out connecting to redis")?
-            .context("connecting to redis")?;
+        // The client's own response timeout defaults to 500 ms, shorter than a large
+        // commit script runs; on expiry the script has usually been applied already, and
+        // retrying it would apply it twice. One deadline, ours, governs.
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout));
+        let fresh = tokio::time::timeout(
+            timeout,
+            client.get_multiplexed_async_connection_with_config(&config),
+        )
+        .await
+        .context("timed out connecting to redis")?
+        .context("connecting to redis")?;
         *conn = Some(fresh);
     }
     let connection = conn.as_mut().context("no redis connection")?;
