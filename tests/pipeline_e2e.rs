@@ -61,14 +61,64 @@ fn check_redis(url: &str, produced: &Produced, max_ids: usize) {
     }
 }
 
-#[test]
-fn redis_and_warehouse_equal_the_oracle() {
-    let topic = unique("e2e");
-    create_topic(&topic, PARTITIONS);
-    let url = redis_url(1);
+/// A test's private topic, Redis database and warehouse.
+struct Fixture {
+    topic: String,
+    url: String,
+    warehouse: tempfile::TempDir,
+    config: anchorflow_actors::config::Config,
+}
+
+fn fixture(name: &str, partitions: i32, redis_db: u32) -> Fixture {
+    let topic = unique(name);
+    create_topic(&topic, partitions);
+    let url = redis_url(redis_db);
     flush_db(&url);
     let warehouse = tempfile::tempdir().unwrap();
     let config = config(&topic, &url, warehouse.path());
+    Fixture {
+        topic,
+        url,
+        warehouse,
+        config,
+    }
+}
+
+/// Waits until every partition is committed to its end. Progress is the later of
+/// several runs' commits per partition: a partition one run finished gets nothing new
+/// in another.
+fn wait_for_ends(runs: &[&Metrics], produced: &Produced) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut committed = std::collections::BTreeMap::new();
+        for metrics in runs {
+            for (p, o) in metrics.committed_offsets.lock().unwrap().iter() {
+                let entry = committed.entry(*p).or_insert(*o);
+                *entry = (*entry).max(*o);
+            }
+        }
+        if produced
+            .iter()
+            .all(|(p, r)| committed.get(p) == Some(&(r.len() as i64)))
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "runs did not finish the topic: {committed:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn redis_and_warehouse_equal_the_oracle() {
+    let Fixture {
+        topic,
+        url,
+        warehouse,
+        config,
+    } = fixture("e2e", PARTITIONS, 1);
     let produced = produce_records(&topic, PARTITIONS, generate(7, 3000, config.decode.max_ids));
     let total: usize = produced.values().map(Vec::len).sum();
 
@@ -96,12 +146,12 @@ fn redis_and_warehouse_equal_the_oracle() {
 
 #[test]
 fn graceful_restart_loses_and_duplicates_nothing() {
-    let topic = unique("restart");
-    create_topic(&topic, PARTITIONS);
-    let url = redis_url(2);
-    flush_db(&url);
-    let warehouse = tempfile::tempdir().unwrap();
-    let config = config(&topic, &url, warehouse.path());
+    let Fixture {
+        topic,
+        url,
+        warehouse,
+        config,
+    } = fixture("restart", PARTITIONS, 2);
     let mut produced = produce_records(
         &topic,
         PARTITIONS,
@@ -123,27 +173,7 @@ fn graceful_restart_loses_and_duplicates_nothing() {
 
     // Second run resumes from the committed offsets and finishes the topic.
     let handle = PipelineHandle::spawn(config.clone(), Metrics::new());
-    // A partition the first run already finished gets nothing new in the second, so
-    // progress is the later of the two runs' commits, per partition.
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let mut committed = first.committed_offsets.lock().unwrap().clone();
-        for (p, o) in handle.metrics.committed_offsets.lock().unwrap().iter() {
-            let entry = committed.entry(*p).or_insert(*o);
-            *entry = (*entry).max(*o);
-        }
-        let done = produced
-            .iter()
-            .all(|(p, r)| committed.get(p) == Some(&(r.len() as i64)));
-        if done {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "second run did not finish: {committed:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_ends(&[&first, &handle.metrics], &produced);
     assert_eq!(handle.stop().expect("stops"), 0);
     assert!(total >= 3000);
 
@@ -154,26 +184,14 @@ fn graceful_restart_loses_and_duplicates_nothing() {
     check_redis(&url, &produced, config.decode.max_ids);
 }
 
-/// The later of several runs' committed offsets, per partition.
-fn committed_union(metrics: &[&Metrics]) -> std::collections::BTreeMap<i32, i64> {
-    let mut out = std::collections::BTreeMap::new();
-    for m in metrics {
-        for (p, o) in m.committed_offsets.lock().unwrap().iter() {
-            let entry = out.entry(*p).or_insert(*o);
-            *entry = (*entry).max(*o);
-        }
-    }
-    out
-}
-
 #[test]
 fn a_second_instance_joining_mid_stream_loses_and_duplicates_nothing() {
-    let topic = unique("rebalance");
-    create_topic(&topic, 4);
-    let url = redis_url(3);
-    flush_db(&url);
-    let warehouse = tempfile::tempdir().unwrap();
-    let base = config(&topic, &url, warehouse.path());
+    let Fixture {
+        topic,
+        url,
+        warehouse,
+        config: base,
+    } = fixture("rebalance", 4, 3);
     let mut produced = produce_records(&topic, 4, generate(21, 2000, base.decode.max_ids));
 
     let mut first_config = base.clone();
@@ -203,21 +221,7 @@ fn a_second_instance_joining_mid_stream_loses_and_duplicates_nothing() {
         produce_records(&topic, 4, generate(22, 2000, base.decode.max_ids)),
     );
 
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let committed = committed_union(&[&first.metrics, &second.metrics]);
-        if produced
-            .iter()
-            .all(|(p, r)| committed.get(p) == Some(&(r.len() as i64)))
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "instances did not finish: {committed:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_ends(&[&first.metrics, &second.metrics], &produced);
     let (a, b) = (first.metrics.clone(), second.metrics.clone());
     assert_eq!(first.stop().expect("first stops"), 0);
     assert_eq!(second.stop().expect("second stops"), 0);
