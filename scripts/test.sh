@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 eval "$(scripts/test-env.sh start)"
 trap 'scripts/test-env.sh stop' EXIT
 echo "redis: $ANCHORFLOW_TEST_REDIS_URL  kafka (tansu): $ANCHORFLOW_TEST_BROKERS" >&2
-cargo test --workspace "$@"
+cargo test --workspace --features fault-points "$@"

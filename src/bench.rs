@@ -292,6 +292,25 @@ pub fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<()> {
         operations as f64 / options.events as f64
     );
     println!("partition_pauses: {}", metrics.partition_pauses.get());
+    let mut durations: Vec<Duration> = metrics
+        .recent_checkpoints
+        .lock()
+        .map(|r| r.iter().copied().collect())
+        .unwrap_or_default();
+    durations.sort();
+    let quantile = |q: f64| {
+        durations
+            .get(((durations.len() as f64 * q).ceil() as usize).saturating_sub(1))
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+    };
+    println!(
+        "checkpoint_duration_ms: p50 {:.1} p99 {:.1} max {:.1} over {} checkpoints (interval {} ms)",
+        quantile(0.5),
+        quantile(0.99),
+        quantile(1.0),
+        durations.len(),
+        options.checkpoint_interval_ms
+    );
     println!("pipeline_exit_code: {code}");
 
     let cpu = cpu_rate(&payloads, options.cpu_events, &config);

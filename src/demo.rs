@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anchorflow_actors::config::Config;
+use anchorflow_actors::fences::{self, FenceKeys};
 use anchorflow_actors::metrics::Metrics;
 use anyhow::{bail, Context as _};
 use rdkafka::mocking::MockCluster;
@@ -36,6 +37,7 @@ pub struct ThrowawayRedis {
     child: Child,
     _dir: tempfile::TempDir,
     pub url: String,
+    pub port: u16,
 }
 
 impl Drop for ThrowawayRedis {
@@ -57,6 +59,12 @@ pub fn start_throwaway_redis() -> anyhow::Result<ThrowawayRedis> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
+    start_redis_on(port)
+}
+
+/// Starts an empty `redis-server` without persistence on a given loopback port (a
+/// test restarts Redis empty on the port its pipeline uses).
+pub fn start_redis_on(port: u16) -> anyhow::Result<ThrowawayRedis> {
     let dir = tempfile::tempdir()?;
     let child = Command::new("redis-server")
         .args([
@@ -87,6 +95,7 @@ pub fn start_throwaway_redis() -> anyhow::Result<ThrowawayRedis> {
         child,
         _dir: dir,
         url,
+        port,
     })
 }
 
@@ -234,6 +243,12 @@ pub fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<i32> {
 
     config.kafka.0.insert("bootstrap.servers".into(), brokers);
     config.redis.url = redis_url.clone();
+    // The topic was just created on a throwaway cluster: fences of an earlier demo
+    // run describe a topic that no longer exists.
+    let keys = FenceKeys::new(&config.source.group_id, &config.source.topic);
+    fences::connect(&redis_url, Duration::from_secs(5))
+        .and_then(|mut conn| fences::forget(&mut conn, &keys))
+        .context("clearing an earlier demo run's fences")?;
     config.warehouse.root = options.warehouse.to_string_lossy().into_owned();
     let metrics = Metrics::new();
     if !options.metrics_listen.is_empty() {

@@ -7,6 +7,7 @@
 //! - [`settings`]: loading config from TOML, `ANCHORFLOW_*` variables and `--set`
 //!   flags; exit code 78 for invalid config.
 //! - [`pipeline`]: wiring of the actor system (threads, links, supervision, shutdown).
+//! - [`fences_cli`]: `anchorflow fences show|recover`, the operator's view of fences.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`generator`]: realistic trace events for the demo, the benchmark and tests.
 //! - [`demo`]: `anchorflow demo`, the product end to end on an in-process mock cluster.
@@ -15,6 +16,7 @@
 
 pub mod bench;
 pub mod demo;
+pub mod fences_cli;
 pub mod generator;
 pub mod http;
 pub mod pipeline;

@@ -1,10 +1,10 @@
-//! The `anchorflow` command line: `run`, `demo`, `check-config`, `bench`.
+//! The `anchorflow` command line: `run`, `demo`, `check-config`, `fences`, `bench`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anchorflow::settings::{self, EXIT_CONFIG};
-use anchorflow::{bench, demo, http, pipeline};
+use anchorflow::{bench, demo, fences_cli, http, pipeline};
 use anchorflow_actors::config::Config;
 use anchorflow_actors::metrics::Metrics;
 use clap::{Parser, Subcommand};
@@ -54,6 +54,9 @@ enum Command {
     },
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig,
+    /// Inspect or recover the exactly-once bookkeeping in Redis (docs/exactly-once.md).
+    #[command(subcommand)]
+    Fences(fences_cli::FencesCommand),
     /// Measure throughput and memory (see docs/benchmarks.md).
     Bench(bench::BenchOptions),
 }
@@ -168,6 +171,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Fences(command) => match fences_cli::run(&config, command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("anchorflow fences: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Bench(options) => match bench::run(config, options) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

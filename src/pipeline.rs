@@ -16,6 +16,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use anchorflow_actors::aggregator::Aggregator;
 use anchorflow_actors::config::Config;
+use anchorflow_actors::fences::{self, FenceKeys};
 use anchorflow_actors::kafka_source::{KafkaSource, ReaderFactory, Shutdown};
 use anchorflow_actors::metrics::Metrics;
 use anchorflow_actors::partition_reader::ReaderLinks;
@@ -89,6 +90,41 @@ impl Drop for PipelineHandle {
     }
 }
 
+/// Waits, not ready, while Redis carries the marker saying it lost anchorflow's fences
+/// (set by a commit that found them gone). Reading on would count from whatever Kafka
+/// offset happens to be committed, silently partial; an operator decides instead
+/// (`anchorflow fences recover`, see `docs/exactly-once.md`). Returns false if asked
+/// to stop while waiting.
+fn wait_while_state_lost(config: &Config, metrics: &Metrics, stop: &watch::Receiver<bool>) -> bool {
+    let keys = FenceKeys::new(&config.source.group_id, &config.source.topic);
+    let timeout = Duration::from_secs(config.redis.command_timeout_secs);
+    let mut last_report: Option<std::time::Instant> = None;
+    loop {
+        if *stop.borrow() {
+            return false;
+        }
+        let marker = fences::connect(&config.redis.url, timeout)
+            .and_then(|mut conn| fences::lost_marker(&mut conn, &keys));
+        match marker {
+            Ok(Some(marker)) => {
+                metrics.redis_state_lost.set(1);
+                metrics.set_ready(false);
+                if last_report.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                    error!(%marker, "Redis has lost anchorflow's fences; waiting for `anchorflow fences recover` (docs/exactly-once.md)");
+                    last_report = Some(std::time::Instant::now());
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Ok(None) => {
+                metrics.redis_state_lost.set(0);
+                return true;
+            }
+            // Unreachable Redis: claiming partitions retries and reports it.
+            Err(_) => return true,
+        }
+    }
+}
+
 /// Runs the pipeline on the current thread until `stop` turns true (then drains,
 /// commits a final checkpoint and returns 0) or an actor stops the system with an
 /// exit code (I/O error, lost assignment).
@@ -97,6 +133,9 @@ pub fn run(
     metrics: Metrics,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<i32> {
+    if !wait_while_state_lost(&config, &metrics, &stop) {
+        return Ok(0);
+    }
     let config = Arc::new(config);
     let system = System::new();
     let shutdown_timeout = Duration::from_secs(config.pipeline.shutdown_timeout_secs);
@@ -106,13 +145,20 @@ pub fn run(
         let shards = config.pipeline.shards();
 
         let redis_thread = Arbiter::new();
-        let (c, m, n) = (config.redis.clone(), metrics.clone(), notices_tx.clone());
-        let redis = Supervisor::start_in_arbiter(&redis_thread.handle(), move |_| RedisSink::new(c, tz, shards, m, n));
+        let keys = FenceKeys::new(&config.source.group_id, &config.source.topic);
+        let (c, m, n, k) = (config.redis.clone(), metrics.clone(), notices_tx.clone(), keys.clone());
+        let redis = Supervisor::start_in_arbiter(&redis_thread.handle(), move |_| RedisSink::new(c, tz, shards, m, n, k));
 
         let warehouse_thread = Arbiter::new();
-        let (c, i, m, n) =
-            (config.warehouse.clone(), config.source.instance_id.clone(), metrics.clone(), notices_tx.clone());
-        let warehouse = Supervisor::start_in_arbiter(&warehouse_thread.handle(), move |_| WarehouseSink::new(c, i, m, n));
+        let (c, r, i, m, n) = (
+            config.warehouse.clone(),
+            config.redis.clone(),
+            config.source.instance_id.clone(),
+            metrics.clone(),
+            notices_tx.clone(),
+        );
+        let warehouse =
+            Supervisor::start_in_arbiter(&warehouse_thread.handle(), move |_| WarehouseSink::new(c, &r, keys, i, m, n));
 
         let aggregators: Vec<Addr<Aggregator>> = (0..shards)
             .map(|shard| {

@@ -8,58 +8,11 @@ mod common;
 use std::time::Duration;
 
 use anchorflow::demo::wait_for_commits;
-use anchorflow::generator::{Generator, GeneratorConfig};
 use anchorflow::pipeline::PipelineHandle;
 use anchorflow_actors::metrics::Metrics;
 use common::*;
 
 const PARTITIONS: i32 = 3;
-
-fn generate(seed: u64, count: usize, max_ids: usize) -> Vec<Option<Vec<u8>>> {
-    let config = GeneratorConfig {
-        seed,
-        bad_per_mille: 40,
-        max_ids,
-        ..Default::default()
-    };
-    Generator::new(config)
-        .take(count)
-        .map(|g| g.value)
-        .collect()
-}
-
-fn check_redis(url: &str, produced: &Produced, max_ids: usize) {
-    let expected = expected_redis(produced, max_ids);
-    let (actual, ttls) = read_redis(url);
-    assert_eq!(actual.hashes, expected.hashes, "template hashes");
-    assert_eq!(
-        actual.lists.len(),
-        expected.lists.len(),
-        "number of list keys"
-    );
-    for (key, values) in &expected.lists {
-        assert_eq!(actual.lists.get(key), Some(values), "list {key}");
-    }
-    // TTLs: receivers until local midnight (Asia/Shanghai), messages 3 days, templates 30 days.
-    let now = chrono::Utc::now().timestamp_millis();
-    let shanghai_now = now + 8 * 3_600_000;
-    let to_midnight = 86_400_000 - shanghai_now.rem_euclid(86_400_000);
-    for (key, ttl) in ttls {
-        let (low, high) = if expected.hashes.contains_key(&key) {
-            (30 * 86_400_000 - 300_000, 30 * 86_400_000)
-        } else if key.starts_with("Austin:MessageId:") {
-            (3 * 86_400_000 - 300_000, 3 * 86_400_000)
-        } else {
-            // Midnight may have passed since the commit: then the key is gone or the
-            // next midnight applies, so only the upper bound is firm.
-            (1, to_midnight.max(1) + 60_000)
-        };
-        assert!(
-            (low..=high).contains(&ttl),
-            "ttl of {key} is {ttl} ms, expected {low}..={high}"
-        );
-    }
-}
 
 /// A test's private topic, Redis database and warehouse.
 struct Fixture {

@@ -87,10 +87,11 @@ impl PartitionState {
         }
     }
 
-    fn into_delta(self, partition: i32, next_offset: i64) -> PartitionDelta {
+    fn into_delta(self, barrier: &Barrier) -> PartitionDelta {
         PartitionDelta {
-            partition,
-            next_offset,
+            partition: barrier.partition,
+            next_offset: barrier.next_offset,
+            claim: barrier.claim,
             template_counts: self
                 .counts
                 .into_iter()
@@ -161,9 +162,7 @@ impl Aggregator {
             deltas: Vec::new(),
         });
         pending.seen.insert(barrier.partition);
-        pending
-            .deltas
-            .push(state.into_delta(barrier.partition, barrier.next_offset));
+        pending.deltas.push(state.into_delta(&barrier));
         if pending.seen.len() < pending.spec.partitions.len() {
             return None;
         }
@@ -278,13 +277,26 @@ mod tests {
         );
     }
 
+    const CLAIM: crate::fences::Claim = crate::fences::Claim {
+        epoch: 1,
+        redis: 0,
+        warehouse: 0,
+    };
+
     #[actix::test]
     async fn flushes_once_every_partition_sent_its_barrier() {
         let metrics = Metrics::new();
         // The sink is never sent to: the test calls the shard's methods directly.
         let (tx, _rx) = std::sync::mpsc::channel();
-        let redis =
-            RedisSink::new(Default::default(), chrono_tz::UTC, 1, metrics.clone(), tx).start();
+        let redis = RedisSink::new(
+            Default::default(),
+            chrono_tz::UTC,
+            1,
+            metrics.clone(),
+            tx,
+            crate::fences::FenceKeys::new("g", "t"),
+        )
+        .start();
         let mut shard = Aggregator::new(0, redis, metrics);
         let mut batch = EventBatch::new(1);
         batch.push(10, 7, 5, ["a"], None);
@@ -294,7 +306,8 @@ mod tests {
             .on_barrier(Barrier {
                 spec: s.clone(),
                 partition: 1,
-                next_offset: 10
+                next_offset: 10,
+                claim: CLAIM,
             })
             .is_none());
         // Records of partition 1 after its barrier belong to the next checkpoint.
@@ -304,6 +317,7 @@ mod tests {
                 spec: s,
                 partition: 2,
                 next_offset: 4,
+                claim: CLAIM,
             })
             .expect("complete");
         assert_eq!(flush.partitions.len(), 2);
@@ -315,6 +329,7 @@ mod tests {
                 spec: spec(2, vec![1]),
                 partition: 1,
                 next_offset: 11,
+                claim: CLAIM,
             })
             .unwrap();
         assert_eq!(next.partitions[0].template_counts, vec![(7, 10, 1)]);

@@ -10,15 +10,18 @@
 //!   the partition, deliver the queued items with `send().await` from a drainer task on
 //!   the reader's arbiter, and **resume** when the drainer reports back. The consumer
 //!   keeps polling all the while (rebalances and other partitions carry on);
+//! - **claim** every assigned partition in Redis before reading it (a new owner epoch,
+//!   and the fences of both sinks, see [`crate::fences`]) and start reading at the
+//!   lower fence; the claim travels with every barrier so the sinks know the epoch and
+//!   where their ranges start;
 //! - inject checkpoint barriers after each partition's last batch, collect the sinks'
-//!   fences, and only then commit offsets to Kafka (the minimum over the sinks). This
-//!   is at-least-once: a crash replays from the last committed offsets.
+//!   fences, and then commit the minimum to Kafka. That offset is only progress
+//!   reporting (lag) and the cold-start position of a partition that has no fences.
 //!
 //! Revocation runs a final checkpoint inside the rebalance callback (bounded by
-//! `pipeline.revoke_timeout_ms`) and commits synchronously before the partitions go.
-//! A lost assignment (the group moved on without us) stops the process with exit code
-//! 75: state for those partitions must not be published, and a restart is the simplest
-//! way to resume exactly from committed offsets.
+//! `pipeline.revoke_timeout_ms`) before the partitions go. A lost assignment (the group
+//! moved on without us) commits nothing and stops the process with exit code 75; the
+//! new owner's claim has already fenced anything this instance still had in flight.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -38,15 +41,23 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use tracing::{debug, error, info, warn};
 
+use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::fault;
+use crate::fences::{self, Claim, ClaimError, FenceKeys};
 use crate::messages::{
     Barrier, CheckpointKind, CheckpointSpec, PartitionInput, RecordBatch, SinkKind, SourceNotice,
 };
 use crate::metrics::{MailboxMeter, Metrics, PartitionLabel};
 use crate::partition_reader::{PartitionReader, ReaderLinks};
 
-/// Exit code when the group took our partitions away before we could checkpoint them.
-pub const EXIT_ASSIGNMENT_LOST: i32 = 75;
+/// Exit code when the group took our partitions away before we could checkpoint them,
+/// or partitions could not be claimed in time (Redis unreachable).
+pub const EXIT_ASSIGNMENT_LOST: i32 = crate::redis_sink::EXIT_FENCED;
+
+/// Exit code when Redis has lost anchorflow's fences; the next start waits, not ready,
+/// until an operator recovers them (`docs/exactly-once.md`).
+pub const EXIT_STATE_LOST: i32 = 76;
 
 /// How long one `poll` may block when no records are waiting. Control messages (a
 /// checkpoint trigger, shutdown) wait at most this long.
@@ -97,8 +108,9 @@ struct Slot {
     building: RecordBatch,
     outbox: VecDeque<PartitionInput>,
     blocked: bool,
-    /// Offset after the last record handed on; -1 until a record arrives.
+    /// Offset after the last record handed on; starts at the claim's lower fence.
     next_offset: i64,
+    claim: Claim,
 }
 
 struct InFlight {
@@ -126,6 +138,12 @@ pub struct SourceContext {
     state: Mutex<SourceState>,
     metrics: Metrics,
     revoke_timeout: Duration,
+    topic: String,
+    redis_url: String,
+    redis_timeout: Duration,
+    keys: FenceKeys,
+    /// Whether a partition without fences or committed offset starts at its end.
+    start_at_latest: bool,
 }
 
 impl SourceContext {
@@ -230,6 +248,7 @@ impl SourceState {
                     spec: spec.clone(),
                     partition,
                     next_offset: slot.next_offset,
+                    claim: slot.claim,
                 };
                 slot.outbox.push_back(PartitionInput::Barrier(barrier));
             }
@@ -322,6 +341,7 @@ impl SourceState {
             })
             .collect();
         let metrics = &self.factory.metrics;
+        fault::point(fault::AFTER_SINKS_COMMITTED);
         if !durable.is_empty() {
             let mut tpl = TopicPartitionList::new();
             for (&partition, &offset) in &durable {
@@ -343,8 +363,7 @@ impl SourceState {
             }
         }
         let took = done.started.elapsed();
-        metrics.checkpoints.inc();
-        metrics.checkpoint_seconds.observe(took.as_secs_f64());
+        metrics.checkpoint_completed(took);
         metrics
             .last_checkpoint_timestamp_seconds
             .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
@@ -398,7 +417,7 @@ impl SourceState {
         wait(self, &|s| s.completed == Some(id))
     }
 
-    fn create_reader(&mut self, partition: i32) -> Slot {
+    fn create_reader(&mut self, partition: i32, claim: Claim) -> Slot {
         let factory = &self.factory;
         let arbiter = factory.arbiters[self.next_reader % factory.arbiters.len()].clone();
         self.next_reader += 1;
@@ -414,6 +433,7 @@ impl SourceState {
                 partition,
                 config.decode.clone(),
                 config.time.tz(),
+                claim,
                 links,
                 metrics,
             )
@@ -424,7 +444,8 @@ impl SourceState {
             building: RecordBatch::new(partition),
             outbox: VecDeque::new(),
             blocked: false,
-            next_offset: -1,
+            next_offset: claim.start(),
+            claim,
         }
     }
 }
@@ -499,6 +520,86 @@ fn partition_lag(
     Some((hi_offset - app_offset.max(lo_offset).max(0)).max(0))
 }
 
+impl SourceContext {
+    /// Claims `partitions`, retrying while Redis is unreachable for at most the revoke
+    /// timeout (the group waits for this callback).
+    fn claim_with_retries(
+        &self,
+        consumer: &SourceConsumer,
+        partitions: &[i32],
+    ) -> Result<BTreeMap<i32, Claim>, ClaimError> {
+        let deadline = Instant::now() + self.revoke_timeout;
+        let mut attempt = 0u32;
+        loop {
+            let result = fences::connect(&self.redis_url, self.redis_timeout)
+                .map_err(ClaimError::Other)
+                .and_then(|mut conn| {
+                    fences::claim(&mut conn, &self.keys, partitions, |fresh| {
+                        self.cold_start(consumer, fresh)
+                    })
+                });
+            match result {
+                Err(ClaimError::Other(e)) if Instant::now() < deadline => {
+                    let delay = Backoff::DEFAULT.delay(attempt);
+                    warn!(
+                        error = format!("{e:#}"),
+                        retry_in_ms = delay.as_millis() as u64,
+                        "claiming partitions failed; retrying"
+                    );
+                    std::thread::sleep(delay);
+                    attempt = attempt.saturating_add(1);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Where partitions without fences start: the group's committed offset if there
+    /// is one (the cold-start fallback, e.g. after moving from another consumer),
+    /// otherwise the beginning or the end as `auto.offset.reset` says.
+    fn cold_start(
+        &self,
+        consumer: &SourceConsumer,
+        partitions: &[i32],
+    ) -> anyhow::Result<BTreeMap<i32, i64>> {
+        let mut tpl = TopicPartitionList::new();
+        for &p in partitions {
+            tpl.add_partition(&self.topic, p);
+        }
+        let committed = consumer
+            .committed_offsets(tpl, self.redis_timeout)
+            .context("reading the group's committed offsets")?;
+        let mut out = BTreeMap::new();
+        for &partition in partitions {
+            let committed = committed
+                .find_partition(&self.topic, partition)
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) if o >= 0 => Some(o),
+                    _ => None,
+                });
+            let offset = match committed {
+                Some(offset) => {
+                    warn!(partition, offset, "no fences in Redis for this partition: starting at the group's committed offset (cold-start fallback)");
+                    offset
+                }
+                None => {
+                    let (low, high) = consumer
+                        .fetch_watermarks(&self.topic, partition, self.redis_timeout)
+                        .context("reading the partition's watermarks")?;
+                    let offset = if self.start_at_latest { high } else { low };
+                    info!(
+                        partition,
+                        offset, "first run on this partition: fences initialised"
+                    );
+                    offset
+                }
+            };
+            out.insert(partition, offset);
+        }
+        Ok(out)
+    }
+}
+
 impl ConsumerContext for SourceContext {
     fn rebalance(
         &self,
@@ -513,11 +614,47 @@ impl ConsumerContext for SourceContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let partitions = partitions_of(tpl);
-                info!(?partitions, cooperative, "partitions assigned");
+                info!(
+                    ?partitions,
+                    cooperative, "partitions assigned; claiming them"
+                );
+                let claims = match self.claim_with_retries(consumer, &partitions) {
+                    Ok(claims) => claims,
+                    Err(ClaimError::StateLost { marker }) => {
+                        self.metrics.redis_state_lost.set(1);
+                        self.metrics.set_ready(false);
+                        error!(%marker, "Redis has lost anchorflow's fences; not reading until an operator recovers them (docs/exactly-once.md)");
+                        System::current().stop_with_code(EXIT_STATE_LOST);
+                        return;
+                    }
+                    Err(ClaimError::Other(e)) => {
+                        error!(
+                            ?partitions,
+                            error = format!("{e:#}"),
+                            "could not claim assigned partitions; exiting so a restart tries again"
+                        );
+                        System::current().stop_with_code(EXIT_ASSIGNMENT_LOST);
+                        return;
+                    }
+                };
                 {
                     let mut state = self.lock();
-                    for &partition in &partitions {
-                        let slot = state.create_reader(partition);
+                    for (&partition, &claim) in &claims {
+                        info!(
+                            partition,
+                            epoch = claim.epoch,
+                            redis_fence = claim.redis,
+                            warehouse_fence = claim.warehouse,
+                            "partition claimed"
+                        );
+                        if let Err(e) = tpl.set_partition_offset(
+                            &self.topic,
+                            partition,
+                            Offset::Offset(claim.start()),
+                        ) {
+                            error!(partition, error = %e, "cannot set the start offset");
+                        }
+                        let slot = state.create_reader(partition, claim);
                         state.slots.insert(partition, slot);
                     }
                     self.metrics
@@ -600,7 +737,16 @@ impl KafkaSource {
         client.set("enable.auto.offset.store", "false");
         let metrics = factory.metrics.clone();
         let meter = metrics.mailbox("partition_reader");
+        let start_at_latest = matches!(
+            config.kafka.0.get("auto.offset.reset").map(String::as_str),
+            Some("latest" | "largest" | "end")
+        );
         let context = SourceContext {
+            topic: config.source.topic.clone(),
+            redis_url: config.redis.url.clone(),
+            redis_timeout: Duration::from_secs(config.redis.command_timeout_secs),
+            keys: FenceKeys::new(&config.source.group_id, &config.source.topic),
+            start_at_latest,
             state: Mutex::new(SourceState {
                 factory,
                 slots: BTreeMap::new(),

@@ -12,6 +12,8 @@
 //! - [`redis_sink`]: `RedisSink`, applies a checkpoint with one Lua script call.
 //! - [`warehouse_sink`]: `WarehouseSink`, Parquet files in Hive layout, published at
 //!   checkpoints by fsync and rename.
+//! - [`fences`]: ownership epochs and fences in Redis, the commit-check Lua prologue,
+//!   claims on assignment, recorded warehouse publishes. [`fault`]: test-only crash points.
 //! - [`decode`]: the lenient austin `AnchorInfo` decoder and its rejection reasons.
 //! - [`tables`]: warehouse schemas, column builders and Hive folders.
 //! - [`config`], [`metrics`], [`backoff`]: configuration types, every metric, retry
@@ -24,6 +26,8 @@ pub mod aggregator;
 pub mod backoff;
 pub mod config;
 pub mod decode;
+pub mod fault;
+pub mod fences;
 pub mod kafka_source;
 pub mod messages;
 pub mod metrics;

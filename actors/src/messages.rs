@@ -17,6 +17,8 @@ use std::sync::Arc;
 use actix::Message;
 use arrow_array::RecordBatch as ArrowBatch;
 
+use crate::fences::Claim;
+
 /// Identifies one checkpoint and the partitions taking part in it.
 #[derive(Debug)]
 pub struct CheckpointSpec {
@@ -43,6 +45,9 @@ pub struct Barrier {
     pub partition: i32,
     /// The offset after the last record of this partition that precedes the barrier.
     pub next_offset: i64,
+    /// The partition's claim (epoch and fences at assignment): sinks start their first
+    /// range of this assignment at their fence, and every commit carries the epoch.
+    pub claim: Claim,
 }
 
 /// Raw records of one partition as read from Kafka. Payloads share one buffer so a
@@ -212,6 +217,8 @@ pub struct PartitionDelta {
     pub partition: i32,
     /// The barrier's offset: this delta covers the partition's records before it.
     pub next_offset: i64,
+    /// The barrier's claim.
+    pub claim: Claim,
     /// `(businessId, state, receivers)` increments.
     pub template_counts: Vec<(i64, i32, i64)>,
     pub receiver_lists: Vec<ListPush>,

@@ -38,6 +38,12 @@ pub struct SinkLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectionLabel {
+    pub sink: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PartitionLabel {
     pub partition: i32,
 }
@@ -63,6 +69,10 @@ pub struct Metrics {
     pub redis_script_operations: Counter,
     pub redis_commit_seconds: Histogram,
     pub sink_commits: Family<SinkLabel, Counter>,
+    /// Commits a fence check refused (zombie, replay, or Redis lost its state).
+    pub commits_rejected: Family<RejectionLabel, Counter>,
+    /// 1 while Redis has lost anchorflow's fences and an operator must recover.
+    pub redis_state_lost: Gauge,
     pub parquet_rows: Family<TableLabel, Counter>,
     pub parquet_files: Family<TableLabel, Counter>,
     pub parquet_bytes: Family<TableLabel, Counter>,
@@ -80,7 +90,13 @@ pub struct Metrics {
     /// Offsets committed to Kafka per partition (next offset to read), for progress
     /// reports in the demo, the benchmark and tests.
     pub committed_offsets: Arc<Mutex<BTreeMap<i32, i64>>>,
+    /// Durations of the most recent checkpoints (at most [`RECENT_CHECKPOINTS`]), for
+    /// the benchmark's percentiles.
+    pub recent_checkpoints: Arc<Mutex<std::collections::VecDeque<Duration>>>,
 }
+
+/// How many checkpoint durations [`Metrics::recent_checkpoints`] keeps.
+pub const RECENT_CHECKPOINTS: usize = 4096;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -143,6 +159,18 @@ impl Metrics {
             "sink_commits",
             "Checkpoints committed by each sink",
             sink_commits.clone(),
+        );
+        let commits_rejected = Family::<RejectionLabel, Counter>::default();
+        registry.register(
+            "commits_rejected",
+            "Sink commits refused by the fence check, by sink and reason",
+            commits_rejected.clone(),
+        );
+        let redis_state_lost = Gauge::default();
+        registry.register(
+            "redis_state_lost",
+            "Whether Redis has lost the fences (restarted empty): 1 until an operator recovers; see docs/exactly-once.md",
+            redis_state_lost.clone(),
         );
         let parquet_rows = Family::<TableLabel, Counter>::default();
         registry.register(
@@ -227,6 +255,8 @@ impl Metrics {
             redis_script_operations,
             redis_commit_seconds,
             sink_commits,
+            commits_rejected,
+            redis_state_lost,
             parquet_rows,
             parquet_files,
             parquet_bytes,
@@ -241,6 +271,7 @@ impl Metrics {
             actor_restarts,
             ready: Arc::new(AtomicBool::new(false)),
             committed_offsets: Arc::default(),
+            recent_checkpoints: Arc::default(),
         }
     }
 
@@ -270,8 +301,22 @@ impl Metrics {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
+    /// Ready: the last checkpoint completed and Redis has not lost the fences (a
+    /// checkpoint still completing as the loss is found must not flip this back).
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed) && self.redis_state_lost.get() == 0
+    }
+
+    /// Records one completed checkpoint's duration.
+    pub fn checkpoint_completed(&self, took: Duration) {
+        self.checkpoints.inc();
+        self.checkpoint_seconds.observe(took.as_secs_f64());
+        if let Ok(mut recent) = self.recent_checkpoints.lock() {
+            if recent.len() == RECENT_CHECKPOINTS {
+                recent.pop_front();
+            }
+            recent.push_back(took);
+        }
     }
 
     /// Sum over partitions of the committed offsets: records durably processed when

@@ -3,6 +3,10 @@
 //! to aggregator shards by a stable hash of `businessId`, and forwards barriers after
 //! its last record.
 //!
+//! Records below a sink's fence (see [`Claim`]) were already made durable by that sink
+//! before this assignment; they are read again only because the other sink needs them,
+//! and are skipped for the sink that has them.
+//!
 //! Its handler waits (`send().await`) for every downstream actor in turn, so while a
 //! sink is slow this reader's mailbox fills up and the source pauses the partition.
 
@@ -14,6 +18,7 @@ use tracing::{debug, warn};
 use crate::aggregator::Aggregator;
 use crate::config::DecodeConfig;
 use crate::decode::{decode, is_known_state};
+use crate::fences::Claim;
 use crate::messages::{
     Barrier, DetailBatch, EventBatch, PartitionInput, RecordBatch, ShardInput, Table, TableRows,
     WarehouseInput,
@@ -54,6 +59,7 @@ pub struct PartitionReader {
     partition: i32,
     limits: DecodeConfig,
     tz: chrono_tz::Tz,
+    claim: Claim,
     links: ReaderLinks,
     metrics: Metrics,
     shard_meter: MailboxMeter,
@@ -68,6 +74,7 @@ impl PartitionReader {
         partition: i32,
         limits: DecodeConfig,
         tz: chrono_tz::Tz,
+        claim: Claim,
         links: ReaderLinks,
         metrics: Metrics,
     ) -> Self {
@@ -80,6 +87,7 @@ impl PartitionReader {
             partition,
             limits,
             tz,
+            claim,
             links,
             metrics,
             counters: ReaderCounters::default(),
@@ -105,6 +113,11 @@ impl PartitionReader {
             .unwrap_or_else(|| "dt=1970-01-01".into());
         for record in &batch.records {
             self.counters.records += 1;
+            let to_redis = record.offset >= self.claim.redis;
+            let to_warehouse = record.offset >= self.claim.warehouse;
+            if !to_redis && !to_warehouse {
+                continue;
+            }
             let payload = batch.payload(record);
             let decoded = decode(payload, &self.limits).and_then(|event| {
                 match folders.hour_folder(event.log_timestamp) {
@@ -124,20 +137,25 @@ impl PartitionReader {
                             .get_or_create(&StateLabel { state: event.state })
                             .inc();
                     }
-                    let rows = match ods.iter_mut().position(|(f, _)| *f == folder) {
-                        Some(i) => &mut ods[i].1,
-                        None => {
-                            ods.push((folder, OdsRows::default()));
-                            &mut ods.last_mut().expect("just pushed").1
-                        }
-                    };
-                    rows.append(
-                        &event,
-                        &self.topic,
-                        self.partition,
-                        record.offset,
-                        ingest_ms,
-                    );
+                    if to_warehouse {
+                        let rows = match ods.iter_mut().position(|(f, _)| *f == folder) {
+                            Some(i) => &mut ods[i].1,
+                            None => {
+                                ods.push((folder, OdsRows::default()));
+                                &mut ods.last_mut().expect("just pushed").1
+                            }
+                        };
+                        rows.append(
+                            &event,
+                            &self.topic,
+                            self.partition,
+                            record.offset,
+                            ingest_ms,
+                        );
+                    }
+                    if !to_redis {
+                        continue;
+                    }
                     let shard = shard_of(event.business_id, shards);
                     routed[shard].push(
                         event.state,
@@ -147,6 +165,7 @@ impl PartitionReader {
                         event.message_id.as_deref(),
                     );
                 }
+                Err(_) if !to_warehouse => {}
                 Err(error) => {
                     self.counters.dead_letters += 1;
                     let reason = error.reason();

@@ -2,13 +2,22 @@
 //!
 //! It waits until every aggregator shard has handed over its flush for a checkpoint,
 //! merges them, and applies the whole checkpoint with **one** `EVALSHA` of
-//! [`COMMIT_SCRIPT`]: per distinct receiver one `LPUSH` of all its values plus one
+//! [`COMMIT_BODY`]: per distinct receiver one `LPUSH` of all its values plus one
 //! `PEXPIREAT` (end of the current day in the configured zone), per message id one
 //! `LPUSH` plus `PEXPIRE`, per template one `HINCRBY` per state plus `PEXPIRE`. The
 //! network sees one command per checkpoint instead of austin's `2 + 2·len(ids)` per
 //! event. A failed commit is retried with capped backoff until it succeeds: an outage
 //! pauses progress (the shards, then the readers, then Kafka wait) and loses nothing.
 //! Only after success does the sink report its fences to the source.
+//!
+//! The script starts with the fence check ([`crate::fences::FENCE_CHECK`]): for every
+//! partition the commit covers the records `from..to`, where `from` is where this
+//! sink's last accepted commit ended (or the claim's fence), and Redis applies the
+//! commit, fences included, only if every `from` is the stored fence under the same
+//! epoch. A stale epoch or a gap means another instance owns the partition now or our
+//! state is behind Redis: the process exits ([`EXIT_FENCED`]) and a restart resumes
+//! from the stored fences. Missing fences mean Redis lost its data: the sink holds the
+//! commit, reports it (log, `anchorflow_redis_state_lost`, not ready) and retries.
 
 use std::collections::BTreeMap;
 use std::sync::mpsc::Sender;
@@ -18,26 +27,32 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use redis::aio::MultiplexedConnection;
 use rustc_hash::FxHashMap;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::RedisConfig;
+use crate::fault;
+use crate::fences::{self, Claim, FenceKeys, FenceRange, Rejection};
 use crate::messages::{
     CheckpointSpec, PartitionDelta, ShardFlush, SinkKind, SourceNotice, TraceValue,
 };
-use crate::metrics::{ActorLabel, MailboxMeter, Metrics, SinkLabel};
+use crate::metrics::{ActorLabel, MailboxMeter, Metrics, RejectionLabel, SinkLabel};
 use crate::tables::end_of_day_ms;
 
 /// Mailbox capacity: one flush per shard per checkpoint is all that is ever queued,
 /// because a shard waits for its flush to be taken before it handles anything else.
 pub const REDIS_SINK_MAILBOX: usize = 64;
 
-/// Applies one checkpoint. ARGV layout, all counts explicit so the script needs no
+/// Exit code when a commit is refused because this instance no longer owns a
+/// partition (or the assignment was lost): a restart resumes from the stored fences.
+pub const EXIT_FENCED: i32 = 75;
+
+/// Applies one checkpoint, after [`fences::FENCE_CHECK`] (which consumed the ranges).
+/// Remaining ARGV layout, all counts explicit so the script needs no
 /// parsing: `L`, then per list `key, pexpireat_ms, pexpire_ms, n, v1..vn` (one of the
 /// two expiries is 0); then `H`, then per hash `key, pexpire_ms, m, (field, delta)×m`.
 /// `LPUSH` is called with at most 1000 values at a time (Lua's `unpack` limit).
-pub const COMMIT_SCRIPT: &str = r#"
-local i = 1
+pub const COMMIT_BODY: &str = r#"
 local lists = tonumber(ARGV[i]); i = i + 1
 local ops = 0
 for _ = 1, lists do
@@ -71,8 +86,13 @@ for _ = 1, hashes do
   redis.call('PEXPIRE', key, ttl)
   ops = ops + m + 1
 end
-return ops
+return {0, ops}
 "#;
+
+/// The whole commit script: fence check, then the body.
+pub fn commit_script() -> redis::Script {
+    redis::Script::new(&format!("{}{COMMIT_BODY}", fences::FENCE_CHECK))
+}
 
 /// Counters of the sink, for tests and logs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -93,6 +113,9 @@ pub struct RedisSink {
     notices: Sender<SourceNotice>,
     conn: Option<MultiplexedConnection>,
     script: redis::Script,
+    keys: FenceKeys,
+    /// Per partition: the epoch and where our last accepted commit ended.
+    fences: BTreeMap<i32, (i64, i64)>,
     pending: BTreeMap<u64, Vec<ShardFlush>>,
     counters: RedisSinkCounters,
 }
@@ -104,6 +127,7 @@ impl RedisSink {
         shards: usize,
         metrics: Metrics,
         notices: Sender<SourceNotice>,
+        keys: FenceKeys,
     ) -> Self {
         RedisSink {
             restart: Default::default(),
@@ -114,7 +138,9 @@ impl RedisSink {
             metrics,
             notices,
             conn: None,
-            script: redis::Script::new(COMMIT_SCRIPT),
+            script: commit_script(),
+            keys,
+            fences: BTreeMap::new(),
             pending: BTreeMap::new(),
             counters: RedisSinkCounters::default(),
         }
@@ -129,7 +155,29 @@ impl RedisSink {
 struct Commit {
     spec: Arc<CheckpointSpec>,
     args: Vec<Vec<u8>>,
-    fences: Vec<(i32, i64)>,
+    ranges: Vec<FenceRange>,
+}
+
+/// Where a sink's next range of a partition starts: the end of its last accepted
+/// commit under the same epoch, else the claim's fence (a new assignment).
+pub fn range_for(
+    tracked: Option<(i64, i64)>,
+    sink: SinkKind,
+    partition: i32,
+    claim: Claim,
+    next_offset: i64,
+) -> FenceRange {
+    let from = match tracked {
+        Some((epoch, end)) if epoch == claim.epoch => end,
+        _ => claim.fence(sink),
+    };
+    FenceRange {
+        partition,
+        epoch: claim.epoch,
+        from,
+        // Records below a sink's fence are skipped, so a barrier may lie below it.
+        to: next_offset.max(from),
+    }
 }
 
 /// Merges the shards' flushes of one checkpoint into the script's arguments. Shards own
@@ -137,10 +185,11 @@ struct Commit {
 fn build_commit(
     config: &RedisConfig,
     tz: chrono_tz::Tz,
+    tracked: &BTreeMap<i32, (i64, i64)>,
     flushes: Vec<ShardFlush>,
 ) -> Option<Commit> {
     let spec = flushes.first()?.spec.clone();
-    let mut fences: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut ranges: BTreeMap<i32, FenceRange> = BTreeMap::new();
     let mut receivers: FxHashMap<String, Vec<TraceValue>> = FxHashMap::default();
     let mut messages: FxHashMap<String, Vec<TraceValue>> = FxHashMap::default();
     let mut templates: BTreeMap<i64, BTreeMap<i32, i64>> = BTreeMap::new();
@@ -149,11 +198,21 @@ fn build_commit(
             let PartitionDelta {
                 partition,
                 next_offset,
+                claim,
                 template_counts,
                 receiver_lists,
                 message_lists,
             } = delta;
-            fences.insert(partition, next_offset);
+            ranges.insert(
+                partition,
+                range_for(
+                    tracked.get(&partition).copied(),
+                    SinkKind::Redis,
+                    partition,
+                    claim,
+                    next_offset,
+                ),
+            );
             for (business_id, state, n) in template_counts {
                 *templates
                     .entry(business_id)
@@ -172,7 +231,9 @@ fn build_commit(
     let day_end = end_of_day_ms(tz, chrono::Utc::now());
     let message_ttl_ms = (config.message_ttl_secs * 1000).to_string();
     let template_ttl_ms = (config.template_ttl_secs * 1000).to_string();
+    let ranges: Vec<FenceRange> = ranges.into_values().collect();
     let mut args: Vec<Vec<u8>> = Vec::new();
+    fences::push_ranges(&mut args, SinkKind::Redis, &ranges);
     args.push((receivers.len() + messages.len()).to_string().into_bytes());
     let push_list =
         |args: &mut Vec<Vec<u8>>, key: String, at: String, ttl: &str, values: Vec<TraceValue>| {
@@ -210,11 +271,7 @@ fn build_commit(
             args.push(n.to_string().into_bytes());
         }
     }
-    Some(Commit {
-        spec,
-        args,
-        fences: fences.into_iter().collect(),
-    })
+    Some(Commit { spec, args, ranges })
 }
 
 /// One attempt: (re)connect if needed, then run the script.
@@ -222,9 +279,10 @@ async fn apply(
     client: &redis::Client,
     conn: &mut Option<MultiplexedConnection>,
     script: &redis::Script,
+    keys: &FenceKeys,
     args: &[Vec<u8>],
     timeout: Duration,
-) -> anyhow::Result<i64> {
+) -> anyhow::Result<Result<i64, Rejection>> {
     use anyhow::Context as _;
     if conn.is_none() {
         // The client's own response timeout defaults to 500 ms, shorter than a large
@@ -243,13 +301,15 @@ async fn apply(
         *conn = Some(fresh);
     }
     let connection = conn.as_mut().context("no redis connection")?;
-    let mut invocation = script.prepare_invoke();
+    let mut invocation = script.key(&keys.fences);
+    invocation.key(&keys.lost);
     for arg in args {
         invocation.arg(arg.as_slice());
     }
-    let result = tokio::time::timeout(timeout, invocation.invoke_async::<i64>(connection)).await;
+    let result =
+        tokio::time::timeout(timeout, invocation.invoke_async::<Vec<i64>>(connection)).await;
     match result {
-        Ok(Ok(ops)) => Ok(ops),
+        Ok(Ok(reply)) => fences::outcome(&reply),
         Ok(Err(error)) => {
             *conn = None;
             Err(error).context("running the commit script")
@@ -283,6 +343,13 @@ impl Supervised for RedisSink {
     }
 }
 
+/// What became of one commit after all its retries.
+enum Settled {
+    Applied,
+    /// Refused for good: the process is stopping.
+    Rejected,
+}
+
 impl Handler<ShardFlush> for RedisSink {
     type Result = AtomicResponse<Self, ()>;
 
@@ -295,7 +362,7 @@ impl Handler<ShardFlush> for RedisSink {
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         }
         let flushes = self.pending.remove(&id).unwrap_or_default();
-        let Some(commit) = build_commit(&self.config, self.tz, flushes) else {
+        let Some(commit) = build_commit(&self.config, self.tz, &self.fences, flushes) else {
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         };
         let client = match redis::Client::open(self.config.url.as_str()) {
@@ -308,76 +375,141 @@ impl Handler<ShardFlush> for RedisSink {
         };
         let mut conn = self.conn.take();
         let script = self.script.clone();
+        let keys = self.keys.clone();
         let metrics = self.metrics.clone();
-        let notices = self.notices.clone();
         let timeout = Duration::from_secs(self.config.command_timeout_secs);
         let slowdown = self.config.slowdown_factor;
         AtomicResponse::new(Box::pin(
             async move {
                 let mut attempt = 0u32;
                 let mut errors = 0u64;
-                loop {
-                    let started = Instant::now();
-                    match apply(&client, &mut conn, &script, &commit.args, timeout).await {
-                        Ok(ops) => {
-                            let took = started.elapsed();
-                            metrics.redis_commands.inc();
-                            metrics.redis_script_operations.inc_by(ops.max(0) as u64);
-                            metrics.redis_commit_seconds.observe(took.as_secs_f64());
-                            metrics
-                                .sink_commits
-                                .get_or_create(&SinkLabel { sink: "redis" })
-                                .inc();
-                            tracing::debug!(
-                                checkpoint = commit.spec.id,
-                                ops,
-                                took_ms = took.as_millis() as u64,
-                                "redis commit"
-                            );
-                            if attempt > 0 {
-                                info!(
-                                    checkpoint = commit.spec.id,
-                                    attempts = attempt + 1,
-                                    "redis commit succeeded after retries"
-                                );
-                            }
-                            if slowdown > 0 {
-                                tokio::time::sleep(took * slowdown).await;
-                            }
-                            break;
-                        }
-                        Err(error) => {
-                            errors += 1;
-                            metrics.redis_errors.inc();
-                            metrics.set_ready(false);
-                            let delay = Backoff::DEFAULT.delay(attempt);
-                            warn!(
-                                checkpoint = commit.spec.id,
-                                attempt,
-                                retry_in_ms = delay.as_millis() as u64,
-                                error = format!("{error:#}"),
-                                "redis commit failed; retrying"
-                            );
-                            tokio::time::sleep(delay).await;
-                            attempt = attempt.saturating_add(1);
-                        }
-                    }
-                }
-                // The source may already be gone during teardown; nothing to do then.
-                let _ = notices.send(SourceNotice::SinkCommitted {
-                    sink: SinkKind::Redis,
-                    checkpoint: commit.spec.id,
-                    fences: commit.fences,
-                });
-                (conn, errors)
+                let settled =
+                    loop {
+                        let started = Instant::now();
+                        let failure =
+                            match apply(&client, &mut conn, &script, &keys, &commit.args, timeout)
+                                .await
+                            {
+                                Ok(Ok(ops)) => {
+                                    fault::point(fault::AFTER_REDIS_COMMIT);
+                                    let took = started.elapsed();
+                                    metrics.redis_commands.inc();
+                                    metrics.redis_script_operations.inc_by(ops.max(0) as u64);
+                                    metrics.redis_commit_seconds.observe(took.as_secs_f64());
+                                    metrics.redis_state_lost.set(0);
+                                    metrics
+                                        .sink_commits
+                                        .get_or_create(&SinkLabel { sink: "redis" })
+                                        .inc();
+                                    tracing::debug!(
+                                        checkpoint = commit.spec.id,
+                                        ops,
+                                        took_ms = took.as_millis() as u64,
+                                        "redis commit"
+                                    );
+                                    if attempt > 0 {
+                                        info!(
+                                            checkpoint = commit.spec.id,
+                                            attempts = attempt + 1,
+                                            "redis commit succeeded after retries"
+                                        );
+                                    }
+                                    if slowdown > 0 {
+                                        tokio::time::sleep(took * slowdown).await;
+                                    }
+                                    break Settled::Applied;
+                                }
+                                Ok(Err(rejection)) => {
+                                    metrics.redis_commands.inc();
+                                    if !on_rejection(
+                                        &metrics,
+                                        SinkKind::Redis,
+                                        commit.spec.id,
+                                        &rejection,
+                                    ) {
+                                        break Settled::Rejected;
+                                    }
+                                    format!("{rejection}")
+                                }
+                                Err(error) => {
+                                    metrics.redis_errors.inc();
+                                    format!("{error:#}")
+                                }
+                            };
+                        errors += 1;
+                        metrics.set_ready(false);
+                        let delay = Backoff::DEFAULT.delay(attempt);
+                        warn!(
+                            checkpoint = commit.spec.id,
+                            attempt,
+                            retry_in_ms = delay.as_millis() as u64,
+                            error = failure,
+                            "redis commit failed; retrying"
+                        );
+                        tokio::time::sleep(delay).await;
+                        attempt = attempt.saturating_add(1);
+                    };
+                (conn, errors, settled, commit)
             }
             .into_actor(self)
-            .map(|(conn, errors), sink, _ctx| {
+            .map(|(conn, errors, settled, commit), sink, _ctx| {
                 sink.conn = conn;
-                sink.counters.commits += 1;
                 sink.counters.errors += errors;
+                if let Settled::Applied = settled {
+                    sink.counters.commits += 1;
+                    for range in &commit.ranges {
+                        sink.fences.insert(range.partition, (range.epoch, range.to));
+                    }
+                    // The source may already be gone during teardown; nothing to do then.
+                    let _ = sink.notices.send(SourceNotice::SinkCommitted {
+                        sink: SinkKind::Redis,
+                        checkpoint: commit.spec.id,
+                        fences: commit.ranges.iter().map(|r| (r.partition, r.to)).collect(),
+                    });
+                }
             }),
         ))
+    }
+}
+
+/// Reports a refused commit. Returns whether to retry it: only when Redis lost the
+/// fences, which an operator must resolve (see `docs/exactly-once.md`); any other
+/// rejection stops the process so that a restart resumes from the stored fences.
+pub fn on_rejection(
+    metrics: &Metrics,
+    sink: SinkKind,
+    checkpoint: u64,
+    rejection: &Rejection,
+) -> bool {
+    metrics
+        .commits_rejected
+        .get_or_create(&RejectionLabel {
+            sink: sink.name(),
+            reason: rejection.reason(),
+        })
+        .inc();
+    match rejection {
+        Rejection::FencesMissing { .. } => {
+            metrics.redis_state_lost.set(1);
+            metrics.set_ready(false);
+            error!(
+                sink = sink.name(),
+                checkpoint,
+                %rejection,
+                "Redis has lost anchorflow's fences: holding this commit; recover with `anchorflow fences recover` (docs/exactly-once.md)"
+            );
+            true
+        }
+        Rejection::StaleEpoch { .. } | Rejection::NotContiguous { .. } => {
+            error!(
+                sink = sink.name(),
+                checkpoint,
+                %rejection,
+                "commit rejected by the fence check; exiting so a restart resumes from the stored fences"
+            );
+            System::current().stop_with_code(EXIT_FENCED);
+            false
+        }
     }
 }
 
@@ -406,9 +538,15 @@ mod tests {
             business_id: 9,
             timestamp: 1,
         };
+        let claim = Claim {
+            epoch: 4,
+            redis: 0,
+            warehouse: 0,
+        };
         let a = PartitionDelta {
             partition: 0,
             next_offset: 10,
+            claim,
             template_counts: vec![(9, 10, 2)],
             receiver_lists: vec![ListPush {
                 key: "u1".into(),
@@ -419,6 +557,7 @@ mod tests {
         let b = PartitionDelta {
             partition: 1,
             next_offset: 5,
+            claim,
             template_counts: vec![(9, 10, 1), (9, 60, 1)],
             receiver_lists: vec![ListPush {
                 key: "u1".into(),
@@ -429,19 +568,42 @@ mod tests {
                 values: vec![v(60)],
             }],
         };
+        // Partition 0 committed up to 3 under this epoch already; 1 starts at its claim.
+        let tracked = BTreeMap::from([(0, (4, 3))]);
         let commit = build_commit(
             &RedisConfig::default(),
             chrono_tz::UTC,
+            &tracked,
             vec![flush(0, &spec, vec![a]), flush(1, &spec, vec![b])],
         )
         .unwrap();
-        assert_eq!(commit.fences, vec![(0, 10), (1, 5)]);
+        assert_eq!(
+            commit.ranges,
+            vec![
+                FenceRange {
+                    partition: 0,
+                    epoch: 4,
+                    from: 3,
+                    to: 10
+                },
+                FenceRange {
+                    partition: 1,
+                    epoch: 4,
+                    from: 0,
+                    to: 5
+                }
+            ]
+        );
         let args: Vec<String> = commit
             .args
             .iter()
             .map(|a| String::from_utf8(a.clone()).unwrap())
             .collect();
-        assert_eq!(args[0], "2", "one receiver list and one message list");
+        assert_eq!(
+            &args[..10],
+            &["redis", "2", "0", "4", "3", "10", "1", "4", "0", "5"]
+        );
+        assert_eq!(args[10], "2", "one receiver list and one message list");
         let hash_at = args.iter().position(|a| a == "9").unwrap();
         assert_eq!(
             &args[hash_at - 1..],

@@ -11,12 +11,22 @@
 //! The roll decision is taken at the checkpoint's first barrier. From then on, rows of a
 //! partition whose barrier has arrived go to a second generation of files, so the
 //! published files hold exactly the rows before the checkpoint's barriers and no
-//! partition waits for another. The sink's fence of a partition (reported to the
-//! source) is the barrier offset of the last published checkpoint; a partition with
-//! no rows in open files advances its fence at every checkpoint.
+//! partition waits for another.
+//!
+//! Publishing is a two-step commit (DESIGN §6, `docs/exactly-once.md`):
+//! 1. close every file (footer, fsync, fsync its folder), then **record** the commit in
+//!    Redis with one script: the fence check for every partition's offset range (epoch
+//!    and contiguity, as for the Redis sink), the new fences, and the list of files to
+//!    rename. A zombie's or a replay's record is refused and its files stay hidden;
+//! 2. rename every file into place and fsync the folders, then forget the record.
+//!
+//! A crash between the steps is repaired at the next start: recorded commits are
+//! **rolled forward** (renames are idempotent), then this instance's remaining hidden
+//! files, which no record names, are deleted as orphans. The sink's fence of a
+//! partition (reported to the source) is the end of its last recorded range.
 //!
 //! File I/O errors stop the process with exit code 74: a half-written Parquet writer
-//! cannot be trusted, and a restart resumes from the last stored offsets.
+//! cannot be trusted, and a restart resumes from the stored fences.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
@@ -33,12 +43,23 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use tracing::{error, info, warn};
 
-use crate::config::WarehouseConfig;
+use crate::backoff::Backoff;
+use crate::config::{RedisConfig, WarehouseConfig};
+use crate::fault;
+use crate::fences::{self, Claim, FenceKeys, FenceRange, PublishRecord};
 use crate::messages::{
     Barrier, CheckpointKind, CheckpointSpec, DetailBatch, SinkKind, SourceNotice, Table,
     WarehouseInput,
 };
 use crate::metrics::{ActorLabel, MailboxMeter, Metrics, SinkLabel, TableLabel};
+use crate::redis_sink::{on_rejection, range_for};
+
+/// Records a warehouse commit after [`fences::FENCE_CHECK`]: `KEYS[3]` is the publish
+/// hash, the remaining ARGV the record's id and its file list.
+const RECORD_BODY: &str = r#"
+redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+return {0, 1}
+"#;
 
 /// Mailbox capacity, in detail batches. Every reader may have one batch in flight; the
 /// sink encodes Parquet on its own thread, and a short queue keeps readers paused
@@ -86,8 +107,18 @@ type Completed = (u64, Vec<(i32, i64)>);
 
 struct Roll {
     spec: Arc<CheckpointSpec>,
-    seen: BTreeMap<i32, i64>,
+    /// Barrier offset and claim per partition whose barrier arrived.
+    seen: BTreeMap<i32, (i64, Claim)>,
     publish: bool,
+}
+
+/// A closed, synced file waiting to be renamed.
+struct Closed {
+    table: Table,
+    rows: u64,
+    bytes: u64,
+    hidden: PathBuf,
+    visible: PathBuf,
 }
 
 pub struct WarehouseSink {
@@ -102,13 +133,21 @@ pub struct WarehouseSink {
     current: Generation,
     next: Generation,
     roll: Option<Roll>,
-    fences: BTreeMap<i32, i64>,
+    /// Per partition: the epoch and the end of our last recorded range.
+    fences: BTreeMap<i32, (i64, i64)>,
+    redis_url: String,
+    redis_timeout: Duration,
+    keys: FenceKeys,
+    conn: Option<redis::Connection>,
+    record_script: redis::Script,
     counters: WarehouseCounters,
 }
 
 impl WarehouseSink {
     pub fn new(
         config: WarehouseConfig,
+        redis: &RedisConfig,
+        keys: FenceKeys,
         instance: String,
         metrics: Metrics,
         notices: Sender<SourceNotice>,
@@ -127,8 +166,79 @@ impl WarehouseSink {
             next: Generation::default(),
             roll: None,
             fences: BTreeMap::new(),
+            redis_url: redis.url.clone(),
+            redis_timeout: Duration::from_secs(redis.command_timeout_secs),
+            keys,
+            conn: None,
+            record_script: redis::Script::new(&format!("{}{RECORD_BODY}", fences::FENCE_CHECK)),
             counters: WarehouseCounters::default(),
         }
+    }
+
+    /// Runs `f` on the Redis connection, connecting first if needed, and retries with
+    /// capped backoff until it succeeds: the warehouse cannot commit without Redis, and
+    /// waiting here pauses the readers behind this sink's mailbox.
+    fn with_redis<T>(
+        &mut self,
+        what: &str,
+        mut f: impl FnMut(&mut redis::Connection) -> anyhow::Result<T>,
+    ) -> T {
+        let mut attempt = 0u32;
+        loop {
+            let result = match self.conn.take() {
+                Some(conn) => Ok(conn),
+                None => fences::connect(&self.redis_url, self.redis_timeout),
+            }
+            .and_then(|mut conn| {
+                let out = f(&mut conn)?;
+                Ok((conn, out))
+            });
+            match result {
+                Ok((conn, out)) => {
+                    self.conn = Some(conn);
+                    return out;
+                }
+                Err(error) => {
+                    self.metrics.redis_errors.inc();
+                    self.metrics.set_ready(false);
+                    let delay = Backoff::DEFAULT.delay(attempt);
+                    warn!(
+                        attempt,
+                        retry_in_ms = delay.as_millis() as u64,
+                        error = format!("{error:#}"),
+                        "warehouse: {what} failed; retrying"
+                    );
+                    std::thread::sleep(delay);
+                    attempt = attempt.saturating_add(1);
+                }
+            }
+        }
+    }
+
+    /// Publishes recorded commits a crash interrupted, then deletes this instance's
+    /// hidden files that no record names.
+    fn recover(&mut self) -> anyhow::Result<()> {
+        let keys = self.keys.clone();
+        let records = self.with_redis("reading recorded commits", |conn| {
+            fences::pending_publishes(conn, &keys)
+        });
+        for record in &records {
+            roll_forward(record)?;
+            info!(
+                record = record.id,
+                files = record.files.len(),
+                "rolled a recorded commit forward"
+            );
+            let id = record.id.clone();
+            self.with_redis("clearing a publish record", |conn| {
+                fences::publish_done(conn, &keys, &id)
+            });
+        }
+        let removed = remove_orphans(&self.config.root, &self.instance)?;
+        if removed > 0 {
+            info!(removed, "removed in-progress files left by an earlier run");
+        }
+        Ok(())
     }
 
     pub fn counters(&self) -> WarehouseCounters {
@@ -224,43 +334,66 @@ impl WarehouseSink {
             });
         }
         let roll = self.roll.as_mut().context("roll state just set")?;
-        roll.seen.insert(barrier.partition, barrier.next_offset);
+        roll.seen
+            .insert(barrier.partition, (barrier.next_offset, barrier.claim));
         if roll.seen.len() < roll.spec.partitions.len() {
             return Ok(None);
         }
         let roll = self.roll.take().context("roll state just checked")?;
+        let ranges: Vec<FenceRange> = roll
+            .seen
+            .iter()
+            .map(|(&partition, &(next_offset, claim))| {
+                range_for(
+                    self.fences.get(&partition).copied(),
+                    SinkKind::Warehouse,
+                    partition,
+                    claim,
+                    next_offset,
+                )
+            })
+            .collect();
         if roll.publish {
             let current = std::mem::replace(&mut self.current, std::mem::take(&mut self.next));
-            self.publish(current)?;
+            if !self.publish(current, &ranges, roll.spec.id)? {
+                return Ok(None);
+            }
             self.counters.rolls += 1;
-            for (&partition, &offset) in &roll.seen {
-                self.fences.insert(partition, offset);
+            for range in &ranges {
+                self.fences.insert(range.partition, (range.epoch, range.to));
             }
         } else {
-            for (&partition, &offset) in &roll.seen {
-                if !self.current.dirty.contains(&partition) {
-                    self.fences.insert(partition, offset);
-                }
+            // Nothing recorded: fences stay where they are, or start at a new claim's.
+            for range in &ranges {
+                self.fences
+                    .insert(range.partition, (range.epoch, range.from));
             }
         }
         self.metrics
             .sink_commits
             .get_or_create(&SinkLabel { sink: "warehouse" })
             .inc();
-        let fences = roll
-            .spec
-            .partitions
+        let fences = ranges
             .iter()
-            .filter_map(|p| self.fences.get(p).map(|o| (*p, *o)))
+            .filter_map(|r| {
+                self.fences
+                    .get(&r.partition)
+                    .map(|(_, o)| (r.partition, *o))
+            })
             .collect();
         Ok(Some((roll.spec.id, fences)))
     }
 
-    fn publish(&mut self, generation: Generation) -> anyhow::Result<()> {
-        let mut folders = BTreeSet::new();
+    /// Closes, records and renames one generation of files. Returns false when the
+    /// record was refused for good (the process is stopping; the files stay hidden).
+    fn publish(
+        &mut self,
+        generation: Generation,
+        ranges: &[FenceRange],
+        checkpoint: u64,
+    ) -> anyhow::Result<bool> {
+        let mut closed = Vec::new();
         for (_, file) in generation.files {
-            let table = file.table;
-            let rows = file.rows;
             let handle = file
                 .writer
                 .into_inner()
@@ -269,36 +402,111 @@ impl WarehouseSink {
                 .sync_all()
                 .with_context(|| format!("fsync {}", file.hidden.display()))?;
             let bytes = handle.metadata().map(|m| m.len()).unwrap_or(0);
-            drop(handle);
-            fs::rename(&file.hidden, &file.visible).with_context(|| {
-                format!(
-                    "publishing {} as {}",
-                    file.hidden.display(),
-                    file.visible.display()
-                )
-            })?;
-            if let Some(folder) = file.visible.parent() {
-                folders.insert(folder.to_path_buf());
+            closed.push(Closed {
+                table: file.table,
+                rows: file.rows,
+                bytes,
+                hidden: file.hidden,
+                visible: file.visible,
+            });
+        }
+        // The hidden files must survive a power cut once the record names them.
+        sync_folders(closed.iter().map(|c| c.hidden.as_path()))?;
+        let record = PublishRecord {
+            id: format!("{}-{}-{checkpoint}", self.instance, self.run),
+            files: closed
+                .iter()
+                .map(|c| (c.hidden.clone(), c.visible.clone()))
+                .collect(),
+        };
+        let mut args = Vec::new();
+        fences::push_ranges(&mut args, SinkKind::Warehouse, ranges);
+        args.push(record.id.clone().into_bytes());
+        args.push(record.encode().into_bytes());
+        let script = self.record_script.clone();
+        let keys = self.keys.clone();
+        let mut attempt = 0u32;
+        loop {
+            let reply = self.with_redis("recording a commit", |conn| {
+                let mut invocation = script.key(&keys.fences);
+                invocation.key(&keys.lost).key(&keys.publish);
+                for arg in &args {
+                    invocation.arg(arg.as_slice());
+                }
+                let reply: Vec<i64> = invocation
+                    .invoke(conn)
+                    .context("running the record script")?;
+                fences::outcome(&reply)
+            });
+            match reply {
+                Ok(_) => break,
+                Err(rejection) => {
+                    if !on_rejection(&self.metrics, SinkKind::Warehouse, checkpoint, &rejection) {
+                        return Ok(false);
+                    }
+                    std::thread::sleep(Backoff::DEFAULT.delay(attempt));
+                    attempt = attempt.saturating_add(1);
+                }
             }
+        }
+        self.metrics.redis_state_lost.set(0);
+        fault::point(fault::AFTER_WAREHOUSE_RECORD);
+        roll_forward(&record)?;
+        let id = record.id.clone();
+        self.with_redis("clearing a publish record", |conn| {
+            fences::publish_done(conn, &keys, &id)
+        });
+        for file in closed {
             let label = TableLabel {
-                table: table.name(),
+                table: file.table.name(),
             };
             self.metrics.parquet_files.get_or_create(&label).inc();
-            self.metrics.parquet_rows.get_or_create(&label).inc_by(rows);
+            self.metrics
+                .parquet_rows
+                .get_or_create(&label)
+                .inc_by(file.rows);
             self.metrics
                 .parquet_bytes
                 .get_or_create(&label)
-                .inc_by(bytes);
+                .inc_by(file.bytes);
             self.counters.files += 1;
         }
-        // The renames are durable only once their folders are synced.
-        for folder in folders {
-            File::open(&folder)
-                .and_then(|dir| dir.sync_all())
-                .with_context(|| format!("fsync folder {}", folder.display()))?;
-        }
-        Ok(())
+        Ok(true)
     }
+}
+
+/// Moves a recorded commit's files into place. Idempotent: a file already moved (by an
+/// earlier attempt, or by another instance rolling the same record forward) is fine.
+pub fn roll_forward(record: &PublishRecord) -> anyhow::Result<()> {
+    for (hidden, visible) in &record.files {
+        match fs::rename(hidden, visible) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && visible.exists() => {}
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "publishing {} as {} (commit {})",
+                        hidden.display(),
+                        visible.display(),
+                        record.id
+                    )
+                })
+            }
+        }
+    }
+    // The renames are durable only once their folders are synced.
+    sync_folders(record.files.iter().map(|(_, v)| v.as_path()))
+}
+
+/// Fsyncs the distinct folders holding `files`.
+fn sync_folders<'a>(files: impl Iterator<Item = &'a Path>) -> anyhow::Result<()> {
+    let folders: BTreeSet<&Path> = files.filter_map(|f| f.parent()).collect();
+    for folder in folders {
+        File::open(folder)
+            .and_then(|dir| dir.sync_all())
+            .with_context(|| format!("fsync folder {}", folder.display()))?;
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -376,13 +584,8 @@ impl Actor for WarehouseSink {
         if self.restart.restarts() > 0 {
             return;
         }
-        match remove_orphans(&self.config.root, &self.instance) {
-            Ok(0) => {}
-            Ok(n) => info!(
-                removed = n,
-                "removed in-progress files left by an earlier run"
-            ),
-            Err(e) => fail_hard(e),
+        if let Err(e) = self.recover() {
+            fail_hard(e);
         }
     }
 }
@@ -452,12 +655,35 @@ mod tests {
         }
     }
 
-    fn barrier(spec: &Arc<CheckpointSpec>, partition: i32, next_offset: i64) -> Barrier {
+    fn barrier(
+        spec: &Arc<CheckpointSpec>,
+        partition: i32,
+        next_offset: i64,
+        claims: &BTreeMap<i32, Claim>,
+    ) -> Barrier {
         Barrier {
             spec: spec.clone(),
             partition,
             next_offset,
+            claim: claims[&partition],
         }
+    }
+
+    /// The test Redis started by `scripts/test-env.sh` (database 12, which no other
+    /// test flushes), with fresh keys.
+    fn test_redis() -> (RedisConfig, FenceKeys) {
+        let base = std::env::var("ANCHORFLOW_TEST_REDIS_URL")
+            .expect("ANCHORFLOW_TEST_REDIS_URL is not set: run the tests with scripts/test.sh");
+        let redis = RedisConfig {
+            url: format!("{base}/12"),
+            ..Default::default()
+        };
+        let group = format!(
+            "unit-{}-{}",
+            std::process::id(),
+            chrono::Utc::now().timestamp_micros()
+        );
+        (redis, FenceKeys::new(&group, "t"))
     }
 
     fn published_offsets(root: &Path) -> Vec<(i32, i64)> {
@@ -510,7 +736,20 @@ mod tests {
             root: dir.path().to_string_lossy().into(),
             ..Default::default()
         };
-        let mut sink = WarehouseSink::new(config, "t1".into(), Metrics::new(), tx);
+        let (redis, keys) = test_redis();
+        let mut conn = fences::connect(&redis.url, Duration::from_secs(5)).unwrap();
+        let claims = fences::claim(&mut conn, &keys, &[0, 1], |fresh| {
+            Ok(fresh.iter().map(|p| (*p, 0)).collect())
+        })
+        .unwrap();
+        let mut sink = WarehouseSink::new(
+            config,
+            &redis,
+            keys.clone(),
+            "t1".into(),
+            Metrics::new(),
+            tx,
+        );
         sink.write_rows(rows(0, 0..3)).unwrap();
         sink.write_rows(rows(1, 0..2)).unwrap();
         let spec = Arc::new(CheckpointSpec {
@@ -518,28 +757,44 @@ mod tests {
             partitions: vec![0, 1],
             kind: CheckpointKind::Final,
         });
-        assert!(sink.on_barrier(barrier(&spec, 0, 3)).unwrap().is_none());
+        assert!(sink
+            .on_barrier(barrier(&spec, 0, 3, &claims))
+            .unwrap()
+            .is_none());
         // Partition 0 continues past its barrier while partition 1's is still missing.
         sink.write_rows(rows(0, 3..5)).unwrap();
         sink.write_rows(rows(1, 2..3)).unwrap();
-        let (id, fences) = sink.on_barrier(barrier(&spec, 1, 3)).unwrap().unwrap();
+        let (id, fences) = sink
+            .on_barrier(barrier(&spec, 1, 3, &claims))
+            .unwrap()
+            .unwrap();
         assert_eq!((id, fences), (1, vec![(0, 3), (1, 3)]));
         assert_eq!(
             published_offsets(dir.path()),
             vec![(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
         );
+        // The commit moved the stored fences and left no publish record behind.
+        let stored = fences::read(&mut conn, &keys, &[0, 1]).unwrap();
+        assert_eq!(stored[&0].2, Some(3));
+        assert_eq!(stored[&1].2, Some(3));
+        assert!(fences::pending_publishes(&mut conn, &keys)
+            .unwrap()
+            .is_empty());
         // A periodic checkpoint with young, small files publishes nothing.
         let spec = Arc::new(CheckpointSpec {
             id: 2,
             partitions: vec![0, 1],
             kind: CheckpointKind::Periodic,
         });
-        sink.on_barrier(barrier(&spec, 0, 5)).unwrap();
-        let (_, fences) = sink.on_barrier(barrier(&spec, 1, 3)).unwrap().unwrap();
+        sink.on_barrier(barrier(&spec, 0, 5, &claims)).unwrap();
+        let (_, fences) = sink
+            .on_barrier(barrier(&spec, 1, 3, &claims))
+            .unwrap()
+            .unwrap();
         assert_eq!(
             fences,
             vec![(0, 3), (1, 3)],
-            "partition 0 has unpublished rows; 1 has none open"
+            "nothing published: fences stay at the last recorded commit"
         );
         assert_eq!(sink.counters().files, 1);
         // The hidden file is invisible to readers and removed as an orphan after a crash.

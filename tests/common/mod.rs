@@ -104,6 +104,48 @@ pub fn config(topic: &str, redis_url: &str, warehouse: &Path) -> Config {
     config
 }
 
+/// Generated records: realistic events with about 4 % malformed ones.
+pub fn generate(seed: u64, count: usize, max_ids: usize) -> Vec<Option<Vec<u8>>> {
+    let config = anchorflow::generator::GeneratorConfig {
+        seed,
+        bad_per_mille: 40,
+        max_ids,
+        ..Default::default()
+    };
+    anchorflow::generator::Generator::new(config)
+        .take(count)
+        .map(|g| g.value)
+        .collect()
+}
+
+/// Stored fences per partition, as `(epoch, redis, warehouse)` with -1 for absent.
+pub fn stored_fences(
+    url: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> BTreeMap<i32, (i64, i64, i64)> {
+    let keys = anchorflow_actors::fences::FenceKeys::new(group, topic);
+    let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let all: Vec<i32> = (0..partitions).collect();
+    anchorflow_actors::fences::read(&mut conn, &keys, &all)
+        .unwrap()
+        .into_iter()
+        .map(|(p, (e, r, w))| (p, (e.unwrap_or(-1), r.unwrap_or(-1), w.unwrap_or(-1))))
+        .collect()
+}
+
+/// Whether both sinks' fences of every partition reached the end of what was produced.
+pub fn fenced_to_end(url: &str, group: &str, topic: &str, produced: &Produced) -> bool {
+    let fences = stored_fences(url, group, topic, produced.len() as i32);
+    produced.iter().all(|(p, records)| {
+        let end = records.len() as i64;
+        fences
+            .get(p)
+            .is_some_and(|(_, r, w)| *r == end && *w == end)
+    })
+}
+
 /// Produced records, by partition, in offset order (the broker's offsets start at 0).
 pub type Produced = BTreeMap<i32, Vec<Option<Vec<u8>>>>;
 
@@ -221,7 +263,8 @@ pub fn read_redis(url: &str) -> (RedisContents, BTreeMap<String, i64>) {
     let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
     let mut out = RedisContents::default();
     let mut ttls = BTreeMap::new();
-    for key in keys {
+    // anchorflow's own bookkeeping (fences, publish records) is checked separately.
+    for key in keys.into_iter().filter(|k| !k.starts_with("anchorflow:")) {
         let kind: String = redis::cmd("TYPE").arg(&key).query(&mut conn).unwrap();
         match kind.as_str() {
             "list" => {
@@ -247,6 +290,42 @@ pub fn read_redis(url: &str) -> (RedisContents, BTreeMap<String, i64>) {
         ttls.insert(key, ttl);
     }
     (out, ttls)
+}
+
+/// Compares the Redis db with the oracle: every list as a multiset, every hash field,
+/// and every TTL (receivers until local midnight in Asia/Shanghai, message lists 3
+/// days, template hashes 30 days).
+pub fn check_redis(url: &str, produced: &Produced, max_ids: usize) {
+    let expected = expected_redis(produced, max_ids);
+    let (actual, ttls) = read_redis(url);
+    assert_eq!(actual.hashes, expected.hashes, "template hashes");
+    assert_eq!(
+        actual.lists.len(),
+        expected.lists.len(),
+        "number of list keys"
+    );
+    for (key, values) in &expected.lists {
+        assert_eq!(actual.lists.get(key), Some(values), "list {key}");
+    }
+    // TTLs: receivers until local midnight (Asia/Shanghai), messages 3 days, templates 30 days.
+    let now = chrono::Utc::now().timestamp_millis();
+    let shanghai_now = now + 8 * 3_600_000;
+    let to_midnight = 86_400_000 - shanghai_now.rem_euclid(86_400_000);
+    for (key, ttl) in ttls {
+        let (low, high) = if expected.hashes.contains_key(&key) {
+            (30 * 86_400_000 - 300_000, 30 * 86_400_000)
+        } else if key.starts_with("Austin:MessageId:") {
+            (3 * 86_400_000 - 300_000, 3 * 86_400_000)
+        } else {
+            // Midnight may have passed since the commit: then the key is gone or the
+            // next midnight applies, so only the upper bound is firm.
+            (1, to_midnight.max(1) + 60_000)
+        };
+        assert!(
+            (low..=high).contains(&ttl),
+            "ttl of {key} is {ttl} ms, expected {low}..={high}"
+        );
+    }
 }
 
 /// A warehouse row: which record it came from and what it says.

@@ -1,0 +1,222 @@
+//! `anchorflow fences show|recover`: the operator's view of the exactly-once
+//! bookkeeping, and the recovery after Redis lost it (`docs/exactly-once.md`).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anchorflow_actors::config::Config;
+use anchorflow_actors::fences::{self, FenceKeys};
+use anyhow::{bail, Context as _};
+use arrow_array::{Array, Int32Array, Int64Array, StringArray};
+use clap::{Subcommand, ValueEnum};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ProjectionMask;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+#[derive(Subcommand)]
+pub enum FencesCommand {
+    /// Print, per partition, the owner epoch, both sinks' fences, the group's committed
+    /// offset and the partition's watermarks.
+    Show,
+    /// After Redis lost its data: store new fences, fence off running instances (they
+    /// restart and resume from the new fences) and clear the lost marker. The warehouse
+    /// fences are read from the published files; `--redis-from` says where the Redis
+    /// aggregates resume.
+    Recover {
+        /// `earliest`: rebuild the Redis aggregates from the oldest record Kafka still
+        /// holds (exact if retention reaches back to the start of the counts);
+        /// `committed`: accept the loss and continue from the group's committed offset;
+        /// `keep`: keep the Redis fences present now (after restoring a Redis backup).
+        #[arg(long, value_enum)]
+        redis_from: RedisFrom,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RedisFrom {
+    Earliest,
+    Committed,
+    Keep,
+}
+
+/// Per partition: low and high watermark, committed offset (if any).
+type KafkaOffsets = BTreeMap<i32, (i64, i64, Option<i64>)>;
+
+fn kafka_offsets(config: &Config) -> anyhow::Result<KafkaOffsets> {
+    let timeout = Duration::from_secs(10);
+    let mut client = ClientConfig::new();
+    for (key, value) in &config.kafka.0 {
+        client.set(key, value);
+    }
+    client.set("group.id", &config.source.group_id);
+    client.set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = client.create().context("creating a kafka client")?;
+    let topic = &config.source.topic;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .context("reading topic metadata")?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        bail!("topic {topic} has no partitions (does it exist?)");
+    }
+    let mut tpl = TopicPartitionList::new();
+    for &p in &partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, timeout)
+        .context("reading committed offsets")?;
+    let mut out = BTreeMap::new();
+    for p in partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, timeout)
+            .with_context(|| format!("reading the watermarks of partition {p}"))?;
+        let committed = committed
+            .find_partition(topic, p)
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) if o >= 0 => Some(o),
+                _ => None,
+            });
+        out.insert(p, (low, high, committed));
+    }
+    Ok(out)
+}
+
+/// Next offset after the highest one in published warehouse files, per partition of
+/// `topic` (over `ods_anchor_log` and `dead_letter`, which together hold a row for
+/// every record).
+pub fn warehouse_fences(root: &Path, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let mut out: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut stack: Vec<PathBuf> = ["ods_anchor_log", "dead_letter"]
+        .iter()
+        .map(|t| root.join(t))
+        .collect();
+    while let Some(dir) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+        };
+        for entry in entries {
+            let path = entry
+                .with_context(|| format!("listing {}", dir.display()))?
+                .path();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if path.is_dir() {
+                stack.push(path);
+            } else if name.starts_with("part-") && name.ends_with(".parquet") {
+                scan_file(&path, topic, &mut out)
+                    .with_context(|| format!("reading {}", path.display()))?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn scan_file(path: &Path, topic: &str, out: &mut BTreeMap<i32, i64>) -> anyhow::Result<()> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path)?)?;
+    let schema = builder.parquet_schema();
+    let wanted = ["kafka_topic", "kafka_partition", "kafka_offset"];
+    let indices: Vec<usize> = (0..schema.num_columns())
+        .filter(|&i| wanted.contains(&schema.column(i).name()))
+        .collect();
+    let mask = ProjectionMask::leaves(schema, indices);
+    for batch in builder.with_projection(mask).build()? {
+        let batch = batch?;
+        let column = |name: &str| {
+            batch
+                .column_by_name(name)
+                .with_context(|| format!("column {name} missing"))
+        };
+        let topics = column("kafka_topic")?
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .context("kafka_topic is not a string column")?;
+        let partitions = column("kafka_partition")?
+            .as_any()
+            .downcast_ref::<Int32Array>()
+            .context("kafka_partition is not an int32 column")?;
+        let offsets = column("kafka_offset")?
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .context("kafka_offset is not an int64 column")?;
+        for i in 0..batch.num_rows() {
+            if topics.is_valid(i) && topics.value(i) == topic {
+                let next = out.entry(partitions.value(i)).or_insert(0);
+                *next = (*next).max(offsets.value(i) + 1);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn run(config: &Config, command: FencesCommand) -> anyhow::Result<()> {
+    let keys = FenceKeys::new(&config.source.group_id, &config.source.topic);
+    let timeout = Duration::from_secs(config.redis.command_timeout_secs);
+    let mut conn = fences::connect(&config.redis.url, timeout)?;
+    let kafka = kafka_offsets(config)?;
+    let partitions: Vec<i32> = kafka.keys().copied().collect();
+    let stored = fences::read(&mut conn, &keys, &partitions)?;
+    let show = |v: Option<i64>| v.map_or("-".to_string(), |v| v.to_string());
+    match command {
+        FencesCommand::Show => {
+            if let Some(marker) = fences::lost_marker(&mut conn, &keys)? {
+                println!("LOST: Redis lost the fences ({marker}); run `anchorflow fences recover`");
+            }
+            let pending = fences::pending_publishes(&mut conn, &keys)?;
+            println!(
+                "topic {} group {}: {} recorded warehouse commit(s) awaiting publish",
+                config.source.topic,
+                config.source.group_id,
+                pending.len()
+            );
+            println!("partition\tepoch\tredis\twarehouse\tcommitted\tlow\thigh");
+            for (p, (low, high, committed)) in &kafka {
+                let (epoch, redis, warehouse) = stored.get(p).copied().unwrap_or_default();
+                println!(
+                    "{p}\t{}\t{}\t{}\t{}\t{low}\t{high}",
+                    show(epoch),
+                    show(redis),
+                    show(warehouse),
+                    show(*committed)
+                );
+            }
+        }
+        FencesCommand::Recover { redis_from } => {
+            let files = warehouse_fences(Path::new(&config.warehouse.root), &config.source.topic)?;
+            let mut new = BTreeMap::new();
+            for (&p, &(low, _, committed)) in &kafka {
+                let redis = match redis_from {
+                    RedisFrom::Earliest => low,
+                    RedisFrom::Committed => committed.unwrap_or(low),
+                    RedisFrom::Keep => stored.get(&p).and_then(|s| s.1).with_context(|| {
+                        format!("partition {p} has no Redis fence to keep; choose earliest or committed")
+                    })?,
+                };
+                // A partition without published rows restarts its warehouse output at
+                // the oldest record Kafka holds.
+                let warehouse = files.get(&p).copied().unwrap_or(low).max(low);
+                new.insert(p, (redis, warehouse));
+            }
+            fences::reset(&mut conn, &keys, &new)?;
+            println!("partition\tredis\twarehouse");
+            for (p, (redis, warehouse)) in &new {
+                println!("{p}\t{redis}\t{warehouse}");
+            }
+            println!("fences stored and the lost marker cleared; running instances restart and resume from these fences");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,676 @@
+//! Exactly-once, proven by killing the process (issue 3, DESIGN §6): the `anchorflow`
+//! binary runs as child processes against the real Redis and tansu of
+//! `scripts/test-env.sh`; they are killed with SIGKILL at random moments, crashed at
+//! the protocol's dangerous instants (fault points, compiled in by the test script),
+//! frozen with SIGSTOP into zombies, and joined and removed in a consumer group. After
+//! the topic is drained, Redis and the warehouse must equal the oracle exactly: no
+//! loss, no double count, every (partition, offset) once.
+
+mod common;
+
+use std::fs::File;
+use std::io::{Read as _, Write as _};
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MAX_IDS: usize = 40;
+
+/// A test's private topic, group, Redis database and warehouse, and the `--set`
+/// arguments that point a child process at them.
+struct Setup {
+    /// Set when the test runs on librdkafka's mock cluster instead of tansu.
+    _cluster:
+        Option<rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>>,
+    brokers: String,
+    topic: String,
+    group: String,
+    url: String,
+    partitions: i32,
+    warehouse: tempfile::TempDir,
+    /// Kept after the test (small), for diagnosing a failure.
+    logs: PathBuf,
+    spawned: Mutex<usize>,
+}
+
+impl Setup {
+    /// A test against tansu, the real Kafka-protocol broker.
+    fn new(name: &str, partitions: i32, redis_url: String) -> Self {
+        let topic = unique(name);
+        create_topic(&topic, partitions);
+        Self::with(None, brokers(), topic, partitions, redis_url)
+    }
+
+    /// A test against librdkafka's mock cluster, hosted by the test process. Used for
+    /// consumer-group membership: tansu 0.6.0 never expires the session of a member
+    /// that stops heartbeating, so a frozen or killed member would keep its
+    /// partitions forever; the mock cluster expires it after `session.timeout.ms`.
+    fn on_mock_cluster(name: &str, partitions: i32, redis_url: String) -> Self {
+        let topic = unique(name);
+        let cluster = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+        cluster
+            .create_topic(&topic, partitions, 1)
+            .expect("mock topic");
+        let brokers = cluster.bootstrap_servers();
+        Self::with(Some(cluster), brokers, topic, partitions, redis_url)
+    }
+
+    fn with(
+        mock: Option<
+            rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        >,
+        brokers: String,
+        topic: String,
+        partitions: i32,
+        redis_url: String,
+    ) -> Self {
+        init_logs();
+        flush_db(&redis_url);
+        Setup {
+            _cluster: mock,
+            brokers,
+            group: format!("{topic}-group"),
+            topic: topic.clone(),
+            url: redis_url,
+            partitions,
+            warehouse: tempfile::tempdir().unwrap(),
+            logs: {
+                let dir = std::env::temp_dir()
+                    .join("anchorflow-test-logs")
+                    .join(&topic);
+                std::fs::create_dir_all(&dir).unwrap();
+                dir
+            },
+            spawned: Mutex::new(0),
+        }
+    }
+
+    fn sets(&self, instance: &str, metrics: &str) -> Vec<String> {
+        [
+            format!("kafka.bootstrap.servers={}", self.brokers),
+            // A killed member leaves the group after this; keep the loop short.
+            "kafka.session.timeout.ms=6000".into(),
+            "kafka.heartbeat.interval.ms=500".into(),
+            format!("source.topic={}", self.topic),
+            format!("source.group_id={}", self.group),
+            format!("source.instance_id={instance}"),
+            "source.batch_max_records=256".into(),
+            format!("redis.url={}", self.url),
+            "redis.command_timeout_secs=5".into(),
+            format!("warehouse.root={}", self.warehouse.path().display()),
+            "warehouse.roll_interval_secs=1".into(),
+            "pipeline.checkpoint_interval_ms=200".into(),
+            "pipeline.aggregator_shards=2".into(),
+            "pipeline.reader_threads=2".into(),
+            "pipeline.revoke_timeout_ms=5000".into(),
+            format!("decode.max_ids={MAX_IDS}"),
+            format!("metrics.listen={metrics}"),
+        ]
+        .into_iter()
+        .flat_map(|s| ["--set".to_string(), s])
+        .collect()
+    }
+
+    /// Starts `anchorflow run` as a child; its log goes to a file named after it.
+    fn spawn(&self, instance: &str, env: &[(&str, &str)], metrics: &str) -> Instance {
+        let n = {
+            let mut spawned = self.spawned.lock().unwrap();
+            *spawned += 1;
+            *spawned
+        };
+        let log = self.logs.join(format!("{n:03}-{instance}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_anchorflow"))
+            .arg("run")
+            .args(self.sets(instance, metrics))
+            .env(
+                "ANCHORFLOW_LOG",
+                // ANCHORFLOW_TEST_CHILD_LOG (e.g. `debug`) for diagnosing a test.
+                std::env::var("ANCHORFLOW_TEST_CHILD_LOG")
+                    .unwrap_or_else(|_| "info,librdkafka=warn".into()),
+            )
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("starting anchorflow");
+        Instance { child, log }
+    }
+
+    /// Runs `anchorflow fences …` to completion.
+    fn fences_command(&self, args: &[&str]) -> (ExitStatus, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_anchorflow"))
+            .arg("fences")
+            .args(args)
+            .args(self.sets("operator", ""))
+            .output()
+            .expect("running anchorflow fences");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status, text)
+    }
+
+    fn produce(&self, seed: u64, count: usize) -> Produced {
+        produce_to(&self.brokers, &self.topic, self.partitions, seed, count)
+    }
+
+    fn producer(&self, seed: u64, batch: usize, pause: Duration, max_batches: usize) -> Producer {
+        Producer::start(
+            &self.brokers,
+            &self.topic,
+            self.partitions,
+            seed,
+            batch,
+            pause,
+            max_batches,
+        )
+    }
+
+    fn fences(&self) -> std::collections::BTreeMap<i32, (i64, i64, i64)> {
+        stored_fences(&self.url, &self.group, &self.topic, self.partitions)
+    }
+
+    /// Sum of the owner epochs: grows by one with every claim of a partition.
+    fn epochs(&self) -> i64 {
+        self.fences().values().map(|(e, _, _)| (*e).max(0)).sum()
+    }
+
+    /// Sum of the Redis fences: progress.
+    fn progress(&self) -> i64 {
+        self.fences().values().map(|(_, r, _)| (*r).max(0)).sum()
+    }
+
+    fn wait_until(&self, what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !done() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting until {what}; fences {:?}; logs in {}",
+                self.fences(),
+                self.logs.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_drained(&self, produced: &Produced) {
+        self.wait_until(
+            "both sinks are fenced at the end of every partition",
+            Duration::from_secs(180),
+            || fenced_to_end(&self.url, &self.group, &self.topic, produced),
+        );
+    }
+
+    /// The final comparison with the oracle.
+    fn check(&self, produced: &Produced) {
+        check_redis(&self.url, produced, MAX_IDS);
+        check_warehouse(self.warehouse.path(), produced, MAX_IDS, false);
+        for (p, records) in produced {
+            let (_, redis, warehouse) = self.fences()[p];
+            assert_eq!(
+                (redis, warehouse),
+                (records.len() as i64, records.len() as i64),
+                "fences of partition {p}"
+            );
+        }
+    }
+}
+
+struct Instance {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Instance {
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{signal}");
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reaped");
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "instance did not exit in {timeout:?}; log:\n{}",
+                    self.tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Graceful stop: SIGTERM, then exit code 0.
+    fn stop(mut self) {
+        self.signal("TERM");
+        let status = self.wait_exit(Duration::from_secs(60));
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "graceful stop; log:\n{}",
+            self.tail()
+        );
+    }
+
+    fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Produces batches in the background until stopped; returns everything produced.
+struct Producer {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Produced>,
+}
+
+impl Producer {
+    fn start(
+        brokers: &str,
+        topic: &str,
+        partitions: i32,
+        seed: u64,
+        batch: usize,
+        pause: Duration,
+        max_batches: usize,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let topic = topic.to_string();
+        let brokers = brokers.to_string();
+        let thread = std::thread::spawn(move || {
+            let mut produced = Produced::new();
+            for i in 0..max_batches {
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                extend(
+                    &mut produced,
+                    produce_to(&brokers, &topic, partitions, seed + i as u64, batch),
+                );
+                std::thread::sleep(pause);
+            }
+            produced
+        });
+        Producer { stop, thread }
+    }
+
+    fn finish(self) -> Produced {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("producer thread")
+    }
+}
+
+/// One record per batch (tansu answers fetches inside a batch with nothing; see README).
+fn produce_to(brokers: &str, topic: &str, partitions: i32, seed: u64, count: usize) -> Produced {
+    anchorflow::demo::produce(
+        brokers,
+        topic,
+        partitions,
+        generate(seed, count, MAX_IDS).into_iter(),
+        true,
+    )
+    .expect("produce")
+}
+
+/// xorshift: reproducible "random" moments from a printed seed.
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, text))
+}
+
+#[test]
+fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
+    let iterations: usize = std::env::var("ANCHORFLOW_KILL_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let mut seed: u64 = std::env::var("ANCHORFLOW_KILL_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| chrono::Utc::now().timestamp_micros() as u64 | 1);
+    println!("kill loop: {iterations} iterations, seed {seed} (ANCHORFLOW_KILL_SEED reproduces the moments)");
+    let setup = Setup::new("kill9", 3, redis_url(4));
+    let mut produced = setup.produce(100, 1500);
+    let producer = setup.producer(1_000, 150, Duration::from_millis(200), 100_000);
+    let mut kills_with_progress = 0;
+    for i in 0..iterations {
+        let before = setup.epochs();
+        let mut instance = setup.spawn("kill9", &[], "");
+        // Kill only once it owns its partitions, at a random moment after that: before
+        // the claim there is nothing at stake.
+        setup.wait_until(
+            "the instance claimed its partitions",
+            Duration::from_secs(60),
+            || setup.epochs() >= before + 3 || instance.child.try_wait().ok().flatten().is_some(),
+        );
+        let progress = setup.progress();
+        let wait = Duration::from_millis(next_random(&mut seed) % 2_500);
+        std::thread::sleep(wait);
+        if let Ok(Some(status)) = instance.child.try_wait() {
+            panic!(
+                "iteration {i}: instance exited by itself ({status}); log:\n{}",
+                instance.tail()
+            );
+        }
+        instance.kill9();
+        if setup.progress() > progress {
+            kills_with_progress += 1;
+        }
+        println!(
+            "iteration {i}: killed {} ms after the claim",
+            wait.as_millis()
+        );
+    }
+    extend(&mut produced, producer.finish());
+    let last = setup.spawn("kill9", &[], "");
+    setup.wait_drained(&produced);
+    last.stop();
+    let total: usize = produced.values().map(Vec::len).sum();
+    println!("{total} records; {kills_with_progress} of {iterations} kills came after some progress in that run");
+    assert!(
+        kills_with_progress > 0,
+        "no kill landed after a commit: the loop tested nothing"
+    );
+    setup.check(&produced);
+}
+
+#[test]
+fn crashes_at_the_dangerous_instants_lose_and_duplicate_nothing() {
+    let setup = Setup::new("faults", 2, redis_url(5));
+    let mut produced = Produced::new();
+    let points = [
+        ("after_redis_commit", "4"),
+        ("after_warehouse_record", "2"),
+        ("after_sinks_committed", "4"),
+    ];
+    for (n, (point, after)) in points.iter().enumerate() {
+        // Records keep arriving until the crash, so it lands with work in flight.
+        let producer = setup.producer(10 * n as u64, 100, Duration::from_millis(100), 100_000);
+        // One instance name throughout, as a restarted service has: it cleans up its
+        // own orphaned in-progress files.
+        let mut instance = setup.spawn(
+            "faults",
+            &[
+                ("ANCHORFLOW_FAULT", point),
+                ("ANCHORFLOW_FAULT_AFTER", after),
+            ],
+            "",
+        );
+        let status = instance.wait_exit(Duration::from_secs(120));
+        assert_eq!(
+            status.signal(),
+            Some(6),
+            "{point}: the instance must abort at the fault point (is the fault-points feature on?); log:\n{}",
+            instance.tail()
+        );
+        assert!(instance
+            .tail()
+            .contains(&format!("fault point {point} reached")));
+        if *point == "after_warehouse_record" {
+            // The crash fell between recording a commit and renaming its files.
+            let mut conn = redis::Client::open(setup.url.as_str())
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            let keys = anchorflow_actors::fences::FenceKeys::new(&setup.group, &setup.topic);
+            let pending = anchorflow_actors::fences::pending_publishes(&mut conn, &keys).unwrap();
+            assert_eq!(pending.len(), 1, "one recorded, unpublished commit");
+            assert!(
+                pending[0].files.iter().all(|(hidden, _)| hidden.exists()),
+                "its files are still hidden"
+            );
+        }
+        extend(&mut produced, producer.finish());
+    }
+    let last = setup.spawn("faults", &[], "");
+    setup.wait_drained(&produced);
+    last.stop();
+    setup.check(&produced);
+}
+
+#[test]
+fn a_frozen_zombie_is_fenced_off() {
+    let setup = Setup::on_mock_cluster("zombie", 4, redis_url(6));
+    let producer = setup.producer(300, 100, Duration::from_millis(100), 100_000);
+    let zombie = setup.spawn("zombie", &[], "");
+    setup.wait_until(
+        "the first instance claimed all partitions",
+        Duration::from_secs(60),
+        || setup.epochs() >= 4,
+    );
+    let mut other = setup.spawn("other", &[], "");
+    setup.wait_until(
+        "the group rebalanced onto two instances",
+        Duration::from_secs(60),
+        || setup.epochs() >= 8,
+    );
+    let progress = setup.progress();
+    setup.wait_until("both make progress", Duration::from_secs(60), || {
+        setup.progress() > progress + 200
+    });
+
+    // Freeze the zombie until the group hands all its partitions to the other instance.
+    zombie.signal("STOP");
+    let frozen_at = setup.fences();
+    setup.wait_until(
+        "every partition was claimed again",
+        Duration::from_secs(90),
+        || {
+            let now = setup.fences();
+            frozen_at.iter().all(|(p, (e, _, _))| now[p].0 > *e)
+        },
+    );
+    let progress = setup.progress();
+    setup.wait_until(
+        "the other instance progresses alone",
+        Duration::from_secs(60),
+        || setup.progress() > progress + 200,
+    );
+
+    // Wake it: whatever it still holds must be refused, and it must leave.
+    let mut zombie = zombie;
+    zombie.signal("CONT");
+    let status = zombie.wait_exit(Duration::from_secs(60));
+    let log = zombie.tail();
+    assert_eq!(
+        status.code(),
+        Some(75),
+        "the zombie exits as fenced; log:\n{log}"
+    );
+    println!(
+        "zombie noticed by: {}",
+        if log.contains("commit rejected") {
+            "a rejected commit"
+        } else {
+            "the lost assignment"
+        }
+    );
+    assert!(
+        other.child.try_wait().unwrap().is_none(),
+        "the other instance keeps running"
+    );
+    // systemd restarts it (Restart=on-failure): it rejoins, claims afresh and removes
+    // the in-progress files its refused commit left.
+    let restarted = setup.spawn("zombie", &[], "");
+    let produced = producer.finish();
+    setup.wait_drained(&produced);
+    restarted.stop();
+    other.stop();
+    setup.check(&produced);
+}
+
+#[test]
+fn instances_joining_leaving_and_dying_lose_and_duplicate_nothing() {
+    let setup = Setup::on_mock_cluster("group3", 6, redis_url(7));
+    let producer = setup.producer(500, 120, Duration::from_millis(100), 100_000);
+    let a = setup.spawn("a", &[], "");
+    setup.wait_until("a claimed all partitions", Duration::from_secs(60), || {
+        setup.epochs() >= 6
+    });
+    let progress = setup.progress();
+    setup.wait_until("a makes progress", Duration::from_secs(60), || {
+        setup.progress() > progress + 300
+    });
+
+    let b = setup.spawn("b", &[], "");
+    let mut c = setup.spawn("c", &[], "");
+    let epochs = setup.epochs();
+    setup.wait_until("b and c joined", Duration::from_secs(90), || {
+        setup.epochs() >= epochs + 6
+    });
+    let progress = setup.progress();
+    setup.wait_until(
+        "three instances make progress",
+        Duration::from_secs(60),
+        || setup.progress() > progress + 300,
+    );
+
+    b.stop();
+    c.kill9();
+    let progress = setup.progress();
+    setup.wait_until("a continues alone", Duration::from_secs(60), || {
+        setup.progress() > progress + 300
+    });
+    // systemd restarts the killed one: it cleans up its own in-progress files.
+    let c = setup.spawn("c", &[], "");
+    let produced = producer.finish();
+    setup.wait_drained(&produced);
+    c.stop();
+    a.stop();
+    setup.check(&produced);
+}
+
+fn lost_marker(url: &str, setup: &Setup) -> Option<String> {
+    let mut conn = redis::Client::open(url).ok()?.get_connection().ok()?;
+    let keys = anchorflow_actors::fences::FenceKeys::new(&setup.group, &setup.topic);
+    anchorflow_actors::fences::lost_marker(&mut conn, &keys).ok()?
+}
+
+#[test]
+fn redis_restarted_empty_is_detected_and_recovered_exactly() {
+    // A redis-server of the test's own, so that it can restart it empty.
+    let redis = anchorflow::demo::start_throwaway_redis()
+        .expect("redis-server (installed by scripts/test-env.sh)");
+    let (url, port) = (redis.url.clone(), redis.port);
+    let setup = Setup::new("lost", 2, url.clone());
+    let mut produced = setup.produce(700, 1500);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut instance = setup.spawn("lost", &[], &metrics);
+    setup.wait_drained(&produced);
+    let ready = http_get(&metrics, "/readyz");
+    assert_eq!(
+        ready.as_ref().map(|r| r.0),
+        Some(200),
+        "ready while healthy: {ready:?}"
+    );
+
+    // Redis comes back empty under the running pipeline, and more records arrive.
+    drop(redis);
+    let redis = anchorflow::demo::start_redis_on(port).expect("redis-server restarts");
+    extend(&mut produced, setup.produce(701, 500));
+    setup.wait_until(
+        "the pipeline reports the loss",
+        Duration::from_secs(60),
+        || {
+            http_get(&metrics, "/metrics")
+                .is_some_and(|(_, text)| text.lines().any(|l| l == "anchorflow_redis_state_lost 1"))
+        },
+    );
+    assert_eq!(
+        http_get(&metrics, "/readyz").map(|r| r.0),
+        Some(503),
+        "not ready while state is lost"
+    );
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query(
+            &mut redis::Client::open(url.as_str())
+                .unwrap()
+                .get_connection()
+                .unwrap(),
+        )
+        .unwrap();
+    assert!(
+        lost_marker(&url, &setup).is_some(),
+        "the loss is marked in Redis for every instance; keys: {keys:?}"
+    );
+    let (_, text) = http_get(&metrics, "/metrics").unwrap();
+    assert!(
+        text.contains(
+            "anchorflow_commits_rejected_total{sink=\"redis\",reason=\"fences_missing\"}"
+        ),
+        "{text}"
+    );
+    // Nothing partial was written: the held commits stay held.
+    let (contents, _) = read_redis(&url);
+    assert!(
+        contents.hashes.is_empty() && contents.lists.is_empty(),
+        "no partial counts: {contents:?}"
+    );
+
+    // The documented recovery: rebuild the counts from the oldest retained record; the
+    // warehouse continues after its published files.
+    let (status, out) = setup.fences_command(&["recover", "--redis-from", "earliest"]);
+    assert!(status.success(), "{out}");
+    let status = instance.wait_exit(Duration::from_secs(60));
+    assert_eq!(
+        status.code(),
+        Some(75),
+        "the held commit is refused after recovery; log:\n{}",
+        instance.tail()
+    );
+    let last = setup.spawn("lost", &[], &metrics);
+    setup.wait_drained(&produced);
+    setup.wait_until("ready again", Duration::from_secs(30), || {
+        http_get(&metrics, "/readyz").is_some_and(|(code, _)| code == 200)
+    });
+    last.stop();
+    setup.check(&produced);
+    drop(redis);
+}
