@@ -24,6 +24,8 @@ const MAX_IDS: usize = 40;
 /// A test's private topic, group, Redis database and warehouse, and the `--set`
 /// arguments that point a child process at them.
 struct Setup {
+    /// When the test began (Unix ms), for TTL checks.
+    started: i64,
     /// Set when the test runs on librdkafka's mock cluster instead of tansu.
     _cluster:
         Option<rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>>,
@@ -72,6 +74,7 @@ impl Setup {
         init_logs();
         flush_db(&redis_url);
         Setup {
+            started: chrono::Utc::now().timestamp_millis(),
             _cluster: mock,
             brokers,
             group: format!("{topic}-group"),
@@ -207,7 +210,7 @@ impl Setup {
 
     /// The final comparison with the oracle.
     fn check(&self, produced: &Produced) {
-        check_redis(&self.url, produced, MAX_IDS);
+        check_redis(&self.url, produced, MAX_IDS, self.started);
         check_warehouse(self.warehouse.path(), produced, MAX_IDS, false);
         for (p, records) in produced {
             let (_, redis, warehouse) = self.fences()[p];

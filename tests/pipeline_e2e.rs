@@ -16,6 +16,8 @@ const PARTITIONS: i32 = 3;
 
 /// A test's private topic, Redis database and warehouse.
 struct Fixture {
+    /// When the test began (Unix ms), for TTL checks.
+    started: i64,
     topic: String,
     url: String,
     warehouse: tempfile::TempDir,
@@ -23,6 +25,7 @@ struct Fixture {
 }
 
 fn fixture(name: &str, partitions: i32, redis_db: u32) -> Fixture {
+    let started = chrono::Utc::now().timestamp_millis();
     let topic = unique(name);
     create_topic(&topic, partitions);
     let url = redis_url(redis_db);
@@ -30,6 +33,7 @@ fn fixture(name: &str, partitions: i32, redis_db: u32) -> Fixture {
     let warehouse = tempfile::tempdir().unwrap();
     let config = config(&topic, &url, warehouse.path());
     Fixture {
+        started,
         topic,
         url,
         warehouse,
@@ -67,6 +71,7 @@ fn wait_for_ends(runs: &[&Metrics], produced: &Produced) {
 #[test]
 fn redis_and_warehouse_equal_the_oracle() {
     let Fixture {
+        started,
         topic,
         url,
         warehouse,
@@ -81,7 +86,7 @@ fn redis_and_warehouse_equal_the_oracle() {
     let metrics = handle.metrics.clone();
     assert_eq!(handle.stop().expect("stops"), 0);
 
-    check_redis(&url, &produced, config.decode.max_ids);
+    check_redis(&url, &produced, config.decode.max_ids, started);
     check_warehouse(warehouse.path(), &produced, config.decode.max_ids, false);
     let text = metrics.encode();
     assert!(
@@ -100,6 +105,7 @@ fn redis_and_warehouse_equal_the_oracle() {
 #[test]
 fn graceful_restart_loses_and_duplicates_nothing() {
     let Fixture {
+        started,
         topic,
         url,
         warehouse,
@@ -134,12 +140,13 @@ fn graceful_restart_loses_and_duplicates_nothing() {
     // show no duplicate here; the count is printed for the record.
     let duplicates = check_warehouse(warehouse.path(), &produced, config.decode.max_ids, false);
     println!("duplicates after graceful restart: {duplicates}");
-    check_redis(&url, &produced, config.decode.max_ids);
+    check_redis(&url, &produced, config.decode.max_ids, started);
 }
 
 #[test]
 fn a_second_instance_joining_mid_stream_loses_and_duplicates_nothing() {
     let Fixture {
+        started,
         topic,
         url,
         warehouse,
@@ -184,5 +191,5 @@ fn a_second_instance_joining_mid_stream_loses_and_duplicates_nothing() {
     );
 
     check_warehouse(warehouse.path(), &produced, base.decode.max_ids, false);
-    check_redis(&url, &produced, base.decode.max_ids);
+    check_redis(&url, &produced, base.decode.max_ids, started);
 }

@@ -133,8 +133,8 @@ pub struct PipelineConfig {
     pub checkpoint_interval_ms: u64,
     /// Seconds a graceful shutdown may take before the process exits non-zero.
     pub shutdown_timeout_secs: u64,
-    /// Milliseconds a rebalance may spend checkpointing revoked partitions; keep it
-    /// well below the consumer's `session.timeout.ms`.
+    /// Milliseconds a rebalance may spend checkpointing revoked partitions; must be
+    /// below the consumer's `session.timeout.ms` (checked by `validate`).
     pub revoke_timeout_ms: u64,
 }
 
@@ -413,6 +413,23 @@ impl Config {
             "pipeline.revoke_timeout_ms",
             self.pipeline.revoke_timeout_ms,
         )?;
+        // Revoked partitions are checkpointed inside the rebalance; if that takes longer
+        // than the session, the group fences us first and the checkpoint is wasted.
+        let session_ms = match self.kafka.0.get("session.timeout.ms") {
+            Some(v) => v.trim().parse::<u64>().map_err(|_| {
+                ConfigError::new(
+                    "kafka.session.timeout.ms",
+                    "must be a number of milliseconds",
+                )
+            })?,
+            None => 45_000, // librdkafka's default
+        };
+        if self.pipeline.revoke_timeout_ms >= session_ms {
+            return Err(ConfigError::new(
+                "pipeline.revoke_timeout_ms",
+                format!("must be below kafka.session.timeout.ms ({session_ms} ms), or the group fences this instance before revoked partitions are checkpointed"),
+            ));
+        }
         if !(self.redis.url.starts_with("redis://") || self.redis.url.starts_with("rediss://")) {
             return Err(ConfigError::new(
                 "redis.url",
@@ -498,6 +515,19 @@ mod tests {
         let mut config = valid();
         config.kafka.0.insert("group.id".into(), "x".into());
         assert_eq!(config.validate().unwrap_err().field, "kafka.group.id");
+
+        let mut config = valid();
+        config
+            .kafka
+            .0
+            .insert("session.timeout.ms".into(), "6000".into());
+        assert_eq!(
+            config.validate().unwrap_err().field,
+            "pipeline.revoke_timeout_ms",
+            "the default 20 s revoke bound exceeds a 6 s session"
+        );
+        config.pipeline.revoke_timeout_ms = 5000;
+        assert!(config.validate().is_ok());
 
         let mut config = Config::default();
         config.pipeline.checkpoint_interval_ms = 1;
