@@ -4,7 +4,8 @@
 //! KafkaSource (own thread) ─[2]─> PartitionReader ×partitions (reader threads)
 //!     PartitionReader ─[8]─> Aggregator ×shards (one thread each) ─[64]─> RedisSink (own thread)
 //!     PartitionReader ─[16]──────────────────────────────────────────────> WarehouseSink (own thread)
-//! Timer (main thread) ──> KafkaSource;  sinks ──notices──> KafkaSource
+//! Timer (main thread) ──> KafkaSource;  PartitionReader ──watermarks──> Timer
+//! sinks ──notices──> KafkaSource
 //! ```
 //! Numbers in brackets are mailbox capacities (see each actor's constant for why).
 //! Every actor except the source and the timer is started under an actix `Supervisor`.
@@ -23,6 +24,7 @@ use anchorflow_actors::partition_reader::ReaderLinks;
 use anchorflow_actors::redis_sink::RedisSink;
 use anchorflow_actors::timer::Timer;
 use anchorflow_actors::warehouse_sink::WarehouseSink;
+use anchorflow_actors::watermark::Watermarks;
 use anyhow::Context as _;
 use tokio::sync::watch;
 use tracing::{error, info};
@@ -169,16 +171,26 @@ pub fn run(
 
         let reader_threads: Arc<[ArbiterHandle]> =
             (0..config.pipeline.readers()).map(|_| Arbiter::new().handle()).collect();
+        // The timer and the readers know each other's address: create the timer's
+        // context first, run the timer once the source it triggers exists.
+        let timer_ctx = Context::<Timer>::new();
         let factory = ReaderFactory {
             topic: config.source.topic.as_str().into(),
             config: config.clone(),
-            links: ReaderLinks { shards: aggregators.into(), warehouse },
+            links: ReaderLinks { shards: aggregators.into(), warehouse, timer: timer_ctx.address().recipient() },
             arbiters: reader_threads,
             metrics: metrics.clone(),
         };
         let source = KafkaSource::new(factory, notices_rx, notices_tx)?;
         let source = KafkaSource::start_in_arbiter(&Arbiter::new().handle(), move |_| source);
-        Timer::new(source.clone().recipient(), Duration::from_millis(config.pipeline.checkpoint_interval_ms)).start();
+        let watermarks = Watermarks::new(
+            Duration::from_millis(config.time.max_out_of_orderness_ms),
+            Duration::from_millis(config.time.idle_timeout_ms),
+        );
+        timer_ctx.run(
+            Timer::new(source.clone().recipient(), Duration::from_millis(config.pipeline.checkpoint_interval_ms))
+                .with_watermarks(watermarks, metrics.clone()),
+        );
         info!(topic = %config.source.topic, group = %config.source.group_id, shards, "pipeline started");
 
         actix::spawn(async move {

@@ -84,6 +84,31 @@ fn redis_and_warehouse_equal_the_oracle() {
     wait_for_commits(&handle, total as i64, Duration::from_secs(120))
         .expect("all records committed");
     let metrics = handle.metrics.clone();
+    // Event-time watermark: every partition is active, so the instance watermark is the
+    // lowest over partitions of (largest valid event time - 5 s).
+    let expected_watermark = produced
+        .values()
+        .filter_map(|records| {
+            records
+                .iter()
+                .filter_map(|r| oracle_parse(r, config.decode.max_ids))
+                .map(|e| e.log_timestamp)
+                .max()
+        })
+        .min()
+        .unwrap()
+        - 5_000;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while metrics.watermark_timestamp_seconds.get() != expected_watermark as f64 / 1000.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "instance watermark {} s, expected {} ms",
+            metrics.watermark_timestamp_seconds.get(),
+            expected_watermark
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(metrics.idle_partitions.get(), 0);
     assert_eq!(handle.stop().expect("stops"), 0);
 
     check_redis(&url, &produced, config.decode.max_ids, started);

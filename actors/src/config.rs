@@ -280,12 +280,20 @@ impl Default for WarehouseConfig {
 pub struct TimeConfig {
     /// IANA time zone name (e.g. `Asia/Shanghai`, `UTC`).
     pub timezone: String,
+    /// How far behind the largest event time seen a partition's watermark trails, in
+    /// milliseconds (the out-of-orderness the stream may have).
+    pub max_out_of_orderness_ms: u64,
+    /// Milliseconds without records after which a partition is idle and no longer
+    /// holds the watermark back.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for TimeConfig {
     fn default() -> Self {
         TimeConfig {
             timezone: "Asia/Shanghai".into(),
+            max_out_of_orderness_ms: 5_000,
+            idle_timeout_ms: 30_000,
         }
     }
 }
@@ -401,6 +409,7 @@ impl Config {
             "decode.max_nesting_depth",
             self.decode.max_nesting_depth as u64,
         )?;
+        positive("time.idle_timeout_ms", self.time.idle_timeout_ms)?;
         positive(
             "pipeline.checkpoint_interval_ms",
             self.pipeline.checkpoint_interval_ms,

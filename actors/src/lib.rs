@@ -8,7 +8,8 @@
 //!   build warehouse rows, route events to aggregator shards.
 //! - [`aggregator`]: `Aggregator`, a shard of pre-aggregated Redis state, scoped by
 //!   source partition.
-//! - [`timer`]: `Timer`, sleeps until the next deadline and triggers checkpoints.
+//! - [`timer`]: `Timer`, sleeps until the next deadline and triggers checkpoints; owns
+//!   the event-time [`watermark`]s the readers report.
 //! - [`redis_sink`]: `RedisSink`, applies a checkpoint with one Lua script call.
 //! - [`warehouse_sink`]: `WarehouseSink`, Parquet files in Hive layout, published at
 //!   checkpoints by fsync and rename.
@@ -36,3 +37,4 @@ pub mod redis_sink;
 pub mod tables;
 pub mod timer;
 pub mod warehouse_sink;
+pub mod watermark;

@@ -79,6 +79,11 @@ pub struct Metrics {
     pub mailbox_depth: Family<ActorLabel, Gauge>,
     pub backpressure_seconds: Family<ActorLabel, FloatCounter>,
     pub consumer_lag: Family<PartitionLabel, Gauge>,
+    /// Wall-clock now minus the partition's watermark.
+    pub watermark_lag_seconds: Family<PartitionLabel, FloatGauge>,
+    /// The instance watermark (Unix seconds).
+    pub watermark_timestamp_seconds: FloatGauge,
+    pub idle_partitions: Gauge,
     pub partitions_assigned: Gauge,
     pub partition_pauses: Counter,
     pub checkpoints: Counter,
@@ -208,6 +213,24 @@ impl Metrics {
             "Records between the committed offset and the end, per partition",
             consumer_lag.clone(),
         );
+        let watermark_lag_seconds = Family::<PartitionLabel, FloatGauge>::default();
+        registry.register(
+            "watermark_lag_seconds",
+            "Wall-clock time minus the partition's event-time watermark",
+            watermark_lag_seconds.clone(),
+        );
+        let watermark_timestamp_seconds = FloatGauge::default();
+        registry.register(
+            "watermark_timestamp_seconds",
+            "The instance's event-time watermark (minimum over non-idle partitions), Unix time",
+            watermark_timestamp_seconds.clone(),
+        );
+        let idle_partitions = Gauge::default();
+        registry.register(
+            "idle_partitions",
+            "Assigned partitions without records for time.idle_timeout_ms",
+            idle_partitions.clone(),
+        );
         let partitions_assigned = Gauge::default();
         registry.register(
             "partitions_assigned",
@@ -263,6 +286,9 @@ impl Metrics {
             mailbox_depth,
             backpressure_seconds,
             consumer_lag,
+            watermark_lag_seconds,
+            watermark_timestamp_seconds,
+            idle_partitions,
             partitions_assigned,
             partition_pauses,
             checkpoints,

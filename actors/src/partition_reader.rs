@@ -25,6 +25,7 @@ use crate::messages::{
 };
 use crate::metrics::{send_metered, MailboxMeter, Metrics, ReasonLabel, StateLabel};
 use crate::tables::{DeadLetterRows, Folders, OdsRows};
+use crate::timer::WatermarkUpdate;
 use crate::warehouse_sink::WarehouseSink;
 
 /// Mailbox capacity of a reader, in record batches. The source pauses the partition
@@ -38,6 +39,8 @@ pub const READER_MAILBOX: usize = 2;
 pub struct ReaderLinks {
     pub shards: Arc<[Addr<Aggregator>]>,
     pub warehouse: Addr<WarehouseSink>,
+    /// Event-time reports (`try_send`: a dropped report is superseded by the next).
+    pub timer: Recipient<WatermarkUpdate>,
 }
 
 /// Counters of one reader, for tests and logs.
@@ -98,8 +101,10 @@ impl PartitionReader {
         self.counters
     }
 
-    /// Decodes one batch into per-shard event batches and folder-split warehouse rows.
+    /// Decodes one batch into per-shard event batches and folder-split warehouse rows,
+    /// and reports the batch's largest event time to the timer.
     fn process(&mut self, batch: &RecordBatch) -> (Vec<EventBatch>, DetailBatch) {
+        let mut max_event_ms: Option<i64> = None;
         let shards = self.links.shards.len();
         let mut routed: Vec<EventBatch> = (0..shards)
             .map(|_| EventBatch::new(self.partition))
@@ -131,6 +136,9 @@ impl PartitionReader {
             match decoded {
                 Ok((event, folder)) => {
                     self.counters.events += 1;
+                    max_event_ms = Some(
+                        max_event_ms.map_or(event.log_timestamp, |m| m.max(event.log_timestamp)),
+                    );
                     if !is_known_state(event.state) {
                         self.metrics
                             .unknown_state_events
@@ -189,6 +197,12 @@ impl PartitionReader {
                 }
             }
         }
+        // Off the data path: a report that finds the timer busy is dropped; the next
+        // batch's maximum supersedes it.
+        let _ = self.links.timer.try_send(WatermarkUpdate::Observed {
+            partition: self.partition,
+            max_event_ms,
+        });
         self.metrics.records_read.inc_by(batch.records.len() as u64);
         self.metrics
             .events_decoded
@@ -237,6 +251,16 @@ impl Actor for PartitionReader {
     fn started(&mut self, ctx: &mut Self::Context) {
         self.restart.started(ctx);
         ctx.set_mailbox_capacity(READER_MAILBOX);
+        // Control messages, rare: one per assignment. `do_send` so none is lost.
+        self.links.timer.do_send(WatermarkUpdate::Assigned {
+            partition: self.partition,
+        });
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.links.timer.do_send(WatermarkUpdate::Revoked {
+            partition: self.partition,
+        });
     }
 }
 

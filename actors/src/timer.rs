@@ -1,7 +1,9 @@
-//! `Timer`: drives periodic checkpoints. It keeps its deadlines in a `BTreeMap` and
-//! sleeps until the earliest one (`run_later`); it never spins. Each scheduled wake-up
-//! carries a generation so a superseded one is ignored. Tests run it on paused tokio
-//! time.
+//! `Timer`: drives periodic checkpoints and keeps the event-time watermarks. It keeps
+//! its deadlines in a `BTreeMap` and sleeps until the earliest one (`run_later`); it
+//! never spins. Each scheduled wake-up carries a generation so a superseded one is
+//! ignored. Partition readers report the largest event time of every batch
+//! ([`WatermarkUpdate`]); once a second the timer exports the watermarks (per-partition
+//! lag, idle partitions, the instance watermark). Tests run it on paused tokio time.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -11,11 +13,37 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::kafka_source::TriggerCheckpoint;
+use crate::metrics::{Metrics, PartitionLabel};
+use crate::watermark::Watermarks;
+
+/// Mailbox capacity: watermark updates arrive with `try_send`, one per record batch;
+/// an update that finds the mailbox full is dropped, and the next one of the same
+/// partition supersedes it (event-time maxima only grow), so a short queue suffices.
+pub const TIMER_MAILBOX: usize = 64;
+
+/// How often the watermark metrics are refreshed.
+const WATERMARK_EXPORT: Duration = Duration::from_secs(1);
 
 /// What a deadline is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Deadline {
     Checkpoint,
+    WatermarkExport,
+}
+
+/// A partition reader's report to the timer.
+#[derive(Clone, Copy, Debug, Message)]
+#[rtype(result = "()")]
+pub enum WatermarkUpdate {
+    /// The reader of this partition started (the partition was assigned).
+    Assigned { partition: i32 },
+    /// A batch was read; `max_event_ms` is its largest decoded event time.
+    Observed {
+        partition: i32,
+        max_event_ms: Option<i64>,
+    },
+    /// The reader stopped (the partition was revoked).
+    Revoked { partition: i32 },
 }
 
 /// Counters of the timer, for tests and logs.
@@ -30,6 +58,7 @@ pub struct TimerCounters {
 pub struct Timer {
     checkpoints: Recipient<TriggerCheckpoint>,
     interval: Duration,
+    watermarks: Option<(Watermarks, Metrics)>,
     deadlines: BTreeMap<(Instant, Deadline), ()>,
     generation: u64,
     counters: TimerCounters,
@@ -40,6 +69,7 @@ impl Timer {
         Timer {
             checkpoints,
             interval,
+            watermarks: None,
             deadlines: BTreeMap::new(),
             generation: 0,
             counters: TimerCounters::default(),
@@ -48,6 +78,36 @@ impl Timer {
 
     pub fn counters(&self) -> TimerCounters {
         self.counters
+    }
+
+    /// Keeps watermarks from the readers' reports and exports them to `metrics`.
+    pub fn with_watermarks(mut self, watermarks: Watermarks, metrics: Metrics) -> Self {
+        self.watermarks = Some((watermarks, metrics));
+        self
+    }
+
+    fn export_watermarks(&self) {
+        let Some((watermarks, metrics)) = &self.watermarks else {
+            return;
+        };
+        let now = Instant::now();
+        let wall_ms = chrono::Utc::now().timestamp_millis();
+        metrics
+            .idle_partitions
+            .set(watermarks.idle_partitions(now) as i64);
+        if let Some(instance) = watermarks.instance(now) {
+            metrics
+                .watermark_timestamp_seconds
+                .set(instance as f64 / 1000.0);
+        }
+        for partition in watermarks.partitions() {
+            if let Some(mark) = watermarks.partition(partition) {
+                metrics
+                    .watermark_lag_seconds
+                    .get_or_create(&PartitionLabel { partition })
+                    .set((wall_ms - mark) as f64 / 1000.0);
+            }
+        }
     }
 
     fn arm(&mut self, ctx: &mut Context<Self>) {
@@ -88,6 +148,11 @@ impl Timer {
                     self.deadlines
                         .insert((at + self.interval, Deadline::Checkpoint), ());
                 }
+                Deadline::WatermarkExport => {
+                    self.export_watermarks();
+                    self.deadlines
+                        .insert((at + WATERMARK_EXPORT, Deadline::WatermarkExport), ());
+                }
             }
         }
         self.arm(ctx);
@@ -98,9 +163,39 @@ impl Actor for Timer {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(TIMER_MAILBOX);
+        let now = Instant::now();
         self.deadlines
-            .insert((Instant::now() + self.interval, Deadline::Checkpoint), ());
+            .insert((now + self.interval, Deadline::Checkpoint), ());
+        if self.watermarks.is_some() {
+            self.deadlines
+                .insert((now + WATERMARK_EXPORT, Deadline::WatermarkExport), ());
+        }
         self.arm(ctx);
+    }
+}
+
+impl Handler<WatermarkUpdate> for Timer {
+    type Result = ();
+
+    fn handle(&mut self, update: WatermarkUpdate, _ctx: &mut Self::Context) {
+        let Some((watermarks, metrics)) = &mut self.watermarks else {
+            return;
+        };
+        let now = Instant::now();
+        match update {
+            WatermarkUpdate::Assigned { partition } => watermarks.assign(partition, now),
+            WatermarkUpdate::Observed {
+                partition,
+                max_event_ms,
+            } => watermarks.observe(partition, max_event_ms, now),
+            WatermarkUpdate::Revoked { partition } => {
+                watermarks.revoke(partition);
+                metrics
+                    .watermark_lag_seconds
+                    .remove(&PartitionLabel { partition });
+            }
+        }
     }
 }
 
@@ -154,5 +249,58 @@ mod tests {
                 skipped: 0
             }
         );
+    }
+
+    #[actix::test]
+    async fn exports_watermarks_and_idle_partitions_on_simulated_time() {
+        tokio::time::pause();
+        let capture = Capture(Arc::default()).start();
+        let metrics = Metrics::new();
+        let watermarks = Watermarks::new(Duration::from_secs(5), Duration::from_secs(30));
+        let timer = Timer::new(capture.recipient(), Duration::from_secs(1))
+            .with_watermarks(watermarks, metrics.clone())
+            .start();
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        for partition in [0, 1] {
+            timer
+                .send(WatermarkUpdate::Assigned { partition })
+                .await
+                .unwrap();
+        }
+        let partition_0_delivers = WatermarkUpdate::Observed {
+            partition: 0,
+            max_event_ms: Some(now_ms),
+        };
+        timer.send(partition_0_delivers).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert_eq!(metrics.idle_partitions.get(), 0);
+        let lag = metrics
+            .watermark_lag_seconds
+            .get_or_create(&PartitionLabel { partition: 0 })
+            .get();
+        assert!((5.0..10.0).contains(&lag), "lag {lag}");
+        assert_eq!(
+            metrics.watermark_timestamp_seconds.get(),
+            0.0,
+            "partition 1 has not spoken: no instance watermark yet"
+        );
+        // Partition 1 stays silent past the idle timeout and stops holding it back,
+        // while partition 0 keeps delivering.
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            timer.send(partition_0_delivers).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(metrics.idle_partitions.get(), 1);
+        assert_eq!(
+            metrics.watermark_timestamp_seconds.get(),
+            (now_ms - 5_000) as f64 / 1000.0
+        );
+        timer
+            .send(WatermarkUpdate::Revoked { partition: 1 })
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(metrics.idle_partitions.get(), 0);
     }
 }
