@@ -435,4 +435,49 @@ mod tests {
             "{text}"
         );
     }
+
+    /// Every series the shipped Grafana dashboard queries is one we export.
+    #[test]
+    fn the_dashboard_queries_only_exported_metrics() {
+        let dashboard = include_str!("../../config/grafana-dashboard.json");
+        // Families are encoded only once they have a series; give each one.
+        let metrics = Metrics::new();
+        let p = PartitionLabel { partition: 0 };
+        metrics.consumer_lag.get_or_create(&p).set(0);
+        metrics.watermark_lag_seconds.get_or_create(&p).set(0.0);
+        metrics.mailbox("reader");
+        let actor = ActorLabel { actor: "reader" };
+        metrics.actor_restarts.get_or_create(&actor).inc();
+        let table = TableLabel { table: "t" };
+        metrics.parquet_rows.get_or_create(&table).inc();
+        let rejection = RejectionLabel {
+            sink: "redis",
+            reason: "stale_epoch",
+        };
+        metrics.commits_rejected.get_or_create(&rejection).inc();
+        let declared: Vec<String> = metrics
+            .encode()
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect();
+        let mut queried = 0;
+        for (at, _) in dashboard.match_indices("anchorflow_") {
+            let name: String = dashboard[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            let base = ["_total", "_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(&name);
+            assert!(
+                declared.iter().any(|d| d == base),
+                "the dashboard queries {name}, which is not exported"
+            );
+            queried += 1;
+        }
+        assert!(queried >= 10, "found only {queried} queries");
+    }
 }
