@@ -13,6 +13,8 @@
 //! [`FENCE_CHECK`] Lua prologue applies a commit only if, for every partition, the
 //! epoch is still the stored one and the range starts exactly at the stored fence. A
 //! replay after a crash, or a zombie that lost its partitions, is rejected whole.
+//! [`range_for`] (where a sink's next range starts) and [`on_rejection`] (what a
+//! refused commit does to the process) serve both sinks.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -20,7 +22,15 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
+use actix::System;
+use tracing::error;
+
 use crate::messages::SinkKind;
+use crate::metrics::{Metrics, RejectionLabel};
+
+/// Exit code when a commit is refused because this instance no longer owns a
+/// partition (or the assignment was lost): a restart resumes from the stored fences.
+pub const EXIT_FENCED: i32 = 75;
 
 /// Redis keys of one (group, topic).
 #[derive(Clone, Debug)]
@@ -121,6 +131,28 @@ pub fn push_ranges(args: &mut Vec<Vec<u8>>, sink: SinkKind, ranges: &[FenceRange
     }
 }
 
+/// Where a sink's next range of a partition starts: the end of its last accepted
+/// commit under the same epoch, else the claim's fence (a new assignment).
+pub fn range_for(
+    tracked: Option<(i64, i64)>,
+    sink: SinkKind,
+    partition: i32,
+    claim: Claim,
+    next_offset: i64,
+) -> FenceRange {
+    let from = match tracked {
+        Some((epoch, end)) if epoch == claim.epoch => end,
+        _ => claim.fence(sink),
+    };
+    FenceRange {
+        partition,
+        epoch: claim.epoch,
+        from,
+        // Records below a sink's fence are skipped, so a barrier may lie below it.
+        to: next_offset.max(from),
+    }
+}
+
 /// Why a commit was not applied. Nothing of it was written.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
@@ -157,6 +189,47 @@ pub fn outcome(reply: &[i64]) -> anyhow::Result<Result<i64, Rejection>> {
         3 => Rejection::FencesMissing { partition },
         other => anyhow::bail!("unexpected rejection code {other}"),
     }))
+}
+
+/// Reports a refused commit. Returns whether to retry it: only when Redis lost the
+/// fences, which an operator must resolve (see `docs/exactly-once.md`); any other
+/// rejection stops the process so that a restart resumes from the stored fences.
+pub fn on_rejection(
+    metrics: &Metrics,
+    sink: SinkKind,
+    checkpoint: u64,
+    rejection: &Rejection,
+) -> bool {
+    metrics
+        .commits_rejected
+        .get_or_create(&RejectionLabel {
+            sink: sink.name(),
+            reason: rejection.reason(),
+        })
+        .inc();
+    match rejection {
+        Rejection::FencesMissing { .. } => {
+            metrics.redis_state_lost.set(1);
+            metrics.set_ready(false);
+            error!(
+                sink = sink.name(),
+                checkpoint,
+                %rejection,
+                "Redis has lost anchorflow's fences: holding this commit; recover with `anchorflow fences recover` (docs/exactly-once.md)"
+            );
+            true
+        }
+        Rejection::StaleEpoch { .. } | Rejection::NotContiguous { .. } => {
+            error!(
+                sink = sink.name(),
+                checkpoint,
+                %rejection,
+                "commit rejected by the fence check; exiting so a restart resumes from the stored fences"
+            );
+            System::current().stop_with_code(EXIT_FENCED);
+            false
+        }
+    }
 }
 
 /// Claims partitions: bumps each epoch and returns the fences, initialising absent

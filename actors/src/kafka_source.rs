@@ -53,7 +53,7 @@ use crate::partition_reader::{PartitionReader, ReaderLinks};
 
 /// Exit code when the group took our partitions away before we could checkpoint them,
 /// or partitions could not be claimed in time (Redis unreachable).
-pub const EXIT_ASSIGNMENT_LOST: i32 = crate::redis_sink::EXIT_FENCED;
+pub const EXIT_ASSIGNMENT_LOST: i32 = crate::fences::EXIT_FENCED;
 
 /// Exit code when Redis has lost anchorflow's fences; the next start waits, not ready,
 /// until an operator recovers them (`docs/exactly-once.md`).

@@ -258,6 +258,7 @@ impl Actor for PartitionReader {
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
+        // Off the data path, once per revocation; `do_send` so the timer always learns it.
         self.links.timer.do_send(WatermarkUpdate::Revoked {
             partition: self.partition,
         });

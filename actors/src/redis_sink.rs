@@ -15,7 +15,7 @@
 //! sink's last accepted commit ended (or the claim's fence), and Redis applies the
 //! commit, fences included, only if every `from` is the stored fence under the same
 //! epoch. A stale epoch or a gap means another instance owns the partition now or our
-//! state is behind Redis: the process exits ([`EXIT_FENCED`]) and a restart resumes
+//! state is behind Redis: the process exits ([`fences::EXIT_FENCED`]) and a restart resumes
 //! from the stored fences. Missing fences mean Redis lost its data: the sink holds the
 //! commit, reports it (log, `anchorflow_redis_state_lost`, not ready) and retries.
 
@@ -27,25 +27,21 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use redis::aio::MultiplexedConnection;
 use rustc_hash::FxHashMap;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::backoff::Backoff;
 use crate::config::RedisConfig;
 use crate::fault;
-use crate::fences::{self, Claim, FenceKeys, FenceRange, Rejection};
+use crate::fences::{self, on_rejection, range_for, FenceKeys, FenceRange, Rejection};
 use crate::messages::{
     CheckpointSpec, PartitionDelta, ShardFlush, SinkKind, SourceNotice, TraceValue,
 };
-use crate::metrics::{ActorLabel, MailboxMeter, Metrics, RejectionLabel, SinkLabel};
+use crate::metrics::{ActorLabel, MailboxMeter, Metrics, SinkLabel};
 use crate::tables::end_of_day_ms;
 
 /// Mailbox capacity: one flush per shard per checkpoint is all that is ever queued,
 /// because a shard waits for its flush to be taken before it handles anything else.
 pub const REDIS_SINK_MAILBOX: usize = 64;
-
-/// Exit code when a commit is refused because this instance no longer owns a
-/// partition (or the assignment was lost): a restart resumes from the stored fences.
-pub const EXIT_FENCED: i32 = 75;
 
 /// Applies one checkpoint, after [`fences::FENCE_CHECK`] (which consumed the ranges).
 /// Remaining ARGV layout, all counts explicit so the script needs no
@@ -156,28 +152,6 @@ struct Commit {
     spec: Arc<CheckpointSpec>,
     args: Vec<Vec<u8>>,
     ranges: Vec<FenceRange>,
-}
-
-/// Where a sink's next range of a partition starts: the end of its last accepted
-/// commit under the same epoch, else the claim's fence (a new assignment).
-pub fn range_for(
-    tracked: Option<(i64, i64)>,
-    sink: SinkKind,
-    partition: i32,
-    claim: Claim,
-    next_offset: i64,
-) -> FenceRange {
-    let from = match tracked {
-        Some((epoch, end)) if epoch == claim.epoch => end,
-        _ => claim.fence(sink),
-    };
-    FenceRange {
-        partition,
-        epoch: claim.epoch,
-        from,
-        // Records below a sink's fence are skipped, so a barrier may lie below it.
-        to: next_offset.max(from),
-    }
 }
 
 /// Merges the shards' flushes of one checkpoint into the script's arguments. Shards own
@@ -472,50 +446,10 @@ impl Handler<ShardFlush> for RedisSink {
     }
 }
 
-/// Reports a refused commit. Returns whether to retry it: only when Redis lost the
-/// fences, which an operator must resolve (see `docs/exactly-once.md`); any other
-/// rejection stops the process so that a restart resumes from the stored fences.
-pub fn on_rejection(
-    metrics: &Metrics,
-    sink: SinkKind,
-    checkpoint: u64,
-    rejection: &Rejection,
-) -> bool {
-    metrics
-        .commits_rejected
-        .get_or_create(&RejectionLabel {
-            sink: sink.name(),
-            reason: rejection.reason(),
-        })
-        .inc();
-    match rejection {
-        Rejection::FencesMissing { .. } => {
-            metrics.redis_state_lost.set(1);
-            metrics.set_ready(false);
-            error!(
-                sink = sink.name(),
-                checkpoint,
-                %rejection,
-                "Redis has lost anchorflow's fences: holding this commit; recover with `anchorflow fences recover` (docs/exactly-once.md)"
-            );
-            true
-        }
-        Rejection::StaleEpoch { .. } | Rejection::NotContiguous { .. } => {
-            error!(
-                sink = sink.name(),
-                checkpoint,
-                %rejection,
-                "commit rejected by the fence check; exiting so a restart resumes from the stored fences"
-            );
-            System::current().stop_with_code(EXIT_FENCED);
-            false
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fences::Claim;
     use crate::messages::{CheckpointKind, ListPush};
 
     fn flush(shard: usize, spec: &Arc<CheckpointSpec>, deltas: Vec<PartitionDelta>) -> ShardFlush {

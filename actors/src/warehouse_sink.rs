@@ -46,13 +46,12 @@ use tracing::{error, info, warn};
 use crate::backoff::Backoff;
 use crate::config::{RedisConfig, WarehouseConfig};
 use crate::fault;
-use crate::fences::{self, Claim, FenceKeys, FenceRange, PublishRecord};
+use crate::fences::{self, on_rejection, range_for, Claim, FenceKeys, FenceRange, PublishRecord};
 use crate::messages::{
     Barrier, CheckpointKind, CheckpointSpec, DetailBatch, SinkKind, SourceNotice, Table,
     WarehouseInput,
 };
 use crate::metrics::{ActorLabel, MailboxMeter, Metrics, SinkLabel, TableLabel};
-use crate::redis_sink::{on_rejection, range_for};
 
 /// Records a warehouse commit after [`fences::FENCE_CHECK`]: `KEYS[3]` is the publish
 /// hash, the remaining ARGV the record's id and its file list.
