@@ -113,6 +113,16 @@ fn redis_and_warehouse_equal_the_oracle() {
 
     check_redis(&url, &produced, config.decode.max_ids, started);
     check_warehouse(warehouse.path(), &produced, config.decode.max_ids, false);
+    // Both sinks' fences stand at the end of every partition, under the first claim.
+    let fences = stored_fences(&url, &config.source.group_id, &topic, PARTITIONS);
+    for (p, records) in &produced {
+        let end = records.len() as i64;
+        assert_eq!(
+            fences[p],
+            (1, end, end),
+            "epoch and fences of partition {p}"
+        );
+    }
     let text = metrics.encode();
     assert!(
         text.contains(&format!("anchorflow_records_read_total {total}")),
