@@ -145,6 +145,7 @@ pub fn run(
         let (notices_tx, notices_rx) = std::sync::mpsc::channel();
         let tz = config.time.tz();
         let shards = config.pipeline.shards();
+        let windows = config.time.windows();
 
         let redis_thread = Arbiter::new();
         let keys = FenceKeys::new(&config.source.group_id, &config.source.topic);
@@ -160,12 +161,12 @@ pub fn run(
             notices_tx.clone(),
         );
         let warehouse =
-            Supervisor::start_in_arbiter(&warehouse_thread.handle(), move |_| WarehouseSink::new(c, &r, keys, i, m, n));
+            Supervisor::start_in_arbiter(&warehouse_thread.handle(), move |_| WarehouseSink::new(c, &r, windows, keys, i, m, n));
 
         let aggregators: Vec<Addr<Aggregator>> = (0..shards)
             .map(|shard| {
                 let (r, m) = (redis.clone(), metrics.clone());
-                Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |_| Aggregator::new(shard, r, m))
+                Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |_| Aggregator::new(shard, windows, r, m))
             })
             .collect();
 
@@ -189,7 +190,8 @@ pub fn run(
         );
         timer_ctx.run(
             Timer::new(source.clone().recipient(), Duration::from_millis(config.pipeline.checkpoint_interval_ms))
-                .with_watermarks(watermarks, metrics.clone()),
+                .with_watermarks(watermarks, metrics.clone())
+                .with_windows(windows),
         );
         info!(topic = %config.source.topic, group = %config.source.group_id, shards, "pipeline started");
 

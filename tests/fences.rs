@@ -23,9 +23,10 @@ fn commit(
         args.push(arg.as_bytes().to_vec());
     }
     args.push(delta.to_string().into_bytes());
+    args.push(b"0".to_vec()); // no open-window states
     let script = commit_script();
     let mut invocation = script.key(&keys.fences);
-    invocation.key(&keys.lost);
+    invocation.key(&keys.lost).key(&keys.windows);
     for arg in &args {
         invocation.arg(arg.as_slice());
     }

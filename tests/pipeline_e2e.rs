@@ -68,6 +68,36 @@ fn wait_for_ends(runs: &[&Metrics], produced: &Produced) {
     }
 }
 
+/// 2023-11-21 00:00 in Asia/Shanghai (2023-11-20 16:00 UTC).
+const SHANGHAI_MIDNIGHT: i64 = 1_700_496_000_000;
+
+/// End of the Shanghai (UTC+8) hour or day holding `ts`, computed by hand.
+fn shanghai_end(ts: i64, unit: i64) -> i64 {
+    let local = ts + 8 * 3_600_000;
+    local - local.rem_euclid(unit) + unit - 8 * 3_600_000
+}
+
+/// Every `_SUCCESS` file below the warehouse root, as folders relative to it.
+fn success_markers(root: &std::path::Path) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if entry.file_name() == "_SUCCESS" {
+                let folder = path.parent().unwrap().strip_prefix(root).unwrap();
+                out.insert(folder.to_string_lossy().into_owned());
+            }
+        }
+    }
+    out
+}
+
+/// Events spanning two hours around midnight in Asia/Shanghai, plus late events
+/// produced after their window closed: Redis, the ods rows, the series hash, the
+/// `dws_template_state_1m` rows, `_SUCCESS` markers and hook runs all equal the oracle.
 #[test]
 fn redis_and_warehouse_equal_the_oracle() {
     let Fixture {
@@ -75,9 +105,21 @@ fn redis_and_warehouse_equal_the_oracle() {
         topic,
         url,
         warehouse,
-        config,
+        mut config,
     } = fixture("e2e", PARTITIONS, 1);
-    let produced = produce_records(&topic, PARTITIONS, generate(7, 3000, config.decode.max_ids));
+    let hook_dir = tempfile::tempdir().unwrap();
+    let hook_log = hook_dir.path().join("hook.log");
+    config.warehouse.partition_commit_hook = format!(
+        "echo \"$ANCHORFLOW_TABLE/$ANCHORFLOW_DT/$ANCHORFLOW_HOUR\" >> '{}'",
+        hook_log.display()
+    );
+    let max_ids = config.decode.max_ids;
+    // From 23:20 local, 6 s of event time per send: past 01:00 the next day.
+    let mut produced = produce_records(
+        &topic,
+        PARTITIONS,
+        generate_spread(7, 3000, max_ids, SHANGHAI_MIDNIGHT - 40 * 60_000, 6_000),
+    );
     let total: usize = produced.values().map(Vec::len).sum();
 
     let handle = PipelineHandle::spawn(config.clone(), Metrics::new());
@@ -109,10 +151,152 @@ fn redis_and_warehouse_equal_the_oracle() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(metrics.idle_partitions.get(), 0);
+
+    // Late events: one per partition, for the first window, which has closed by now
+    // (the series field of its first template is there).
+    let first = produced
+        .values()
+        .flat_map(|records| records.iter().filter_map(|r| oracle_parse(r, max_ids)))
+        .min_by_key(|e| e.log_timestamp)
+        .unwrap();
+    let first_window = minute_of(first.log_timestamp);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !read_series(&url, &config.source.group_id, &topic)
+        .series
+        .contains_key(&(first_window, first.business_id, first.state))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first window never closed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Template type 99 does not occur in the generated data.
+    let late_business_id = 9_900_999_920_231_120i64;
+    let late: Vec<Option<Vec<u8>>> = (0..PARTITIONS)
+        .map(|i| {
+            Some(
+                format!(
+                    r#"{{"ids":["late-{i}"],"state":10,"businessId":{late_business_id},"logTimestamp":{}}}"#,
+                    first_window + 1_000
+                )
+                .into_bytes(),
+            )
+        })
+        .collect();
+    extend(&mut produced, produce_records(&topic, PARTITIONS, late));
+    wait_for_commits(
+        &handle,
+        (total + PARTITIONS as usize) as i64,
+        Duration::from_secs(60),
+    )
+    .expect("late records committed");
     assert_eq!(handle.stop().expect("stops"), 0);
 
-    check_redis(&url, &produced, config.decode.max_ids, started);
-    check_warehouse(warehouse.path(), &produced, config.decode.max_ids, false);
+    check_redis(&url, &produced, max_ids, started);
+    check_warehouse(warehouse.path(), &produced, max_ids, false);
+
+    // Windows: everything is conserved, and exactly the windows the final watermark
+    // passed are emitted, each once, with the late events as amendments.
+    let windows = check_windows(
+        &url,
+        warehouse.path(),
+        &config.source.group_id,
+        &topic,
+        &produced,
+        max_ids,
+    );
+    let expected = expected_windows(&produced, max_ids);
+    let closed = |key: &WindowKey| key.0 + 60_000 <= expected_watermark;
+    assert!(
+        expected.keys().any(|k| !closed(k)),
+        "some windows stay open"
+    );
+    for (key, (events, _)) in &expected {
+        let emitted = windows.series.series.get(key);
+        if closed(key) {
+            assert_eq!(emitted, Some(events), "series of closed window {key:?}");
+        } else {
+            assert_eq!(emitted, None, "series of open window {key:?}");
+        }
+    }
+    for closed_through in windows
+        .series_closed
+        .values()
+        .chain(windows.dws_closed.values())
+    {
+        assert_eq!(*closed_through, Some(expected_watermark));
+    }
+    let late_key = (first_window, late_business_id, 10);
+    let corrections: Vec<&DwsRow> = windows.dws.iter().filter(|r| r.is_correction).collect();
+    assert!(
+        corrections.iter().all(|r| r.key == late_key),
+        "{corrections:?}"
+    );
+    assert_eq!(
+        corrections.iter().map(|r| r.events).sum::<i64>(),
+        PARTITIONS as i64
+    );
+    assert_eq!(metrics.late_events.get(), PARTITIONS as u64);
+    let mut on_time = std::collections::BTreeSet::new();
+    for row in windows.dws.iter().filter(|r| !r.is_correction) {
+        assert!(closed(&row.key), "{row:?}");
+        assert!(
+            on_time.insert(row.key),
+            "one row per closed window: {row:?}"
+        );
+    }
+    let closed_keys: std::collections::BTreeSet<WindowKey> = expected
+        .keys()
+        .filter(|k| closed(k) && **k != late_key)
+        .copied()
+        .collect();
+    assert_eq!(
+        on_time
+            .symmetric_difference(&closed_keys)
+            .collect::<Vec<_>>(),
+        Vec::<&WindowKey>::new(),
+        "one on-time row for every closed window (late key {late_key:?})"
+    );
+
+    // Partition commit: `_SUCCESS` and one hook run exactly for the complete folders.
+    let mut complete = std::collections::BTreeSet::new();
+    let mut hook_runs = Vec::new();
+    let valid: Vec<i64> = produced
+        .values()
+        .flat_map(|records| records.iter().filter_map(|r| oracle_parse(r, max_ids)))
+        .map(|e| e.log_timestamp)
+        .collect();
+    for &ts in &valid {
+        let local = chrono::DateTime::from_timestamp_millis(ts + 8 * 3_600_000).unwrap();
+        if shanghai_end(ts, 3_600_000) <= expected_watermark {
+            complete.insert(shanghai_folder(ts));
+            hook_runs.push(local.format("ods_anchor_log/%Y-%m-%d/%H").to_string());
+        }
+        if shanghai_end(ts, 86_400_000) <= expected_watermark {
+            complete.insert(
+                local
+                    .format("dws_template_state_1m/dt=%Y-%m-%d")
+                    .to_string(),
+            );
+            hook_runs.push(local.format("dws_template_state_1m/%Y-%m-%d/").to_string());
+        }
+    }
+    hook_runs.sort();
+    hook_runs.dedup();
+    assert_eq!(
+        complete.len(),
+        3,
+        "hours 23 and 00 and the day before midnight are complete: {complete:?}"
+    );
+    assert_eq!(success_markers(warehouse.path()), complete);
+    let mut logged: Vec<String> = std::fs::read_to_string(&hook_log)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    logged.sort();
+    assert_eq!(logged, hook_runs, "one hook run per complete folder");
     // Both sinks' fences stand at the end of every partition, under the first claim.
     let fences = stored_fences(&url, &config.source.group_id, &topic, PARTITIONS);
     for (p, records) in &produced {
@@ -124,6 +308,7 @@ fn redis_and_warehouse_equal_the_oracle() {
         );
     }
     let text = metrics.encode();
+    let total: usize = produced.values().map(Vec::len).sum();
     assert!(
         text.contains(&format!("anchorflow_records_read_total {total}")),
         "{text}"
@@ -146,10 +331,13 @@ fn graceful_restart_loses_and_duplicates_nothing() {
         warehouse,
         config,
     } = fixture("restart", PARTITIONS, 2);
+    // 100 ms of event time per send: windows close during both runs, and the two
+    // productions interleave, so some events arrive after their window closed.
+    let start = SHANGHAI_MIDNIGHT - 3_600_000;
     let mut produced = produce_records(
         &topic,
         PARTITIONS,
-        generate(11, 1500, config.decode.max_ids),
+        generate_spread(11, 1500, config.decode.max_ids, start, 100),
     );
 
     // First run: stop gracefully while records are still arriving.
@@ -157,25 +345,51 @@ fn graceful_restart_loses_and_duplicates_nothing() {
     let more = std::thread::spawn({
         let topic = topic.clone();
         let max_ids = config.decode.max_ids;
-        move || produce_records(&topic, PARTITIONS, generate(12, 1500, max_ids))
+        move || {
+            let records = generate_spread(12, 1500, max_ids, start + 60_000, 100);
+            produce_records(&topic, PARTITIONS, records)
+        }
     });
     wait_for_commits(&handle, 500, Duration::from_secs(120)).expect("first run makes progress");
     let first = handle.metrics.clone();
     assert_eq!(handle.stop().expect("stops"), 0);
     extend(&mut produced, more.join().unwrap());
+    // Windows still open at the stop must be restored from Redis, not re-read: these
+    // later events close them in the second run.
+    let open_at_stop = read_series(&url, &config.source.group_id, &topic).windows;
+    assert!(
+        open_at_stop.values().any(|state| state.contains("\nw ")),
+        "the first run stopped with open windows: {open_at_stop:?}"
+    );
+    extend(
+        &mut produced,
+        produce_records(
+            &topic,
+            PARTITIONS,
+            generate_spread(13, 1500, config.decode.max_ids, start + 120_000, 100),
+        ),
+    );
     let total: usize = produced.values().map(Vec::len).sum();
 
     // Second run resumes from the committed offsets and finishes the topic.
     let handle = PipelineHandle::spawn(config.clone(), Metrics::new());
     wait_for_ends(&[&first, &handle.metrics], &produced);
     assert_eq!(handle.stop().expect("stops"), 0);
-    assert!(total >= 3000);
+    assert!(total >= 4500);
 
     // A graceful stop commits a final checkpoint, so even at-least-once delivery must
     // show no duplicate here; the count is printed for the record.
     let duplicates = check_warehouse(warehouse.path(), &produced, config.decode.max_ids, false);
     println!("duplicates after graceful restart: {duplicates}");
     check_redis(&url, &produced, config.decode.max_ids, started);
+    check_windows(
+        &url,
+        warehouse.path(),
+        &config.source.group_id,
+        &topic,
+        &produced,
+        config.decode.max_ids,
+    );
 }
 
 #[test]
@@ -227,4 +441,12 @@ fn a_second_instance_joining_mid_stream_loses_and_duplicates_nothing() {
 
     check_warehouse(warehouse.path(), &produced, base.decode.max_ids, false);
     check_redis(&url, &produced, base.decode.max_ids, started);
+    check_windows(
+        &url,
+        warehouse.path(),
+        &base.source.group_id,
+        &topic,
+        &produced,
+        base.decode.max_ids,
+    );
 }

@@ -8,6 +8,13 @@
 //! no partition ever waits for another's barrier. Once the barrier of every partition
 //! in the checkpoint has arrived, the shard hands its flush to the Redis sink and waits
 //! until the sink has taken it, which is how a slow Redis holds the readers back.
+//!
+//! The shard also keeps each partition's open event-time windows for the series hash
+//! ([`PartitionWindows`]). Unlike the deltas they outlive a barrier: at each barrier the
+//! windows the checkpoint's watermark has passed are emitted (with any late
+//! amendments) and the remaining open state travels in the flush, so the Redis sink
+//! stores it with the same commit that moves the fence. A new claim hands the stored
+//! state back ([`ShardInput::Restore`]) before the partition's first events.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -22,6 +29,7 @@ use crate::messages::{
 };
 use crate::metrics::{send_metered, ActorLabel, MailboxMeter, Metrics};
 use crate::redis_sink::RedisSink;
+use crate::window::{Counts, Emitted, PartitionWindows, WindowSpec};
 
 /// Mailbox capacity of a shard, in event batches. Every reader can have one batch in
 /// flight per shard; a small queue keeps backpressure prompt (a full queue is a sign the
@@ -87,7 +95,9 @@ impl PartitionState {
         }
     }
 
-    fn into_delta(self, barrier: &Barrier) -> PartitionDelta {
+    fn into_delta(self, barrier: &Barrier, emitted: Emitted, windows: String) -> PartitionDelta {
+        let mut series = emitted.closed;
+        series.extend(emitted.late);
         PartitionDelta {
             partition: barrier.partition,
             next_offset: barrier.next_offset,
@@ -99,6 +109,8 @@ impl PartitionState {
                 .collect(),
             receiver_lists: into_pushes(self.receivers),
             message_lists: into_pushes(self.messages),
+            series,
+            windows,
         }
     }
 }
@@ -117,13 +129,23 @@ pub struct Aggregator {
     own_meter: MailboxMeter,
     redis_meter: MailboxMeter,
     partitions: FxHashMap<i32, PartitionState>,
+    /// Open windows per source partition; they outlive barriers.
+    windows: FxHashMap<i32, PartitionWindows>,
+    window_spec: WindowSpec,
     pending: BTreeMap<u64, PendingCheckpoint>,
     counters: AggregatorCounters,
 }
 
 impl Aggregator {
-    pub fn new(shard: usize, redis: Addr<RedisSink>, metrics: Metrics) -> Self {
+    pub fn new(
+        shard: usize,
+        window_spec: WindowSpec,
+        redis: Addr<RedisSink>,
+        metrics: Metrics,
+    ) -> Self {
         Aggregator {
+            windows: FxHashMap::default(),
+            window_spec,
             restart: Default::default(),
             shard,
             redis,
@@ -146,6 +168,22 @@ impl Aggregator {
             .entry(batch.partition)
             .or_default()
             .fold(batch);
+        let spec = self.window_spec;
+        let windows = self.windows.entry(batch.partition).or_default();
+        let mut late = 0;
+        for event in &batch.events {
+            let counts = Counts {
+                events: 1,
+                receivers: (event.receivers.end - event.receivers.start) as i64,
+            };
+            let start = spec.start_of(event.log_timestamp);
+            if windows.add(&spec, start, event.business_id, event.state, counts) {
+                late += 1;
+            }
+        }
+        if late > 0 {
+            self.metrics.late_events.inc_by(late);
+        }
     }
 
     /// Moves the partition's state into the checkpoint; returns the shard's flush once
@@ -162,7 +200,15 @@ impl Aggregator {
             deltas: Vec::new(),
         });
         pending.seen.insert(barrier.partition);
-        pending.deltas.push(state.into_delta(&barrier));
+        let windows = self.windows.entry(barrier.partition).or_default();
+        let emitted = windows.close(&self.window_spec, barrier.spec.watermark);
+        self.metrics
+            .windows_closed
+            .inc_by(emitted.closed.len() as u64);
+        let open = windows.encode();
+        pending
+            .deltas
+            .push(state.into_delta(&barrier, emitted, open));
         if pending.seen.len() < pending.spec.partitions.len() {
             return None;
         }
@@ -210,6 +256,10 @@ impl Handler<ShardInput> for Aggregator {
                 None
             }
             ShardInput::Barrier(barrier) => self.on_barrier(barrier),
+            ShardInput::Restore { partition, windows } => {
+                self.windows.insert(partition, windows);
+                None
+            }
         };
         let Some(flush) = flush else {
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
@@ -238,6 +288,7 @@ mod tests {
             id,
             partitions,
             kind: CheckpointKind::Periodic,
+            watermark: None,
         })
     }
 
@@ -277,16 +328,12 @@ mod tests {
         );
     }
 
-    const CLAIM: crate::fences::Claim = crate::fences::Claim {
-        epoch: 1,
-        redis: 0,
-        warehouse: 0,
-    };
+    fn windows() -> WindowSpec {
+        WindowSpec::new(60_000, 0, chrono_tz::UTC)
+    }
 
-    #[actix::test]
-    async fn flushes_once_every_partition_sent_its_barrier() {
-        let metrics = Metrics::new();
-        // The sink is never sent to: the test calls the shard's methods directly.
+    fn shard_with_metrics(metrics: &Metrics) -> Aggregator {
+        // The sink is never sent to: the tests call the shard's methods directly.
         let (tx, _rx) = std::sync::mpsc::channel();
         let redis = RedisSink::new(
             Default::default(),
@@ -297,7 +344,161 @@ mod tests {
             crate::fences::FenceKeys::new("g", "t"),
         )
         .start();
-        let mut shard = Aggregator::new(0, redis, metrics);
+        Aggregator::new(0, windows(), redis, metrics.clone())
+    }
+
+    fn barrier_at(id: u64, partition: i32, next_offset: i64, watermark: Option<i64>) -> Barrier {
+        Barrier {
+            spec: Arc::new(CheckpointSpec {
+                id,
+                partitions: vec![partition],
+                kind: CheckpointKind::Periodic,
+                watermark,
+            }),
+            partition,
+            next_offset,
+            claim: CLAIM,
+        }
+    }
+
+    fn events_at(partition: i32, times: &[i64]) -> EventBatch {
+        let mut batch = EventBatch::new(partition);
+        for &ts in times {
+            batch.push(10, 7, ts, ["a", "b"], None);
+        }
+        batch
+    }
+
+    fn series_of(flush: &ShardFlush) -> Vec<(crate::window::WindowKey, Counts)> {
+        flush
+            .partitions
+            .iter()
+            .flat_map(|d| d.series.clone())
+            .collect()
+    }
+
+    /// Out-of-order events within the bound count in their own window; the window is
+    /// emitted exactly once, at the barrier whose watermark reaches its end.
+    #[actix::test]
+    async fn windows_close_once_when_the_watermark_passes_their_end() {
+        let metrics = Metrics::new();
+        let mut shard = shard_with_metrics(&metrics);
+        shard.on_events(&events_at(0, &[59_000, 61_000, 58_000, 121_000]));
+        let flush = shard.on_barrier(barrier_at(1, 0, 4, Some(59_999))).unwrap();
+        assert!(series_of(&flush).is_empty(), "window [0, 60 s) still open");
+        let flush = shard.on_barrier(barrier_at(2, 0, 4, Some(60_000))).unwrap();
+        assert_eq!(
+            series_of(&flush),
+            vec![(
+                (0, 7, 10),
+                Counts {
+                    events: 2,
+                    receivers: 4
+                }
+            )]
+        );
+        let flush = shard
+            .on_barrier(barrier_at(3, 0, 4, Some(119_000)))
+            .unwrap();
+        assert!(series_of(&flush).is_empty(), "emitted once");
+        assert_eq!(metrics.windows_closed.get(), 1);
+        assert_eq!(metrics.late_events.get(), 0);
+    }
+
+    /// A late event amends its closed window at the next barrier and is counted.
+    #[actix::test]
+    async fn late_events_amend_the_closed_window() {
+        let metrics = Metrics::new();
+        let mut shard = shard_with_metrics(&metrics);
+        shard.on_events(&events_at(0, &[1_000]));
+        shard.on_barrier(barrier_at(1, 0, 1, Some(60_000))).unwrap();
+        shard.on_events(&events_at(0, &[2_000, 61_000]));
+        assert_eq!(metrics.late_events.get(), 1);
+        let flush = shard.on_barrier(barrier_at(2, 0, 3, Some(60_500))).unwrap();
+        assert_eq!(
+            series_of(&flush),
+            vec![(
+                (0, 7, 10),
+                Counts {
+                    events: 1,
+                    receivers: 2
+                }
+            )]
+        );
+        // The open window's state travels in the flush.
+        let state = crate::window::PartitionWindows::decode(&flush.partitions[0].windows).unwrap();
+        assert_eq!(state.open_entries(), 1);
+        assert_eq!(state.closed_through(), Some(60_500));
+    }
+
+    /// A restart in the middle of an open window: the state stored with the last
+    /// commit, restored into a new shard, plus the events after the fence, closes into
+    /// exactly the counts one uninterrupted shard emits.
+    #[actix::test]
+    async fn a_restart_mid_window_loses_and_duplicates_nothing() {
+        let before = [10_000, 20_000, 70_000];
+        let after = [30_000, 80_000, 130_000];
+        let metrics = Metrics::new();
+        let mut uninterrupted = shard_with_metrics(&metrics);
+        uninterrupted.on_events(&events_at(0, &before));
+        uninterrupted
+            .on_barrier(barrier_at(1, 0, 3, Some(5_000)))
+            .unwrap();
+        uninterrupted.on_events(&events_at(0, &after));
+        let expected = series_of(
+            &uninterrupted
+                .on_barrier(barrier_at(2, 0, 6, Some(125_000)))
+                .unwrap(),
+        );
+
+        let mut first = shard_with_metrics(&metrics);
+        first.on_events(&events_at(0, &before));
+        let committed = first.on_barrier(barrier_at(1, 0, 3, Some(5_000))).unwrap();
+        // Events after the fence reach the first shard, which then dies uncommitted.
+        first.on_events(&events_at(0, &after));
+        drop(first);
+        let mut second = shard_with_metrics(&metrics);
+        let stored =
+            crate::window::PartitionWindows::decode(&committed.partitions[0].windows).unwrap();
+        assert_eq!(stored.open_entries(), 2);
+        second.windows.insert(0, stored);
+        second.on_events(&events_at(0, &after));
+        let resumed = series_of(
+            &second
+                .on_barrier(barrier_at(2, 0, 6, Some(125_000)))
+                .unwrap(),
+        );
+        assert_eq!(resumed, expected);
+        assert_eq!(
+            expected,
+            vec![
+                (
+                    (0, 7, 10),
+                    Counts {
+                        events: 3,
+                        receivers: 6
+                    }
+                ),
+                (
+                    (60_000, 7, 10),
+                    Counts {
+                        events: 2,
+                        receivers: 4
+                    }
+                )
+            ]
+        );
+    }
+
+    const CLAIM: crate::fences::Claim = crate::fences::Claim {
+        epoch: 1,
+        redis: 0,
+        warehouse: 0,
+    };
+
+    #[actix::test]
+    async fn flushes_once_every_partition_sent_its_barrier() {
+        let mut shard = shard_with_metrics(&Metrics::new());
         let mut batch = EventBatch::new(1);
         batch.push(10, 7, 5, ["a"], None);
         shard.on_events(&batch);

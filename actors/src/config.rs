@@ -187,6 +187,9 @@ pub struct RedisConfig {
     pub template_ttl_secs: u64,
     /// Time to live of the per-message trace lists, in seconds (austin: 3 days).
     pub message_ttl_secs: u64,
+    /// Time to live of the per-template window series hashes
+    /// (`anchorflow:series:{businessId}`), in seconds (30 days).
+    pub series_ttl_secs: u64,
     /// Seconds to wait for a Redis reply before the commit is retried.
     pub command_timeout_secs: u64,
     /// Benchmarks only: sleep this many times the commit's own duration after each
@@ -203,6 +206,7 @@ impl Default for RedisConfig {
             message_key_prefix: "Austin:MessageId:".into(),
             template_ttl_secs: 30 * 86_400,
             message_ttl_secs: 3 * 86_400,
+            series_ttl_secs: 30 * 86_400,
             command_timeout_secs: 30,
             slowdown_factor: 0,
         }
@@ -225,6 +229,7 @@ impl fmt::Debug for RedisConfig {
             .field("message_key_prefix", &self.message_key_prefix)
             .field("template_ttl_secs", &self.template_ttl_secs)
             .field("message_ttl_secs", &self.message_ttl_secs)
+            .field("series_ttl_secs", &self.series_ttl_secs)
             .field("command_timeout_secs", &self.command_timeout_secs)
             .field("slowdown_factor", &self.slowdown_factor)
             .finish()
@@ -262,6 +267,16 @@ pub struct WarehouseConfig {
     pub roll_interval_secs: u64,
     /// Rows per Parquet row group; bounds the memory an open file buffers.
     pub row_group_rows: usize,
+    /// Partition commit: once the watermark passes the end of an `ods_anchor_log` hour
+    /// folder (or a `dws_template_state_1m` day folder, plus the allowed lateness) by
+    /// this many milliseconds, `_SUCCESS` is written into it and the hook runs.
+    pub partition_commit_delay_ms: u64,
+    /// Command run once per committed folder by `sh -c`, with `ANCHORFLOW_TABLE`,
+    /// `ANCHORFLOW_PARTITION_PATH`, `ANCHORFLOW_DT` and `ANCHORFLOW_HOUR` (empty for a
+    /// day folder) in its environment, e.g. a metastore `ADD PARTITION`. Empty: none.
+    pub partition_commit_hook: String,
+    /// Seconds the hook may run before it is killed and retried at a later checkpoint.
+    pub partition_commit_hook_timeout_secs: u64,
 }
 
 impl Default for WarehouseConfig {
@@ -271,6 +286,9 @@ impl Default for WarehouseConfig {
             target_file_bytes: 128 << 20,
             roll_interval_secs: 60,
             row_group_rows: 64 * 1024,
+            partition_commit_delay_ms: 0,
+            partition_commit_hook: String::new(),
+            partition_commit_hook_timeout_secs: 60,
         }
     }
 }
@@ -286,6 +304,13 @@ pub struct TimeConfig {
     /// Milliseconds without records after which a partition is idle and no longer
     /// holds the watermark back.
     pub idle_timeout_ms: u64,
+    /// Size of the tumbling windows of the series hash and `dws_template_state_1m`, in
+    /// milliseconds. Below an hour windows align on the epoch (`ts - ts mod size`);
+    /// hour multiples that divide a day align on local time in `timezone`.
+    pub window_size_ms: u64,
+    /// How long after its end a window still accepts events before it is emitted, in
+    /// milliseconds; later events amend it (series) and add a correction row.
+    pub allowed_lateness_ms: u64,
 }
 
 impl Default for TimeConfig {
@@ -294,6 +319,8 @@ impl Default for TimeConfig {
             timezone: "Asia/Shanghai".into(),
             max_out_of_orderness_ms: 5_000,
             idle_timeout_ms: 30_000,
+            window_size_ms: 60_000,
+            allowed_lateness_ms: 0,
         }
     }
 }
@@ -302,6 +329,15 @@ impl TimeConfig {
     /// The parsed time zone; [`Config::validate`] guarantees it parses.
     pub fn tz(&self) -> chrono_tz::Tz {
         self.timezone.parse().unwrap_or(chrono_tz::UTC)
+    }
+
+    /// The window layout this config describes.
+    pub fn windows(&self) -> crate::window::WindowSpec {
+        crate::window::WindowSpec::new(
+            self.window_size_ms.min(i64::MAX as u64) as i64,
+            self.allowed_lateness_ms.min(i64::MAX as u64) as i64,
+            self.tz(),
+        )
     }
 }
 
@@ -410,6 +446,14 @@ impl Config {
             self.decode.max_nesting_depth as u64,
         )?;
         positive("time.idle_timeout_ms", self.time.idle_timeout_ms)?;
+        positive("time.window_size_ms", self.time.window_size_ms)?;
+        let size = self.time.window_size_ms;
+        if size >= 3_600_000 && (size % 3_600_000 != 0 || 86_400_000 % size != 0) {
+            return Err(ConfigError::new(
+                "time.window_size_ms",
+                "from one hour up must be a whole number of hours that divides a day (windows align on local time)",
+            ));
+        }
         positive(
             "pipeline.checkpoint_interval_ms",
             self.pipeline.checkpoint_interval_ms,
@@ -453,6 +497,7 @@ impl Config {
         }
         positive("redis.template_ttl_secs", self.redis.template_ttl_secs)?;
         positive("redis.message_ttl_secs", self.redis.message_ttl_secs)?;
+        positive("redis.series_ttl_secs", self.redis.series_ttl_secs)?;
         positive(
             "redis.command_timeout_secs",
             self.redis.command_timeout_secs,
@@ -467,6 +512,10 @@ impl Config {
         positive(
             "warehouse.roll_interval_secs",
             self.warehouse.roll_interval_secs,
+        )?;
+        positive(
+            "warehouse.partition_commit_hook_timeout_secs",
+            self.warehouse.partition_commit_hook_timeout_secs,
         )?;
         positive(
             "warehouse.row_group_rows",
@@ -520,6 +569,21 @@ mod tests {
         let mut config = valid();
         config.redis.url = "http://x".into();
         assert_eq!(config.validate().unwrap_err().field, "redis.url");
+
+        for size in [0, 5 * 3_600_000, 2 * 86_400_000, 5_400_000] {
+            let mut config = valid();
+            config.time.window_size_ms = size;
+            assert_eq!(
+                config.validate().unwrap_err().field,
+                "time.window_size_ms",
+                "{size}"
+            );
+        }
+        for size in [1, 300_000, 3_600_000, 6 * 3_600_000, 86_400_000] {
+            let mut config = valid();
+            config.time.window_size_ms = size;
+            config.validate().expect("a valid window size");
+        }
 
         let mut config = valid();
         config.kafka.0.insert("group.id".into(), "x".into());

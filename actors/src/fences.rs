@@ -7,6 +7,10 @@
 //! | `…:fences` | hash | `epoch:{p}` owner epoch, `redis:{p}` and `warehouse:{p}`: the next offset whose output is durable in that sink |
 //! | `…:publish` | hash | warehouse commits recorded but perhaps not yet renamed: commit id → lines `hidden\tvisible` |
 //! | `…:lost` | string | set by a commit that found its fences gone (Redis restarted empty) |
+//! | `…:windows` | hash | open event-time windows per partition: `series:{p}` (stored by the Redis commit), `dws:{p}` (by the warehouse record), see [`crate::window`] |
+//! | `…:folders` | set | warehouse folders with published rows awaiting their partition commit (`_SUCCESS`) |
+//! | `…:committed` | set | warehouse folders whose partition commit is done |
+//! | `…:wm` | hash | `{p}`: the watermark up to which partition `p`'s rows are published |
 //!
 //! Claiming a partition (on assignment) bumps its epoch and returns its fences; every
 //! later write for it carries that epoch and the offset range it covers, and the
@@ -38,6 +42,10 @@ pub struct FenceKeys {
     pub fences: String,
     pub publish: String,
     pub lost: String,
+    pub windows: String,
+    pub folders: String,
+    pub committed: String,
+    pub watermarks: String,
 }
 
 impl FenceKeys {
@@ -47,8 +55,59 @@ impl FenceKeys {
             fences: format!("{base}:fences"),
             publish: format!("{base}:publish"),
             lost: format!("{base}:lost"),
+            windows: format!("{base}:windows"),
+            folders: format!("{base}:folders"),
+            committed: format!("{base}:committed"),
+            watermarks: format!("{base}:wm"),
         }
     }
+}
+
+/// Field of a partition's open series windows in the windows hash.
+pub fn series_field(partition: i32) -> String {
+    format!("series:{partition}")
+}
+
+/// Field of a partition's open `dws_template_state_1m` windows in the windows hash.
+pub fn dws_field(partition: i32) -> String {
+    format!("dws:{partition}")
+}
+
+/// The stored open windows of a claimed partition, one per owner.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoredWindows {
+    pub series: crate::window::PartitionWindows,
+    pub dws: crate::window::PartitionWindows,
+}
+
+/// Reads the open windows of `partitions`. Called right after the claim: the new
+/// epoch already fences every older owner, so nothing changes them until we commit.
+pub fn read_windows(
+    conn: &mut redis::Connection,
+    keys: &FenceKeys,
+    partitions: &[i32],
+) -> anyhow::Result<BTreeMap<i32, StoredWindows>> {
+    let mut out = BTreeMap::new();
+    for &p in partitions {
+        let (series, dws): (Option<String>, Option<String>) = redis::cmd("HMGET")
+            .arg(&keys.windows)
+            .arg(series_field(p))
+            .arg(dws_field(p))
+            .query(conn)
+            .context("reading open windows")?;
+        let decode = |text: Option<String>, what: &str| {
+            crate::window::PartitionWindows::decode(text.as_deref().unwrap_or(""))
+                .with_context(|| format!("decoding the stored {what} windows of partition {p}"))
+        };
+        out.insert(
+            p,
+            StoredWindows {
+                series: decode(series, "series")?,
+                dws: decode(dws, "dws")?,
+            },
+        );
+    }
+    Ok(out)
 }
 
 /// What an instance learns when it takes a partition: its epoch, and where each sink's
@@ -441,13 +500,18 @@ pub fn forget(conn: &mut redis::Connection, keys: &FenceKeys) -> anyhow::Result<
         .arg(&keys.fences)
         .arg(&keys.publish)
         .arg(&keys.lost)
+        .arg(&keys.windows)
+        .arg(&keys.folders)
+        .arg(&keys.committed)
+        .arg(&keys.watermarks)
         .query::<i64>(conn)
         .context("deleting fences")?;
     Ok(())
 }
 
 /// Sets both fences of each partition, bumps its epoch (fencing off every instance
-/// still holding it) and clears the lost marker, in one transaction.
+/// still holding it), drops its open windows and clears the lost marker, in one
+/// transaction.
 pub fn reset(
     conn: &mut redis::Connection,
     keys: &FenceKeys,
@@ -467,6 +531,12 @@ pub fn reset(
             .arg(&keys.fences)
             .arg(format!("epoch:{p}"))
             .arg(1)
+            .ignore();
+        // Open windows belong to the old fences; they start afresh at the new ones.
+        pipe.cmd("HDEL")
+            .arg(&keys.windows)
+            .arg(series_field(*p))
+            .arg(dws_field(*p))
             .ignore();
     }
     pipe.cmd("DEL").arg(&keys.lost).ignore();

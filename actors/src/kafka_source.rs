@@ -44,7 +44,7 @@ use tracing::{debug, error, info, warn};
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::fault;
-use crate::fences::{self, Claim, ClaimError, FenceKeys};
+use crate::fences::{self, Claim, ClaimError, FenceKeys, StoredWindows};
 use crate::messages::{
     Barrier, CheckpointKind, CheckpointSpec, PartitionInput, RecordBatch, SinkKind, SourceNotice,
 };
@@ -74,10 +74,13 @@ const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
 /// shutdown request) arrive here; the timer skips a tick rather than queue a second.
 pub const SOURCE_MAILBOX: usize = 4;
 
-/// Asks the source to start a checkpoint.
+/// Asks the source to start a checkpoint, carrying the timer's instance watermark
+/// (`None` while unknown); the checkpoint's barriers close the windows it passed.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
-pub struct TriggerCheckpoint;
+pub struct TriggerCheckpoint {
+    pub watermark: Option<i64>,
+}
 
 /// Asks the source to stop reading, run a final checkpoint, commit, and leave the group.
 /// `done` receives the outcome.
@@ -131,6 +134,8 @@ struct SourceState {
     next_checkpoint: u64,
     /// Set when a final checkpoint completed; consumed by whoever waits for it.
     completed: Option<u64>,
+    /// The latest watermark the timer sent; final checkpoints close windows with it.
+    watermark: Option<i64>,
     meter: MailboxMeter,
 }
 
@@ -240,6 +245,7 @@ impl SourceState {
             id: self.next_checkpoint,
             partitions: partitions.clone(),
             kind,
+            watermark: self.watermark,
         });
         for partition in partitions {
             self.flush_building(consumer, partition);
@@ -417,7 +423,7 @@ impl SourceState {
         wait(self, &|s| s.completed == Some(id))
     }
 
-    fn create_reader(&mut self, partition: i32, claim: Claim) -> Slot {
+    fn create_reader(&mut self, partition: i32, claim: Claim, windows: StoredWindows) -> Slot {
         let factory = &self.factory;
         let arbiter = factory.arbiters[self.next_reader % factory.arbiters.len()].clone();
         self.next_reader += 1;
@@ -433,7 +439,9 @@ impl SourceState {
                 partition,
                 config.decode.clone(),
                 config.time.tz(),
+                config.time.windows(),
                 claim,
+                windows,
                 links,
                 metrics,
             )
@@ -527,16 +535,21 @@ impl SourceContext {
         &self,
         consumer: &SourceConsumer,
         partitions: &[i32],
-    ) -> Result<BTreeMap<i32, Claim>, ClaimError> {
+    ) -> Result<BTreeMap<i32, (Claim, StoredWindows)>, ClaimError> {
         let deadline = Instant::now() + self.revoke_timeout;
         let mut attempt = 0u32;
         loop {
             let result = fences::connect(&self.redis_url, self.redis_timeout)
                 .map_err(ClaimError::Other)
                 .and_then(|mut conn| {
-                    fences::claim(&mut conn, &self.keys, partitions, |fresh| {
+                    let claims = fences::claim(&mut conn, &self.keys, partitions, |fresh| {
                         self.cold_start(consumer, fresh)
-                    })
+                    })?;
+                    let mut windows = fences::read_windows(&mut conn, &self.keys, partitions)?;
+                    Ok(claims
+                        .into_iter()
+                        .map(|(p, claim)| (p, (claim, windows.remove(&p).unwrap_or_default())))
+                        .collect())
                 });
             match result {
                 Err(ClaimError::Other(e)) if Instant::now() < deadline => {
@@ -639,7 +652,7 @@ impl ConsumerContext for SourceContext {
                 };
                 {
                     let mut state = self.lock();
-                    for (&partition, &claim) in &claims {
+                    for (partition, (claim, windows)) in claims {
                         info!(
                             partition,
                             epoch = claim.epoch,
@@ -654,7 +667,7 @@ impl ConsumerContext for SourceContext {
                         ) {
                             error!(partition, error = %e, "cannot set the start offset");
                         }
-                        let slot = state.create_reader(partition, claim);
+                        let slot = state.create_reader(partition, claim, windows);
                         state.slots.insert(partition, slot);
                     }
                     self.metrics
@@ -756,6 +769,7 @@ impl KafkaSource {
                 in_flight: None,
                 next_checkpoint: 0,
                 completed: None,
+                watermark: None,
                 meter,
             }),
             metrics,
@@ -879,10 +893,13 @@ impl Handler<Poll> for KafkaSource {
 impl Handler<TriggerCheckpoint> for KafkaSource {
     type Result = ();
 
-    fn handle(&mut self, _: TriggerCheckpoint, _ctx: &mut Self::Context) {
+    fn handle(&mut self, trigger: TriggerCheckpoint, _ctx: &mut Self::Context) {
         let consumer = &*self.consumer;
         let context = consumer.context().clone();
         let mut state = context.lock();
+        if trigger.watermark.is_some() {
+            state.watermark = trigger.watermark;
+        }
         if state
             .start_checkpoint(consumer, CheckpointKind::Periodic)
             .is_none()

@@ -9,7 +9,10 @@
 //! - [`aggregator`]: `Aggregator`, a shard of pre-aggregated Redis state, scoped by
 //!   source partition.
 //! - [`timer`]: `Timer`, sleeps until the next deadline and triggers checkpoints; owns
-//!   the event-time [`watermark`]s the readers report.
+//!   the event-time [`watermark`]s the readers report, and triggers a checkpoint as
+//!   soon as the watermark passes a window's close.
+//! - [`window`]: tumbling windows per source partition, kept by the shards (Redis
+//!   series) and the warehouse sink (`dws_template_state_1m`), checkpointed with each.
 //! - [`redis_sink`]: `RedisSink`, applies a checkpoint with one Lua script call.
 //! - [`warehouse_sink`]: `WarehouseSink`, Parquet files in Hive layout, published at
 //!   checkpoints by fsync and rename.
@@ -38,3 +41,4 @@ pub mod tables;
 pub mod timer;
 pub mod warehouse_sink;
 pub mod watermark;
+pub mod window;

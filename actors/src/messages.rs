@@ -18,6 +18,7 @@ use actix::Message;
 use arrow_array::RecordBatch as ArrowBatch;
 
 use crate::fences::Claim;
+use crate::window::{Counts, PartitionWindows, WindowKey};
 
 /// Identifies one checkpoint and the partitions taking part in it.
 #[derive(Debug)]
@@ -28,6 +29,9 @@ pub struct CheckpointSpec {
     pub partitions: Vec<i32>,
     /// Whether sinks must make everything durable now (shutdown, revocation).
     pub kind: CheckpointKind,
+    /// The instance watermark when the checkpoint was triggered (`None` while it is
+    /// unknown): at each partition's barrier, windows it has passed are closed.
+    pub watermark: Option<i64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -183,6 +187,12 @@ impl EventBatch {
 pub enum ShardInput {
     Events(EventBatch),
     Barrier(Barrier),
+    /// A newly claimed partition's open windows (this shard's part), sent by its
+    /// reader before the partition's first records; replaces what the shard held.
+    Restore {
+        partition: i32,
+        windows: PartitionWindows,
+    },
 }
 
 /// The value pushed onto receiver and message lists: austin's `SimpleAnchorInfo`.
@@ -223,6 +233,11 @@ pub struct PartitionDelta {
     pub template_counts: Vec<(i64, i32, i64)>,
     pub receiver_lists: Vec<ListPush>,
     pub message_lists: Vec<ListPush>,
+    /// Series increments: windows closed at this barrier and late amendments.
+    pub series: Vec<(WindowKey, Counts)>,
+    /// The shard's part of the partition's open windows after this barrier
+    /// ([`PartitionWindows::encode`]; parts concatenate).
+    pub windows: String,
 }
 
 /// Everything one aggregator shard holds for one checkpoint.
@@ -239,6 +254,7 @@ pub struct ShardFlush {
 pub enum Table {
     OdsAnchorLog,
     DeadLetter,
+    DwsTemplateState,
 }
 
 impl Table {
@@ -246,6 +262,7 @@ impl Table {
         match self {
             Table::OdsAnchorLog => "ods_anchor_log",
             Table::DeadLetter => "dead_letter",
+            Table::DwsTemplateState => "dws_template_state_1m",
         }
     }
 }
@@ -264,6 +281,9 @@ pub struct TableRows {
 pub struct DetailBatch {
     pub partition: i32,
     pub parts: Vec<TableRows>,
+    /// The same events pre-aggregated per (window, businessId, state), for the
+    /// `dws_template_state_1m` windows the warehouse sink keeps.
+    pub windows: Vec<(WindowKey, Counts)>,
 }
 
 /// What a reader hands the warehouse sink.
@@ -272,6 +292,12 @@ pub struct DetailBatch {
 pub enum WarehouseInput {
     Rows(DetailBatch),
     Barrier(Barrier),
+    /// A newly claimed partition's open `dws_template_state_1m` windows, sent by its
+    /// reader before the partition's first rows; replaces what the sink held.
+    Restore {
+        partition: i32,
+        windows: PartitionWindows,
+    },
 }
 
 /// The sinks, as named in notices, logs and metrics.

@@ -84,6 +84,14 @@ pub struct Metrics {
     /// The instance watermark (Unix seconds).
     pub watermark_timestamp_seconds: FloatGauge,
     pub idle_partitions: Gauge,
+    /// Events whose window had already closed for their partition (series path).
+    pub late_events: Counter,
+    /// (window, businessId, state) results emitted to the series hash.
+    pub windows_closed: Counter,
+    /// Warehouse folders committed (`_SUCCESS` written, hook run), per table.
+    pub partitions_committed: Family<TableLabel, Counter>,
+    /// Partition-commit hook runs that failed or timed out (retried later).
+    pub partition_commit_hook_failures: Counter,
     pub partitions_assigned: Gauge,
     pub partition_pauses: Counter,
     pub checkpoints: Counter,
@@ -237,6 +245,30 @@ impl Metrics {
             "Kafka partitions assigned to this instance",
             partitions_assigned.clone(),
         );
+        let late_events = Counter::default();
+        registry.register(
+            "late_events",
+            "Events whose event-time window had already closed; they amend it",
+            late_events.clone(),
+        );
+        let windows_closed = Counter::default();
+        registry.register(
+            "windows_closed",
+            "Window results (window, template, state) emitted to the series hash",
+            windows_closed.clone(),
+        );
+        let partitions_committed = Family::<TableLabel, Counter>::default();
+        registry.register(
+            "partitions_committed",
+            "Warehouse folders marked complete with _SUCCESS",
+            partitions_committed.clone(),
+        );
+        let partition_commit_hook_failures = Counter::default();
+        registry.register(
+            "partition_commit_hook_failures",
+            "Partition-commit hook runs that failed or timed out",
+            partition_commit_hook_failures.clone(),
+        );
         let partition_pauses = Counter::default();
         registry.register(
             "partition_pauses",
@@ -289,6 +321,10 @@ impl Metrics {
             watermark_lag_seconds,
             watermark_timestamp_seconds,
             idle_partitions,
+            late_events,
+            windows_closed,
+            partitions_committed,
+            partition_commit_hook_failures,
             partitions_assigned,
             partition_pauses,
             checkpoints,
@@ -450,6 +486,7 @@ mod tests {
         metrics.actor_restarts.get_or_create(&actor).inc();
         let table = TableLabel { table: "t" };
         metrics.parquet_rows.get_or_create(&table).inc();
+        metrics.partitions_committed.get_or_create(&table).inc();
         let rejection = RejectionLabel {
             sink: "redis",
             reason: "stale_epoch",

@@ -9,6 +9,12 @@
 //!
 //! Its handler waits (`send().await`) for every downstream actor in turn, so while a
 //! sink is slow this reader's mailbox fills up and the source pauses the partition.
+//!
+//! Before its first batch the reader hands the partition's stored open windows (read
+//! at the claim) to their owners, in band: each shard gets the templates it owns, the
+//! warehouse sink the `dws_template_state_1m` part. Warehouse-bound events are also
+//! pre-aggregated per (window, businessId, state) here, so the sink folds a few
+//! counts per batch instead of re-reading its rows.
 
 use std::sync::Arc;
 
@@ -18,7 +24,7 @@ use tracing::{debug, warn};
 use crate::aggregator::Aggregator;
 use crate::config::DecodeConfig;
 use crate::decode::{decode, is_known_state};
-use crate::fences::Claim;
+use crate::fences::{Claim, StoredWindows};
 use crate::messages::{
     Barrier, DetailBatch, EventBatch, PartitionInput, RecordBatch, ShardInput, Table, TableRows,
     WarehouseInput,
@@ -27,6 +33,8 @@ use crate::metrics::{send_metered, MailboxMeter, Metrics, ReasonLabel, StateLabe
 use crate::tables::{DeadLetterRows, Folders, OdsRows};
 use crate::timer::WatermarkUpdate;
 use crate::warehouse_sink::WarehouseSink;
+use crate::window::{Counts, WindowKey, WindowSpec};
+use rustc_hash::FxHashMap;
 
 /// Mailbox capacity of a reader, in record batches. The source pauses the partition
 /// as soon as this is full, so this times `source.batch_max_bytes` bounds the memory a
@@ -62,7 +70,11 @@ pub struct PartitionReader {
     partition: i32,
     limits: DecodeConfig,
     tz: chrono_tz::Tz,
+    windows: WindowSpec,
     claim: Claim,
+    /// The claim's stored windows until they are handed over (once, even if the
+    /// supervisor restarts this actor: the struct survives a restart).
+    restore: Option<StoredWindows>,
     links: ReaderLinks,
     metrics: Metrics,
     shard_meter: MailboxMeter,
@@ -72,16 +84,21 @@ pub struct PartitionReader {
 }
 
 impl PartitionReader {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         topic: Arc<str>,
         partition: i32,
         limits: DecodeConfig,
         tz: chrono_tz::Tz,
+        windows: WindowSpec,
         claim: Claim,
+        restored: StoredWindows,
         links: ReaderLinks,
         metrics: Metrics,
     ) -> Self {
         PartitionReader {
+            windows,
+            restore: Some(restored),
             restart: Default::default(),
             shard_meter: metrics.mailbox("aggregator"),
             warehouse_meter: metrics.mailbox("warehouse_sink"),
@@ -112,6 +129,7 @@ impl PartitionReader {
         let mut ods: Vec<(String, OdsRows)> = Vec::new();
         let mut dead: Vec<(String, DeadLetterRows)> = Vec::new();
         let mut folders = Folders::new(self.tz);
+        let mut windows: FxHashMap<WindowKey, Counts> = FxHashMap::default();
         let ingest_ms = chrono::Utc::now().timestamp_millis();
         let ingest_day = folders
             .day_folder(ingest_ms)
@@ -160,6 +178,14 @@ impl PartitionReader {
                             record.offset,
                             ingest_ms,
                         );
+                        let start = self.windows.start_of(event.log_timestamp);
+                        windows
+                            .entry((start, event.business_id, event.state))
+                            .or_default()
+                            .add(Counts {
+                                events: 1,
+                                receivers: event.ids.len() as i64,
+                            });
                     }
                     if !to_redis {
                         continue;
@@ -229,6 +255,7 @@ impl PartitionReader {
             DetailBatch {
                 partition: self.partition,
                 parts,
+                windows: windows.into_iter().collect(),
             },
         )
     }
@@ -255,6 +282,24 @@ impl Actor for PartitionReader {
         self.links.timer.do_send(WatermarkUpdate::Assigned {
             partition: self.partition,
         });
+        if let Some(stored) = self.restore.take() {
+            // `wait` holds the mailbox: no batch is handled before the state is handed on.
+            let links = self.links.clone();
+            let partition = self.partition;
+            let shard_meter = self.shard_meter.clone();
+            let warehouse_meter = self.warehouse_meter.clone();
+            ctx.wait(
+                async move {
+                    if let Err(error) =
+                        forward_restore(&links, partition, stored, &shard_meter, &warehouse_meter)
+                            .await
+                    {
+                        warn!(partition, %error, "downstream actor is gone; open windows not restored during shutdown");
+                    }
+                }
+                .into_actor(self),
+            );
+        }
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
@@ -348,6 +393,37 @@ async fn forward_data(
         .await?;
     }
     Ok(())
+}
+
+/// Hands a claimed partition's stored open windows to their owners (every shard gets
+/// its part, possibly empty, which also drops whatever it held from an earlier claim).
+async fn forward_restore(
+    links: &ReaderLinks,
+    partition: i32,
+    stored: StoredWindows,
+    shard_meter: &MailboxMeter,
+    warehouse_meter: &MailboxMeter,
+) -> Result<(), MailboxError> {
+    let shards = links.shards.len();
+    for (index, shard) in links.shards.iter().enumerate() {
+        let mut windows = stored.series.clone();
+        windows.retain(|business_id| shard_of(business_id, shards) == index);
+        send_metered(
+            shard,
+            ShardInput::Restore { partition, windows },
+            shard_meter,
+        )
+        .await?;
+    }
+    send_metered(
+        &links.warehouse,
+        WarehouseInput::Restore {
+            partition,
+            windows: stored.dws,
+        },
+        warehouse_meter,
+    )
+    .await
 }
 
 async fn forward_barrier(

@@ -43,11 +43,16 @@ use crate::tables::end_of_day_ms;
 /// because a shard waits for its flush to be taken before it handles anything else.
 pub const REDIS_SINK_MAILBOX: usize = 64;
 
+/// Prefix of the window series hashes: field `{windowStartMs}:{state}`, value events.
+pub const SERIES_KEY_PREFIX: &str = "anchorflow:series:";
+
 /// Applies one checkpoint, after [`fences::FENCE_CHECK`] (which consumed the ranges).
 /// Remaining ARGV layout, all counts explicit so the script needs no
 /// parsing: `L`, then per list `key, pexpireat_ms, pexpire_ms, n, v1..vn` (one of the
 /// two expiries is 0); then `H`, then per hash `key, pexpire_ms, m, (field, delta)×m`.
-/// `LPUSH` is called with at most 1000 values at a time (Lua's `unpack` limit).
+/// `LPUSH` is called with at most 1000 values at a time (Lua's `unpack` limit). Last,
+/// `W` and per partition `field, state` for the window-state hash `KEYS[3]` (the open
+/// series windows, stored in the same commit that moves the fence).
 pub const COMMIT_BODY: &str = r#"
 local lists = tonumber(ARGV[i]); i = i + 1
 local ops = 0
@@ -81,6 +86,12 @@ for _ = 1, hashes do
   end
   redis.call('PEXPIRE', key, ttl)
   ops = ops + m + 1
+end
+local states = tonumber(ARGV[i]); i = i + 1
+for _ = 1, states do
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+  i = i + 2
+  ops = ops + 1
 end
 return {0, ops}
 "#;
@@ -167,6 +178,8 @@ fn build_commit(
     let mut receivers: FxHashMap<String, Vec<TraceValue>> = FxHashMap::default();
     let mut messages: FxHashMap<String, Vec<TraceValue>> = FxHashMap::default();
     let mut templates: BTreeMap<i64, BTreeMap<i32, i64>> = BTreeMap::new();
+    let mut series: BTreeMap<i64, BTreeMap<(i64, i32), i64>> = BTreeMap::new();
+    let mut windows: BTreeMap<i32, String> = BTreeMap::new();
     for flush in flushes {
         for delta in flush.partitions {
             let PartitionDelta {
@@ -176,7 +189,17 @@ fn build_commit(
                 template_counts,
                 receiver_lists,
                 message_lists,
+                series: closed,
+                windows: open,
             } = delta;
+            for ((start, business_id, state), counts) in closed {
+                *series
+                    .entry(business_id)
+                    .or_default()
+                    .entry((start, state))
+                    .or_insert(0) += counts.events;
+            }
+            windows.entry(partition).or_default().push_str(&open);
             ranges.insert(
                 partition,
                 range_for(
@@ -235,7 +258,17 @@ fn build_commit(
             values,
         );
     }
-    args.push(templates.len().to_string().into_bytes());
+    args.push((templates.len() + series.len()).to_string().into_bytes());
+    let series_ttl_ms = (config.series_ttl_secs * 1000).to_string();
+    for (business_id, fields) in series {
+        args.push(format!("{SERIES_KEY_PREFIX}{business_id}").into_bytes());
+        args.push(series_ttl_ms.clone().into_bytes());
+        args.push(fields.len().to_string().into_bytes());
+        for ((start, state), n) in fields {
+            args.push(format!("{start}:{state}").into_bytes());
+            args.push(n.to_string().into_bytes());
+        }
+    }
     for (business_id, states) in templates {
         args.push(format!("{}{business_id}", config.template_key_prefix).into_bytes());
         args.push(template_ttl_ms.clone().into_bytes());
@@ -244,6 +277,11 @@ fn build_commit(
             args.push(state.to_string().into_bytes());
             args.push(n.to_string().into_bytes());
         }
+    }
+    args.push(windows.len().to_string().into_bytes());
+    for (partition, state) in windows {
+        args.push(fences::series_field(partition).into_bytes());
+        args.push(state.into_bytes());
     }
     Some(Commit { spec, args, ranges })
 }
@@ -276,7 +314,7 @@ async fn apply(
     }
     let connection = conn.as_mut().context("no redis connection")?;
     let mut invocation = script.key(&keys.fences);
-    invocation.key(&keys.lost);
+    invocation.key(&keys.lost).key(&keys.windows);
     for arg in args {
         invocation.arg(arg.as_slice());
     }
@@ -451,6 +489,7 @@ mod tests {
     use super::*;
     use crate::fences::Claim;
     use crate::messages::{CheckpointKind, ListPush};
+    use crate::window::Counts;
 
     fn flush(shard: usize, spec: &Arc<CheckpointSpec>, deltas: Vec<PartitionDelta>) -> ShardFlush {
         ShardFlush {
@@ -466,6 +505,7 @@ mod tests {
             id: 3,
             partitions: vec![0, 1],
             kind: CheckpointKind::Periodic,
+            watermark: None,
         });
         let v = |s| TraceValue {
             state: s,
@@ -487,6 +527,14 @@ mod tests {
                 values: vec![v(10)],
             }],
             message_lists: vec![],
+            series: vec![(
+                (60_000, 9, 10),
+                Counts {
+                    events: 2,
+                    receivers: 3,
+                },
+            )],
+            windows: "c 60000\n".into(),
         };
         let b = PartitionDelta {
             partition: 1,
@@ -501,6 +549,14 @@ mod tests {
                 key: "m".into(),
                 values: vec![v(60)],
             }],
+            series: vec![(
+                (60_000, 9, 10),
+                Counts {
+                    events: 1,
+                    receivers: 1,
+                },
+            )],
+            windows: "c 60000\nw 120000 9 10 1 1\n".into(),
         };
         // Partition 0 committed up to 3 under this epoch already; 1 starts at its claim.
         let tracked = BTreeMap::from([(0, (4, 3))]);
@@ -538,10 +594,34 @@ mod tests {
             &["redis", "2", "0", "4", "3", "10", "1", "4", "0", "5"]
         );
         assert_eq!(args[10], "2", "one receiver list and one message list");
-        let hash_at = args.iter().position(|a| a == "9").unwrap();
+        // The series hash (events of the closed window, summed over partitions), the
+        // template hash, then each partition's open windows.
+        let hash_at = args
+            .iter()
+            .position(|a| a == "anchorflow:series:9")
+            .unwrap();
         assert_eq!(
             &args[hash_at - 1..],
-            &["1", "9", "2592000000", "2", "10", "3", "60", "1"]
+            &[
+                "2",
+                "anchorflow:series:9",
+                "2592000000",
+                "1",
+                "60000:10",
+                "3",
+                "9",
+                "2592000000",
+                "2",
+                "10",
+                "3",
+                "60",
+                "1",
+                "2",
+                "series:0",
+                "c 60000\n",
+                "series:1",
+                "c 60000\nw 120000 9 10 1 1\n"
+            ]
         );
         assert!(args.contains(&"Austin:MessageId:m".to_string()));
     }

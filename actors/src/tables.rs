@@ -8,7 +8,7 @@
 use std::sync::{Arc, OnceLock};
 
 use arrow_array::builder::{
-    BinaryBuilder, Int32Builder, Int64Builder, ListBuilder, StringBuilder,
+    BinaryBuilder, BooleanBuilder, Int32Builder, Int64Builder, ListBuilder, StringBuilder,
     TimestampMillisecondBuilder,
 };
 use arrow_array::{ArrayRef, RecordBatch};
@@ -219,6 +219,94 @@ impl DeadLetterRows {
     }
 }
 
+/// Schema of `dws_template_state_1m`: one row per closed (window, template, state),
+/// plus correction rows for late events (`is_correction`).
+pub fn dws_schema() -> SchemaRef {
+    static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            Arc::new(Schema::new(vec![
+                Field::new("window_start", utc_millis(), false),
+                Field::new("window_end", utc_millis(), false),
+                Field::new("business_id", DataType::Int64, false),
+                Field::new("state", DataType::Int32, false),
+                Field::new("events", DataType::Int64, false),
+                Field::new("receivers", DataType::Int64, false),
+                Field::new("is_correction", DataType::Boolean, false),
+            ]))
+        })
+        .clone()
+}
+
+/// Column builders for `dws_template_state_1m` rows of one folder.
+pub struct DwsRows {
+    window_start: TimestampMillisecondBuilder,
+    window_end: TimestampMillisecondBuilder,
+    business_id: Int64Builder,
+    state: Int32Builder,
+    events: Int64Builder,
+    receivers: Int64Builder,
+    is_correction: BooleanBuilder,
+    len: usize,
+}
+
+impl Default for DwsRows {
+    fn default() -> Self {
+        DwsRows {
+            window_start: TimestampMillisecondBuilder::new().with_timezone("UTC"),
+            window_end: TimestampMillisecondBuilder::new().with_timezone("UTC"),
+            business_id: Int64Builder::new(),
+            state: Int32Builder::new(),
+            events: Int64Builder::new(),
+            receivers: Int64Builder::new(),
+            is_correction: BooleanBuilder::new(),
+            len: 0,
+        }
+    }
+}
+
+impl DwsRows {
+    #[allow(clippy::too_many_arguments)]
+    pub fn append(
+        &mut self,
+        window_start: i64,
+        window_end: i64,
+        business_id: i64,
+        state: i32,
+        events: i64,
+        receivers: i64,
+        is_correction: bool,
+    ) {
+        self.window_start.append_value(window_start);
+        self.window_end.append_value(window_end);
+        self.business_id.append_value(business_id);
+        self.state.append_value(state);
+        self.events.append_value(events);
+        self.receivers.append_value(receivers);
+        self.is_correction.append_value(is_correction);
+        self.len += 1;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn finish(&mut self) -> RecordBatch {
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(self.window_start.finish()),
+            Arc::new(self.window_end.finish()),
+            Arc::new(self.business_id.finish()),
+            Arc::new(self.state.finish()),
+            Arc::new(self.events.finish()),
+            Arc::new(self.receivers.finish()),
+            Arc::new(self.is_correction.finish()),
+        ];
+        self.len = 0;
+        RecordBatch::try_new(dws_schema(), columns)
+            .expect("dws columns match the dws schema by construction")
+    }
+}
+
 /// Maps epoch milliseconds to Hive folders in one time zone, caching the last local
 /// hour so that a batch of events from the same hour costs one comparison each.
 pub struct Folders {
@@ -262,6 +350,47 @@ impl Folders {
             local.month(),
             local.day()
         ))
+    }
+}
+
+/// The first instant of a local date and hour in `tz` (the earliest, if a DST change
+/// makes it ambiguous; the next hour's, if it falls in a gap).
+fn local_instant(tz: Tz, date: chrono::NaiveDate, hour: u32) -> Option<i64> {
+    let at = date.and_hms_opt(hour, 0, 0)?;
+    tz.from_local_datetime(&at)
+        .earliest()
+        .or_else(|| {
+            tz.from_local_datetime(&(at + chrono::Duration::hours(1)))
+                .earliest()
+        })
+        .map(|t| t.timestamp_millis())
+}
+
+/// The `dt` and optional `hour` of a Hive folder below its table
+/// (`dt=2023-11-20/hour=11` or `dt=2023-11-20`).
+pub fn parse_folder(folder: &str) -> Option<(chrono::NaiveDate, Option<u32>)> {
+    let mut parts = folder.split('/');
+    let date = parts.next()?.strip_prefix("dt=")?;
+    let date = chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").ok()?;
+    let hour = match parts.next() {
+        Some(h) => Some(
+            h.strip_prefix("hour=")?
+                .parse::<u32>()
+                .ok()
+                .filter(|h| *h < 24)?,
+        ),
+        None => None,
+    };
+    parts.next().is_none().then_some((date, hour))
+}
+
+/// Epoch milliseconds at which a Hive folder's time range ends in `tz`: the next local
+/// hour for `dt=…/hour=…`, the next local midnight for `dt=…`.
+pub fn folder_end(tz: Tz, folder: &str) -> Option<i64> {
+    match parse_folder(folder)? {
+        (date, Some(23)) => local_instant(tz, date.succ_opt()?, 0),
+        (date, Some(hour)) => local_instant(tz, date, hour + 1),
+        (date, None) => local_instant(tz, date.succ_opt()?, 0),
     }
 }
 
@@ -328,6 +457,27 @@ mod tests {
     }
 
     #[test]
+    fn folders_end_at_the_next_local_hour_or_midnight() {
+        let tz = chrono_tz::Asia::Shanghai;
+        // 2023-11-20 00:00 in Shanghai is 2023-11-19 16:00 UTC.
+        let midnight = 1_700_409_600_000;
+        assert_eq!(folder_end(tz, "dt=2023-11-19/hour=23"), Some(midnight));
+        assert_eq!(folder_end(tz, "dt=2023-11-19"), Some(midnight));
+        assert_eq!(
+            folder_end(tz, "dt=2023-11-20/hour=00"),
+            Some(midnight + 3_600_000)
+        );
+        for bad in [
+            "dt=2023-11-20/hour=24",
+            "x=1",
+            "dt=2023-13-01",
+            "dt=2023-11-20/hour=1/x",
+        ] {
+            assert_eq!(folder_end(tz, bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn builders_match_their_schemas() {
         let mut ods = OdsRows::default();
         let event = crate::decode::decode(
@@ -340,5 +490,8 @@ mod tests {
         let mut dead = DeadLetterRows::default();
         dead.append(None, "empty_payload", "no value", "t", 1, 3, 5);
         assert_eq!(dead.finish().num_rows(), 1);
+        let mut dws = DwsRows::default();
+        dws.append(0, 60_000, 3, 10, 2, 5, false);
+        assert_eq!(dws.finish().num_rows(), 1);
     }
 }

@@ -3,7 +3,14 @@
 //! never spins. Each scheduled wake-up carries a generation so a superseded one is
 //! ignored. Partition readers report the largest event time of every batch
 //! ([`WatermarkUpdate`]); once a second the timer exports the watermarks (per-partition
-//! lag, idle partitions, the instance watermark). Tests run it on paused tokio time.
+//! lag, idle partitions, the instance watermark).
+//!
+//! Every checkpoint trigger carries the instance watermark; the barriers of that
+//! checkpoint close the windows it passed. Window closes are deadlines in event time:
+//! whenever the watermark moves (a report, or processing time while every partition is
+//! idle, checked at each export) past the next window's `end + allowed_lateness`, the
+//! timer triggers a checkpoint at once instead of waiting for the next tick. Tests run
+//! it on paused tokio time.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -15,6 +22,7 @@ use tracing::debug;
 use crate::kafka_source::TriggerCheckpoint;
 use crate::metrics::{Metrics, PartitionLabel};
 use crate::watermark::Watermarks;
+use crate::window::WindowSpec;
 
 /// Mailbox capacity: watermark updates arrive with `try_send`, one per record batch;
 /// an update that finds the mailbox full is dropped, and the next one of the same
@@ -53,12 +61,17 @@ pub struct TimerCounters {
     pub checkpoints: u64,
     /// Triggers skipped because the source's mailbox was full.
     pub skipped: u64,
+    /// Of the checkpoints, those triggered early because a window close came due.
+    pub closes: u64,
 }
 
 pub struct Timer {
     checkpoints: Recipient<TriggerCheckpoint>,
     interval: Duration,
     watermarks: Option<(Watermarks, Metrics)>,
+    windows: Option<WindowSpec>,
+    /// The event-time deadline of the next window close.
+    next_close: Option<i64>,
     deadlines: BTreeMap<(Instant, Deadline), ()>,
     generation: u64,
     counters: TimerCounters,
@@ -70,6 +83,8 @@ impl Timer {
             checkpoints,
             interval,
             watermarks: None,
+            windows: None,
+            next_close: None,
             deadlines: BTreeMap::new(),
             generation: 0,
             counters: TimerCounters::default(),
@@ -84,6 +99,48 @@ impl Timer {
     pub fn with_watermarks(mut self, watermarks: Watermarks, metrics: Metrics) -> Self {
         self.watermarks = Some((watermarks, metrics));
         self
+    }
+
+    /// Triggers a checkpoint as soon as the watermark passes a window close.
+    pub fn with_windows(mut self, windows: WindowSpec) -> Self {
+        self.windows = Some(windows);
+        self
+    }
+
+    fn watermark(&self) -> Option<i64> {
+        let (watermarks, _) = self.watermarks.as_ref()?;
+        watermarks.instance(Instant::now())
+    }
+
+    fn trigger(&mut self) -> bool {
+        // Off the data path: a trigger that finds the source busy is skipped, the next
+        // tick will do (and carry a newer watermark).
+        let watermark = self.watermark();
+        match self.checkpoints.try_send(TriggerCheckpoint { watermark }) {
+            Ok(()) => {
+                self.counters.checkpoints += 1;
+                true
+            }
+            Err(_) => {
+                self.counters.skipped += 1;
+                debug!("checkpoint trigger skipped: source busy");
+                false
+            }
+        }
+    }
+
+    /// Checkpoints now if the watermark has passed the next window close.
+    fn close_if_due(&mut self) {
+        let (Some(spec), Some(mark)) = (self.windows, self.watermark()) else {
+            return;
+        };
+        if self.next_close.is_some_and(|due| mark < due) {
+            return;
+        }
+        if self.trigger() {
+            self.counters.closes += 1;
+            self.next_close = Some(spec.next_close_after(mark));
+        }
     }
 
     fn export_watermarks(&self) {
@@ -136,20 +193,13 @@ impl Timer {
             entry.remove();
             match deadline {
                 Deadline::Checkpoint => {
-                    // Off the data path: a trigger that finds the source busy is skipped,
-                    // the next tick will do.
-                    match self.checkpoints.try_send(TriggerCheckpoint) {
-                        Ok(()) => self.counters.checkpoints += 1,
-                        Err(_) => {
-                            self.counters.skipped += 1;
-                            debug!("checkpoint trigger skipped: source busy");
-                        }
-                    }
+                    self.trigger();
                     self.deadlines
                         .insert((at + self.interval, Deadline::Checkpoint), ());
                 }
                 Deadline::WatermarkExport => {
                     self.export_watermarks();
+                    self.close_if_due();
                     self.deadlines
                         .insert((at + WATERMARK_EXPORT, Deadline::WatermarkExport), ());
                 }
@@ -196,6 +246,7 @@ impl Handler<WatermarkUpdate> for Timer {
                     .remove(&PartitionLabel { partition });
             }
         }
+        self.close_if_due();
     }
 }
 
@@ -229,6 +280,79 @@ mod tests {
         }
     }
 
+    /// Records the watermark of every trigger.
+    struct Recorder(Arc<std::sync::Mutex<Vec<Option<i64>>>>);
+    impl Actor for Recorder {
+        type Context = Context<Self>;
+    }
+    impl Handler<TriggerCheckpoint> for Recorder {
+        type Result = ();
+        fn handle(&mut self, trigger: TriggerCheckpoint, _: &mut Self::Context) {
+            self.0.lock().unwrap().push(trigger.watermark);
+        }
+    }
+
+    /// Window closes are event-time deadlines: a checkpoint is triggered the moment
+    /// the watermark reaches a window's end, not a millisecond before; a partition that
+    /// goes quiet holds closes back for exactly the idle timeout.
+    #[actix::test]
+    async fn triggers_a_checkpoint_when_the_watermark_reaches_a_window_close() {
+        tokio::time::pause();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let recorder = Recorder(seen.clone()).start();
+        let watermarks = Watermarks::new(Duration::from_secs(5), Duration::from_secs(30));
+        // Periodic ticks far apart, so every trigger seen here is a window close.
+        let timer = Timer::new(recorder.recipient(), Duration::from_secs(3_600))
+            .with_watermarks(watermarks, Metrics::new())
+            .with_windows(WindowSpec::new(60_000, 0, chrono_tz::UTC))
+            .start();
+        let observe = |partition, ms| WatermarkUpdate::Observed {
+            partition,
+            max_event_ms: Some(ms),
+        };
+        for partition in [0, 1] {
+            timer
+                .send(WatermarkUpdate::Assigned { partition })
+                .await
+                .unwrap();
+        }
+        timer.send(observe(0, 100_000)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "partition 1 unknown: no watermark"
+        );
+        // The first watermark (59 s) triggers once; the next close is at 60 s.
+        timer.send(observe(1, 64_000)).await.unwrap();
+        timer.send(observe(1, 64_999)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(*seen.lock().unwrap(), vec![Some(59_000)]);
+        timer.send(observe(1, 65_000)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(*seen.lock().unwrap(), vec![Some(59_000), Some(60_000)]);
+        // Partition 1 goes quiet; partition 0 delivers every second. Until partition 1
+        // is idle its 60 s watermark holds the next close (120 s) back.
+        for _ in 0..29 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            timer.send(observe(0, 200_000)).await.unwrap();
+        }
+        assert_eq!(
+            seen.lock().unwrap().len(),
+            2,
+            "held back before the idle timeout"
+        );
+        for _ in 0..2 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            timer.send(observe(0, 200_000)).await.unwrap();
+        }
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![Some(59_000), Some(60_000), Some(195_000)]
+        );
+        let counters = timer.send(GetTimerCounters).await.unwrap();
+        assert_eq!(counters.closes, 3);
+    }
+
     #[actix::test]
     async fn triggers_once_per_interval_on_simulated_time() {
         tokio::time::pause();
@@ -246,7 +370,8 @@ mod tests {
             counters,
             TimerCounters {
                 checkpoints: 11,
-                skipped: 0
+                skipped: 0,
+                closes: 0
             }
         );
     }

@@ -25,6 +25,14 @@
 //! files, which no record names, are deleted as orphans. The sink's fence of a
 //! partition (reported to the source) is the end of its last recorded range.
 //!
+//! It also keeps the open `dws_template_state_1m` windows per partition (from counts
+//! the readers pre-aggregate): at a checkpoint's barriers the windows its watermark
+//! passed become rows in the files that checkpoint publishes, and each partition's
+//! remaining windows are stored by the record script with its fence. Every record also
+//! stores the checkpoint's watermark per partition and the folders that got rows; once
+//! the slowest partition of the topic passed a folder's end, the sink writes
+//! `_SUCCESS` there and runs the partition-commit hook, once (`docs/warehouse.md`).
+//!
 //! File I/O errors stop the process with exit code 74: a half-written Parquet writer
 //! cannot be trusted, and a restart resumes from the stored fences.
 
@@ -48,17 +56,56 @@ use crate::config::{RedisConfig, WarehouseConfig};
 use crate::fault;
 use crate::fences::{self, on_rejection, range_for, Claim, FenceKeys, FenceRange, PublishRecord};
 use crate::messages::{
-    Barrier, CheckpointKind, CheckpointSpec, DetailBatch, SinkKind, SourceNotice, Table,
+    Barrier, CheckpointKind, CheckpointSpec, DetailBatch, SinkKind, SourceNotice, Table, TableRows,
     WarehouseInput,
 };
 use crate::metrics::{ActorLabel, MailboxMeter, Metrics, SinkLabel, TableLabel};
+use crate::tables::{self, DwsRows, Folders};
+use crate::window::{Counts, PartitionWindows, WindowKey, WindowSpec};
+use rustc_hash::FxHashMap;
 
-/// Records a warehouse commit after [`fences::FENCE_CHECK`]: `KEYS[3]` is the publish
-/// hash, the remaining ARGV the record's id and its file list.
+/// Records a warehouse commit after [`fences::FENCE_CHECK`]. Remaining ARGV: the
+/// record's id and file list (stored in the publish hash `KEYS[3]` unless empty); the
+/// folders that received rows (added to the pending set `KEYS[5]` unless already
+/// committed, `KEYS[6]`); the checkpoint's watermark (`-` if unknown) and the
+/// partitions it now covers (raised in `KEYS[7]`); per partition the open
+/// `dws_template_state_1m` windows (`KEYS[4]`).
 const RECORD_BODY: &str = r#"
-redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+if ARGV[i + 1] ~= '' then redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
+i = i + 2
+local folders = tonumber(ARGV[i]); i = i + 1
+for _ = 1, folders do
+  if redis.call('SISMEMBER', KEYS[6], ARGV[i]) == 0 then redis.call('SADD', KEYS[5], ARGV[i]) end
+  i = i + 1
+end
+local mark = ARGV[i]; i = i + 1
+local partitions = tonumber(ARGV[i]); i = i + 1
+for _ = 1, partitions do
+  if mark ~= '-' then
+    local old = redis.call('HGET', KEYS[7], ARGV[i])
+    if not old or tonumber(old) < tonumber(mark) then redis.call('HSET', KEYS[7], ARGV[i], mark) end
+  end
+  i = i + 1
+end
+local states = tonumber(ARGV[i]); i = i + 1
+for _ = 1, states do
+  redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
 return {0, 1}
 "#;
+
+/// In a quiet stream (nothing open), how far the watermark must move before a
+/// checkpoint records it without files, so partition commits follow processing time.
+const QUIET_RECORD_STEP_MS: i64 = 1_000;
+
+/// What a publishing checkpoint records next to its files.
+struct Commit<'a> {
+    ranges: &'a [FenceRange],
+    /// Open `dws_template_state_1m` windows per partition as of its barrier.
+    states: &'a BTreeMap<i32, String>,
+    watermark: Option<i64>,
+}
 
 /// Mailbox capacity, in detail batches. Every reader may have one batch in flight; the
 /// sink encodes Parquet on its own thread, and a short queue keeps readers paused
@@ -97,8 +144,6 @@ impl OpenFile {
 #[derive(Default)]
 struct Generation {
     files: HashMap<(Table, String), OpenFile>,
-    /// Partitions with rows in these files.
-    dirty: BTreeSet<i32>,
 }
 
 /// A completed checkpoint: its id and the sink's fences per partition.
@@ -109,6 +154,11 @@ struct Roll {
     /// Barrier offset and claim per partition whose barrier arrived.
     seen: BTreeMap<i32, (i64, Claim)>,
     publish: bool,
+    /// Window results the barriers emitted, summed over partitions; `true` marks late
+    /// amendments (correction rows).
+    emitted: BTreeMap<(WindowKey, bool), Counts>,
+    /// Each partition's open windows as of its barrier, stored with the record.
+    states: BTreeMap<i32, String>,
 }
 
 /// A closed, synced file waiting to be renamed.
@@ -139,6 +189,11 @@ pub struct WarehouseSink {
     keys: FenceKeys,
     conn: Option<redis::Connection>,
     record_script: redis::Script,
+    window_spec: WindowSpec,
+    /// Open `dws_template_state_1m` windows per partition; they outlive checkpoints.
+    dws: FxHashMap<i32, PartitionWindows>,
+    /// The watermark this sink last stored for its partitions (partition commit).
+    recorded_watermark: Option<i64>,
     counters: WarehouseCounters,
 }
 
@@ -146,6 +201,7 @@ impl WarehouseSink {
     pub fn new(
         config: WarehouseConfig,
         redis: &RedisConfig,
+        window_spec: WindowSpec,
         keys: FenceKeys,
         instance: String,
         metrics: Metrics,
@@ -170,6 +226,9 @@ impl WarehouseSink {
             keys,
             conn: None,
             record_script: redis::Script::new(&format!("{}{RECORD_BODY}", fences::FENCE_CHECK)),
+            window_spec,
+            dws: FxHashMap::default(),
+            recorded_watermark: None,
             counters: WarehouseCounters::default(),
         }
     }
@@ -258,58 +317,132 @@ impl WarehouseSink {
             .as_ref()
             .is_some_and(|r| r.publish && r.seen.contains_key(&batch.partition));
         for part in batch.parts {
-            let key = (part.table, part.folder);
-            let generation = if into_next {
-                &mut self.next
-            } else {
-                &mut self.current
-            };
-            if !generation.files.contains_key(&key) {
-                self.seq += 1;
-                let file = open_file(
-                    &self.config.root,
-                    &self.instance,
-                    &self.run,
-                    self.seq,
-                    key.0,
-                    &key.1,
-                    self.properties(),
-                    &part.rows,
-                )?;
-                let generation = if into_next {
-                    &mut self.next
-                } else {
-                    &mut self.current
-                };
-                generation.files.insert(key.clone(), file);
-            }
-            let generation = if into_next {
-                &mut self.next
-            } else {
-                &mut self.current
-            };
-            generation.dirty.insert(batch.partition);
-            let file = generation
-                .files
-                .get_mut(&key)
-                .context("open file vanished")?;
-            file.writer
-                .write(&part.rows)
-                .with_context(|| format!("writing {}", file.hidden.display()))?;
-            file.rows += part.rows.num_rows() as u64;
-            self.counters.rows += part.rows.num_rows() as u64;
+            self.append(into_next, part)?;
+        }
+        let windows = self.dws.entry(batch.partition).or_default();
+        for ((start, business_id, state), counts) in batch.windows {
+            windows.add(&self.window_spec, start, business_id, state, counts);
         }
         Ok(())
     }
 
-    fn due(&self, kind: CheckpointKind) -> bool {
+    /// Appends rows to the open file of their (table, folder) in one generation.
+    fn append(&mut self, into_next: bool, part: TableRows) -> anyhow::Result<()> {
+        let key = (part.table, part.folder);
+        let exists = if into_next {
+            self.next.files.contains_key(&key)
+        } else {
+            self.current.files.contains_key(&key)
+        };
+        if !exists {
+            self.seq += 1;
+            let file = open_file(
+                &self.config.root,
+                &self.instance,
+                &self.run,
+                self.seq,
+                key.0,
+                &key.1,
+                self.properties(),
+                &part.rows,
+            )?;
+            let generation = if into_next {
+                &mut self.next
+            } else {
+                &mut self.current
+            };
+            generation.files.insert(key.clone(), file);
+        }
+        let generation = if into_next {
+            &mut self.next
+        } else {
+            &mut self.current
+        };
+        let file = generation
+            .files
+            .get_mut(&key)
+            .context("open file vanished")?;
+        file.writer
+            .write(&part.rows)
+            .with_context(|| format!("writing {}", file.hidden.display()))?;
+        file.rows += part.rows.num_rows() as u64;
+        self.counters.rows += part.rows.num_rows() as u64;
+        Ok(())
+    }
+
+    /// Writes the window results of a checkpoint as `dws_template_state_1m` rows into
+    /// the generation the checkpoint publishes (they belong before its barriers).
+    fn write_window_rows(
+        &mut self,
+        emitted: &BTreeMap<(WindowKey, bool), Counts>,
+    ) -> anyhow::Result<()> {
+        let folders = Folders::new(self.window_spec.tz);
+        let mut by_day: BTreeMap<String, DwsRows> = BTreeMap::new();
+        for (&((start, business_id, state), correction), counts) in emitted {
+            let day = folders
+                .day_folder(start)
+                .context("a window start outside the representable date range")?;
+            by_day.entry(day).or_default().append(
+                start,
+                self.window_spec.end_of(start),
+                business_id,
+                state,
+                counts.events,
+                counts.receivers,
+                correction,
+            );
+        }
+        for (folder, mut rows) in by_day {
+            self.append(
+                false,
+                TableRows {
+                    table: Table::DwsTemplateState,
+                    folder,
+                    rows: rows.finish(),
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// With nothing open, a checkpoint still records (no files) when the watermark
+    /// moved: stored watermarks drive partition commits of quiet streams.
+    fn quiet_progress(&self, watermark: Option<i64>) -> bool {
+        self.current.files.is_empty()
+            && watermark.is_some_and(|mark| {
+                self.recorded_watermark
+                    .is_none_or(|stored| mark >= stored + QUIET_RECORD_STEP_MS)
+            })
+    }
+
+    /// Whether this checkpoint publishes: on shutdown and revocation always (a record
+    /// without files still stores the fences and window state), else when an open
+    /// file is big or old enough or its folder is due for its partition commit.
+    fn due(&self, kind: CheckpointKind, watermark: Option<i64>) -> bool {
         let age = Duration::from_secs(self.config.roll_interval_secs);
         kind == CheckpointKind::Final
-            || self
-                .current
-                .files
-                .values()
-                .any(|f| f.size() >= self.config.target_file_bytes || f.opened.elapsed() >= age)
+            || self.current.files.iter().any(|((table, folder), f)| {
+                f.size() >= self.config.target_file_bytes
+                    || f.opened.elapsed() >= age
+                    // A folder due for its partition commit publishes now, not at the
+                    // next roll.
+                    || watermark.is_some_and(|mark| {
+                        self.commit_deadline(*table, folder)
+                            .is_some_and(|due| due <= mark)
+                    })
+            })
+    }
+
+    /// The watermark at which a folder is complete: the end of its hour (ods) or day
+    /// (dws, plus the allowed lateness: its last windows close then) plus the delay.
+    fn commit_deadline(&self, table: Table, folder: &str) -> Option<i64> {
+        let end = tables::folder_end(self.window_spec.tz, folder)?;
+        let delay = self.config.partition_commit_delay_ms as i64;
+        match table {
+            Table::OdsAnchorLog => Some(end + delay),
+            Table::DwsTemplateState => Some(end + self.window_spec.lateness_ms + delay),
+            Table::DeadLetter => None,
+        }
     }
 
     /// Handles a barrier; returns the fences to report once the checkpoint is complete.
@@ -325,20 +458,34 @@ impl WarehouseSink {
                     "checkpoint abandoned before all barriers arrived"
                 );
             }
-            let publish = self.due(barrier.spec.kind) && !self.current.files.is_empty();
+            let publish = self.due(barrier.spec.kind, barrier.spec.watermark)
+                || self.quiet_progress(barrier.spec.watermark);
             self.roll = Some(Roll {
                 spec: barrier.spec.clone(),
                 seen: BTreeMap::new(),
                 publish,
+                emitted: BTreeMap::new(),
+                states: BTreeMap::new(),
             });
         }
         let roll = self.roll.as_mut().context("roll state just set")?;
         roll.seen
             .insert(barrier.partition, (barrier.next_offset, barrier.claim));
+        let windows = self.dws.entry(barrier.partition).or_default();
+        let emitted = windows.close(&self.window_spec, barrier.spec.watermark);
+        for (late, results) in [(false, emitted.closed), (true, emitted.late)] {
+            for (key, counts) in results {
+                roll.emitted.entry((key, late)).or_default().add(counts);
+            }
+        }
+        roll.states.insert(barrier.partition, windows.encode());
         if roll.seen.len() < roll.spec.partitions.len() {
             return Ok(None);
         }
         let roll = self.roll.take().context("roll state just checked")?;
+        // Window results belong before the barriers: into the generation this
+        // checkpoint publishes (or the open one, published by a later roll).
+        self.write_window_rows(&roll.emitted)?;
         let ranges: Vec<FenceRange> = roll
             .seen
             .iter()
@@ -352,14 +499,23 @@ impl WarehouseSink {
                 )
             })
             .collect();
+        let watermark = roll.spec.watermark;
         if roll.publish {
             let current = std::mem::replace(&mut self.current, std::mem::take(&mut self.next));
-            if !self.publish(current, &ranges, roll.spec.id)? {
+            let commit = Commit {
+                ranges: &ranges,
+                states: &roll.states,
+                watermark,
+            };
+            if !self.publish(current, commit, roll.spec.id)? {
                 return Ok(None);
             }
             self.counters.rolls += 1;
             for range in &ranges {
                 self.fences.insert(range.partition, (range.epoch, range.to));
+            }
+            if watermark.is_some() {
+                self.commit_partitions()?;
             }
         } else {
             // Nothing recorded: fences stay where they are, or start at a new claim's.
@@ -383,12 +539,134 @@ impl WarehouseSink {
         Ok(Some((roll.spec.id, fences)))
     }
 
+    /// Commits every pending folder whose deadline the slowest partition of the topic
+    /// has passed: its stored watermark (each owner stores it with its records) covers
+    /// every partition, whichever instance owns it.
+    fn commit_partitions(&mut self) -> anyhow::Result<()> {
+        let keys = self.keys.clone();
+        let (pending, marks, fences) =
+            self.with_redis("reading pending partition commits", |conn| {
+                let pending: Vec<String> = redis::cmd("SMEMBERS")
+                    .arg(&keys.folders)
+                    .query(conn)
+                    .context("reading pending folders")?;
+                if pending.is_empty() {
+                    return Ok((pending, BTreeMap::new(), BTreeMap::new()));
+                }
+                let marks: BTreeMap<String, i64> = redis::cmd("HGETALL")
+                    .arg(&keys.watermarks)
+                    .query(conn)
+                    .context("reading stored watermarks")?;
+                let fences: BTreeMap<String, String> = redis::cmd("HGETALL")
+                    .arg(&keys.fences)
+                    .query(conn)
+                    .context("reading fences")?;
+                Ok((pending, marks, fences))
+            });
+        // A claimed partition that never stored a watermark holds every commit back.
+        let slowest = fences
+            .keys()
+            .filter_map(|k| k.strip_prefix("epoch:"))
+            .map(|p| marks.get(p).copied())
+            .collect::<Option<Vec<i64>>>()
+            .and_then(|marks| marks.into_iter().min());
+        let Some(slowest) = slowest else {
+            return Ok(());
+        };
+        for folder in pending {
+            let Some((table, below)) = folder.split_once('/') else {
+                continue;
+            };
+            let table = match table {
+                "ods_anchor_log" => Table::OdsAnchorLog,
+                "dws_template_state_1m" => Table::DwsTemplateState,
+                _ => continue,
+            };
+            if self
+                .commit_deadline(table, below)
+                .is_some_and(|due| due <= slowest)
+            {
+                self.commit_partition(&folder, table, below)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `_SUCCESS`, runs the hook, and marks the folder committed, under a lock
+    /// so that two instances do not commit one folder at once. A failed hook leaves the
+    /// folder pending; a later checkpoint tries again.
+    fn commit_partition(&mut self, folder: &str, table: Table, below: &str) -> anyhow::Result<()> {
+        let keys = self.keys.clone();
+        let lock = format!("{}:lock:{folder}", keys.committed);
+        let hold_ms = (self.config.partition_commit_hook_timeout_secs * 1000 + 30_000) as i64;
+        let instance = self.instance.clone();
+        let locked = self.with_redis("locking a partition commit", |conn| {
+            let reply: Option<String> = redis::cmd("SET")
+                .arg(&lock)
+                .arg(&instance)
+                .arg("NX")
+                .arg("PX")
+                .arg(hold_ms)
+                .query(conn)
+                .context("locking a partition commit")?;
+            let done: bool = redis::cmd("SISMEMBER")
+                .arg(&keys.committed)
+                .arg(folder)
+                .query(conn)
+                .context("checking a partition commit")?;
+            Ok(reply.is_some() && !done)
+        });
+        if !locked {
+            return Ok(());
+        }
+        let path = Path::new(&self.config.root).join(folder);
+        let marker = path.join("_SUCCESS");
+        File::create(&marker)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("writing {}", marker.display()))?;
+        sync_folders(std::iter::once(marker.as_path()))?;
+        let hook = run_hook(&self.config, table, &path, below);
+        if let Err(error) = &hook {
+            self.metrics.partition_commit_hook_failures.inc();
+            warn!(
+                folder,
+                error = format!("{error:#}"),
+                "partition commit hook failed; retrying at a later checkpoint"
+            );
+        }
+        let committed = hook.is_ok();
+        self.with_redis("finishing a partition commit", |conn| {
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            if committed {
+                pipe.cmd("SMOVE")
+                    .arg(&keys.folders)
+                    .arg(&keys.committed)
+                    .arg(folder)
+                    .ignore();
+            }
+            pipe.cmd("DEL").arg(&lock).ignore();
+            pipe.query::<()>(conn)
+                .context("marking a partition committed")
+        });
+        if committed {
+            info!(folder, "partition committed");
+            self.metrics
+                .partitions_committed
+                .get_or_create(&TableLabel {
+                    table: table.name(),
+                })
+                .inc();
+        }
+        Ok(())
+    }
+
     /// Closes, records and renames one generation of files. Returns false when the
     /// record was refused for good (the process is stopping; the files stay hidden).
     fn publish(
         &mut self,
         generation: Generation,
-        ranges: &[FenceRange],
+        commit: Commit<'_>,
         checkpoint: u64,
     ) -> anyhow::Result<bool> {
         let mut closed = Vec::new();
@@ -419,16 +697,50 @@ impl WarehouseSink {
                 .collect(),
         };
         let mut args = Vec::new();
-        fences::push_ranges(&mut args, SinkKind::Warehouse, ranges);
+        fences::push_ranges(&mut args, SinkKind::Warehouse, commit.ranges);
         args.push(record.id.clone().into_bytes());
         args.push(record.encode().into_bytes());
+        // Folders that received rows await their partition commit.
+        let root = Path::new(&self.config.root);
+        let folders: BTreeSet<String> = closed
+            .iter()
+            .filter(|c| c.table != Table::DeadLetter)
+            .filter_map(|c| c.visible.parent()?.strip_prefix(root).ok())
+            .map(|f| f.to_string_lossy().into_owned())
+            .collect();
+        args.push(folders.len().to_string().into_bytes());
+        args.extend(folders.into_iter().map(String::into_bytes));
+        args.push(
+            commit
+                .watermark
+                .map_or_else(|| "-".to_string(), |w| w.to_string())
+                .into_bytes(),
+        );
+        args.push(commit.ranges.len().to_string().into_bytes());
+        args.extend(
+            commit
+                .ranges
+                .iter()
+                .map(|r| r.partition.to_string().into_bytes()),
+        );
+        args.push(commit.states.len().to_string().into_bytes());
+        for (partition, state) in commit.states {
+            args.push(fences::dws_field(*partition).into_bytes());
+            args.push(state.clone().into_bytes());
+        }
         let script = self.record_script.clone();
         let keys = self.keys.clone();
         let mut attempt = 0u32;
         loop {
             let reply = self.with_redis("recording a commit", |conn| {
                 let mut invocation = script.key(&keys.fences);
-                invocation.key(&keys.lost).key(&keys.publish);
+                invocation
+                    .key(&keys.lost)
+                    .key(&keys.publish)
+                    .key(&keys.windows)
+                    .key(&keys.folders)
+                    .key(&keys.committed)
+                    .key(&keys.watermarks);
                 for arg in &args {
                     invocation.arg(arg.as_slice());
                 }
@@ -449,6 +761,12 @@ impl WarehouseSink {
             }
         }
         self.metrics.redis_state_lost.set(0);
+        if let Some(mark) = commit.watermark {
+            self.recorded_watermark = Some(self.recorded_watermark.map_or(mark, |r| r.max(mark)));
+        }
+        if record.files.is_empty() {
+            return Ok(true);
+        }
         fault::point(fault::AFTER_WAREHOUSE_RECORD);
         roll_forward(&record)?;
         let id = record.id.clone();
@@ -471,6 +789,49 @@ impl WarehouseSink {
             self.counters.files += 1;
         }
         Ok(true)
+    }
+}
+
+/// Runs the partition-commit hook, if one is configured, with the folder in its
+/// environment; kills it after the configured timeout.
+fn run_hook(
+    config: &WarehouseConfig,
+    table: Table,
+    path: &Path,
+    below: &str,
+) -> anyhow::Result<()> {
+    if config.partition_commit_hook.trim().is_empty() {
+        return Ok(());
+    }
+    let (date, hour) = tables::parse_folder(below).context("not a dt/hour folder")?;
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&config.partition_commit_hook)
+        .env("ANCHORFLOW_TABLE", table.name())
+        .env("ANCHORFLOW_PARTITION_PATH", path)
+        .env("ANCHORFLOW_DT", date.format("%Y-%m-%d").to_string())
+        .env(
+            "ANCHORFLOW_HOUR",
+            hour.map(|h| format!("{h:02}")).unwrap_or_default(),
+        )
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .context("starting the partition commit hook")?;
+    let deadline = Instant::now() + Duration::from_secs(config.partition_commit_hook_timeout_secs);
+    loop {
+        if let Some(status) = child.try_wait().context("waiting for the hook")? {
+            anyhow::ensure!(status.success(), "the hook exited with {status}");
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!(
+                "the hook ran longer than {} s and was killed",
+                config.partition_commit_hook_timeout_secs
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -612,6 +973,9 @@ impl Handler<WarehouseInput> for WarehouseSink {
                     fail_hard(e);
                 }
             }
+            WarehouseInput::Restore { partition, windows } => {
+                self.dws.insert(partition, windows);
+            }
             WarehouseInput::Barrier(barrier) => match self.on_barrier(barrier) {
                 Ok(Some((checkpoint, fences))) => {
                     // The source may already be gone during teardown; nothing to do then.
@@ -641,6 +1005,7 @@ mod tests {
             &Default::default(),
         )
         .unwrap();
+        let n = offsets.end - offsets.start;
         for offset in offsets {
             ods.append(&event, "t", partition, offset, 0);
         }
@@ -651,6 +1016,13 @@ mod tests {
                 folder: "dt=1970-01-01/hour=08".into(),
                 rows: ods.finish(),
             }],
+            windows: vec![(
+                (0, 3, 10),
+                Counts {
+                    events: n,
+                    receivers: n,
+                },
+            )],
         }
     }
 
@@ -666,6 +1038,158 @@ mod tests {
             next_offset,
             claim: claims[&partition],
         }
+    }
+
+    fn minute_windows() -> WindowSpec {
+        WindowSpec::new(60_000, 0, chrono_tz::Asia::Shanghai)
+    }
+
+    fn dws_rows(root: &Path) -> Vec<(i64, i64, i64, i32, i64, i64, bool)> {
+        use arrow_array::cast::AsArray;
+        use arrow_array::types::{Int32Type, Int64Type, TimestampMillisecondType};
+        let mut out = Vec::new();
+        let dir = root.join("dws_template_state_1m/dt=1970-01-01");
+        for entry in fs::read_dir(dir).into_iter().flatten() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "parquet") {
+                continue;
+            }
+            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                File::open(&path).unwrap(),
+            )
+            .unwrap()
+            .build()
+            .unwrap();
+            for batch in reader {
+                let batch = batch.unwrap();
+                let ts = |i: usize| batch.column(i).as_primitive::<TimestampMillisecondType>();
+                let int = |i: usize| batch.column(i).as_primitive::<Int64Type>();
+                for r in 0..batch.num_rows() {
+                    out.push((
+                        ts(0).value(r),
+                        ts(1).value(r),
+                        int(2).value(r),
+                        batch.column(3).as_primitive::<Int32Type>().value(r),
+                        int(4).value(r),
+                        int(5).value(r),
+                        batch.column(6).as_boolean().value(r),
+                    ));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Window rows and partition commits: a window closes into one row, a late event
+    /// into a correction row, a complete hour folder gets `_SUCCESS` and the hook runs
+    /// once, also for a new sink on the same Redis (a restart).
+    #[test]
+    fn closes_windows_into_rows_and_commits_complete_folders_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let hook_log = dir.path().join("hook.log");
+        let root = dir.path().join("w");
+        let config = WarehouseConfig {
+            root: root.to_string_lossy().into(),
+            partition_commit_hook: format!(
+                "echo \"$ANCHORFLOW_TABLE $ANCHORFLOW_DT $ANCHORFLOW_HOUR $ANCHORFLOW_PARTITION_PATH\" >> {}",
+                hook_log.display()
+            ),
+            ..Default::default()
+        };
+        let (redis, keys) = test_redis();
+        let mut conn = fences::connect(&redis.url, Duration::from_secs(5)).unwrap();
+        let claims = fences::claim(&mut conn, &keys, &[0], |fresh| {
+            Ok(fresh.iter().map(|p| (*p, 0)).collect())
+        })
+        .unwrap();
+        let sink = |config: &WarehouseConfig| {
+            let (tx, _rx) = std::sync::mpsc::channel();
+            WarehouseSink::new(
+                config.clone(),
+                &redis,
+                minute_windows(),
+                keys.clone(),
+                "t1".into(),
+                Metrics::new(),
+                tx,
+            )
+        };
+        let mut first = sink(&config);
+        let checkpoint = |id, watermark| {
+            Arc::new(CheckpointSpec {
+                id,
+                partitions: vec![0],
+                kind: CheckpointKind::Periodic,
+                watermark,
+            })
+        };
+        first.write_rows(rows(0, 0..3)).unwrap();
+        // The hour 08:00-09:00 (Shanghai) of 1970-01-01 ends at 3,600,000 ms. One
+        // millisecond before, the minute window [0, 60 s) closes into the open files,
+        // which are young and small: nothing is published yet.
+        let (_, fences) = first
+            .on_barrier(barrier(&checkpoint(1, Some(3_599_999)), 0, 3, &claims))
+            .unwrap()
+            .unwrap();
+        assert_eq!(fences, vec![(0, 0)]);
+        assert!(dws_rows(&root).is_empty());
+        // A late event for the closed window becomes a correction row. The watermark
+        // reaches the hour's end: its folder is due, which rolls the files, and the
+        // folder is committed.
+        first.write_rows(rows(0, 3..4)).unwrap();
+        let (_, fences) = first
+            .on_barrier(barrier(&checkpoint(2, Some(3_600_000)), 0, 4, &claims))
+            .unwrap()
+            .unwrap();
+        assert_eq!(fences, vec![(0, 4)]);
+        assert_eq!(
+            dws_rows(&root),
+            vec![
+                (0, 60_000, 3, 10, 1, 1, true),
+                (0, 60_000, 3, 10, 3, 3, false)
+            ]
+        );
+        assert!(root
+            .join("ods_anchor_log/dt=1970-01-01/hour=08/_SUCCESS")
+            .exists());
+        assert!(
+            !root
+                .join("dws_template_state_1m/dt=1970-01-01/_SUCCESS")
+                .exists(),
+            "the day is not over"
+        );
+        let log = fs::read_to_string(&hook_log).unwrap();
+        let expected = format!(
+            "ods_anchor_log 1970-01-01 08 {}\n",
+            root.join("ods_anchor_log/dt=1970-01-01/hour=08").display()
+        );
+        assert_eq!(log, expected);
+        // A restarted sink on the same Redis does not commit the folder again.
+        drop(first);
+        let mut second = sink(&config);
+        second.commit_partitions().unwrap();
+        assert_eq!(fs::read_to_string(&hook_log).unwrap(), expected);
+        // The day folder commits once the watermark passes local midnight (16:00 UTC).
+        second.recorded_watermark = None;
+        let claims = fences::claim(&mut conn, &keys, &[0], |_| unreachable!()).unwrap();
+        let day_over = Arc::new(CheckpointSpec {
+            id: 1,
+            partitions: vec![0],
+            kind: CheckpointKind::Final,
+            watermark: Some(16 * 3_600_000),
+        });
+        second
+            .on_barrier(barrier(&day_over, 0, 4, &claims))
+            .unwrap();
+        assert!(root
+            .join("dws_template_state_1m/dt=1970-01-01/_SUCCESS")
+            .exists());
+        assert_eq!(
+            fs::read_to_string(&hook_log).unwrap().lines().count(),
+            2,
+            "one more hook run, for the day folder"
+        );
     }
 
     /// The test Redis started by `scripts/test-env.sh` (database 12, which no other
@@ -744,6 +1268,7 @@ mod tests {
         let mut sink = WarehouseSink::new(
             config,
             &redis,
+            minute_windows(),
             keys.clone(),
             "t1".into(),
             Metrics::new(),
@@ -755,6 +1280,7 @@ mod tests {
             id: 1,
             partitions: vec![0, 1],
             kind: CheckpointKind::Final,
+            watermark: None,
         });
         assert!(sink
             .on_barrier(barrier(&spec, 0, 3, &claims))
@@ -784,6 +1310,7 @@ mod tests {
             id: 2,
             partitions: vec![0, 1],
             kind: CheckpointKind::Periodic,
+            watermark: None,
         });
         sink.on_barrier(barrier(&spec, 0, 5, &claims)).unwrap();
         let (_, fences) = sink

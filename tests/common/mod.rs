@@ -106,16 +106,8 @@ pub fn config(topic: &str, redis_url: &str, warehouse: &Path) -> Config {
 
 /// Generated records: realistic events with about 4 % malformed ones.
 pub fn generate(seed: u64, count: usize, max_ids: usize) -> Vec<Option<Vec<u8>>> {
-    let config = anchorflow::generator::GeneratorConfig {
-        seed,
-        bad_per_mille: 40,
-        max_ids,
-        ..Default::default()
-    };
-    anchorflow::generator::Generator::new(config)
-        .take(count)
-        .map(|g| g.value)
-        .collect()
+    let defaults = anchorflow::generator::GeneratorConfig::default();
+    generate_spread(seed, count, max_ids, defaults.start_ms, defaults.step_ms)
 }
 
 /// Stored fences per partition, as `(epoch, redis, warehouse)` with -1 for absent.
@@ -361,6 +353,13 @@ fn col<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> &'a T {
 pub fn read_warehouse(root: &Path) -> Vec<Row> {
     let mut rows = Vec::new();
     for path in parquet_files(root) {
+        // Window results have no Kafka coordinates; `read_dws` reads them.
+        if path
+            .strip_prefix(root)
+            .is_ok_and(|p| p.starts_with("dws_template_state_1m"))
+        {
+            continue;
+        }
         let folder = path
             .parent()
             .unwrap()
@@ -500,4 +499,289 @@ pub fn check_warehouse(
         hidden_files(root)
     );
     duplicates
+}
+
+/// Generated records whose event times start at `start_ms` and advance `step_ms` per
+/// send, so that a test spans several windows, hours or a midnight.
+pub fn generate_spread(
+    seed: u64,
+    count: usize,
+    max_ids: usize,
+    start_ms: i64,
+    step_ms: i64,
+) -> Vec<Option<Vec<u8>>> {
+    let config = anchorflow::generator::GeneratorConfig {
+        seed,
+        bad_per_mille: 40,
+        max_ids,
+        start_ms,
+        step_ms,
+        ..Default::default()
+    };
+    anchorflow::generator::Generator::new(config)
+        .take(count)
+        .map(|g| g.value)
+        .collect()
+}
+
+/// `(window start, businessId, state)`.
+pub type WindowKey = (i64, i64, i64);
+
+/// `(events, receivers)` per window key.
+pub type WindowCounts = BTreeMap<WindowKey, (i64, i64)>;
+
+/// Start of the one-minute window (the default size) holding `ts`, computed by hand.
+pub fn minute_of(ts: i64) -> i64 {
+    ts - ts.rem_euclid(60_000)
+}
+
+/// The oracle's window counts: `(events, receivers)` per one-minute window,
+/// businessId and state, over every valid record produced.
+pub fn expected_windows(produced: &Produced, max_ids: usize) -> BTreeMap<WindowKey, (i64, i64)> {
+    let mut out: BTreeMap<WindowKey, (i64, i64)> = BTreeMap::new();
+    for records in produced.values() {
+        for event in records.iter().filter_map(|r| oracle_parse(r, max_ids)) {
+            let entry = out
+                .entry((
+                    minute_of(event.log_timestamp),
+                    event.business_id,
+                    event.state,
+                ))
+                .or_default();
+            entry.0 += 1;
+            entry.1 += event.ids.len() as i64;
+        }
+    }
+    out
+}
+
+/// The window series hashes (`anchorflow:series:{B}`, field `{start}:{state}`) and
+/// their TTLs, read in one transaction with the stored open windows of every partition.
+pub struct SeriesSnapshot {
+    pub series: BTreeMap<WindowKey, i64>,
+    pub ttls: BTreeMap<String, i64>,
+    /// Per partition, the decoded `series:{p}` and `dws:{p}` open-window states.
+    pub windows: BTreeMap<String, String>,
+}
+
+pub fn read_series(url: &str, group: &str, topic: &str) -> SeriesSnapshot {
+    let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("anchorflow:series:*")
+        .query(&mut conn)
+        .unwrap();
+    let windows_key = anchorflow_actors::fences::FenceKeys::new(group, topic).windows;
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for key in &keys {
+        pipe.cmd("HGETALL").arg(key).cmd("PTTL").arg(key);
+    }
+    pipe.cmd("HGETALL").arg(&windows_key);
+    let mut replies: Vec<redis::Value> = pipe.query(&mut conn).unwrap();
+    let windows: BTreeMap<String, String> =
+        redis::from_redis_value(replies.pop().unwrap()).unwrap();
+    let mut out = SeriesSnapshot {
+        series: BTreeMap::new(),
+        ttls: BTreeMap::new(),
+        windows,
+    };
+    for (key, pair) in keys.iter().zip(replies.chunks(2)) {
+        let business_id: i64 = key["anchorflow:series:".len()..].parse().unwrap();
+        let fields: BTreeMap<String, i64> = redis::from_redis_value(pair[0].clone()).unwrap();
+        for (field, n) in fields {
+            let (start, state) = field.split_once(':').expect("field {start}:{state}");
+            out.series.insert(
+                (start.parse().unwrap(), business_id, state.parse().unwrap()),
+                n,
+            );
+        }
+        out.ttls.insert(
+            key.clone(),
+            redis::from_redis_value(pair[1].clone()).unwrap(),
+        );
+    }
+    out
+}
+
+/// Sums the open windows stored for one owner (`series` or `dws`) over partitions,
+/// with each partition's closed-through watermark. Decoded by hand: lines
+/// `c <ms|->` and `w <start> <businessId> <state> <events> <receivers>`.
+pub fn stored_open_windows(
+    windows: &BTreeMap<String, String>,
+    owner: &str,
+) -> (WindowCounts, BTreeMap<i32, Option<i64>>) {
+    let mut open: BTreeMap<WindowKey, (i64, i64)> = BTreeMap::new();
+    let mut closed = BTreeMap::new();
+    for (field, text) in windows {
+        let Some(p) = field.strip_prefix(&format!("{owner}:")) else {
+            continue;
+        };
+        let p: i32 = p.parse().unwrap();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            match f[0] {
+                "c" => {
+                    let c = f[1].parse::<i64>().ok();
+                    let entry = closed.entry(p).or_insert(c);
+                    *entry = (*entry).max(c);
+                }
+                "w" => {
+                    let n = |i: usize| f[i].parse::<i64>().unwrap();
+                    let entry = open.entry((n(1), n(2), n(3))).or_default();
+                    entry.0 += n(4);
+                    entry.1 += n(5);
+                }
+                other => panic!("unexpected window state line {other:?}"),
+            }
+        }
+    }
+    (open, closed)
+}
+
+/// One `dws_template_state_1m` row.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DwsRow {
+    pub key: WindowKey,
+    pub window_end: i64,
+    pub events: i64,
+    pub receivers: i64,
+    pub is_correction: bool,
+    /// `dt=…` folder below the table.
+    pub folder: String,
+}
+
+pub fn read_dws(root: &Path) -> Vec<DwsRow> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::TimestampMillisecondType;
+    let mut out = Vec::new();
+    for path in parquet_files(&root.join("dws_template_state_1m")) {
+        let folder = path
+            .parent()
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        for batch in batches(&path) {
+            let ts = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .unwrap()
+                    .as_primitive::<TimestampMillisecondType>()
+                    .clone()
+            };
+            let (starts, ends) = (ts("window_start"), ts("window_end"));
+            for i in 0..batch.num_rows() {
+                out.push(DwsRow {
+                    key: (
+                        starts.value(i),
+                        col::<Int64Array>(&batch, "business_id").value(i),
+                        col::<Int32Array>(&batch, "state").value(i) as i64,
+                    ),
+                    window_end: ends.value(i),
+                    events: col::<Int64Array>(&batch, "events").value(i),
+                    receivers: col::<Int64Array>(&batch, "receivers").value(i),
+                    is_correction: col::<arrow_array::BooleanArray>(&batch, "is_correction")
+                        .value(i),
+                    folder: folder.clone(),
+                });
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// What the window outputs hold once every partition is fenced at its end.
+pub struct WindowOutputs {
+    pub series: SeriesSnapshot,
+    pub dws: Vec<DwsRow>,
+    /// Closed-through watermark per partition, per owner.
+    pub series_closed: BTreeMap<i32, Option<i64>>,
+    pub dws_closed: BTreeMap<i32, Option<i64>>,
+}
+
+/// Conservation of every event in the windowed outputs, whatever closed when: per
+/// (window, businessId, state), the series hash plus the open series windows stored
+/// in Redis equals the oracle's events, and the `dws_template_state_1m` rows plus the
+/// stored open dws windows equal the oracle's events and receivers. A duplicate or a
+/// loss anywhere breaks an equality. Also checks the series TTLs (30 days) and that
+/// every dws row sits in the `dt=` folder of its window start in Asia/Shanghai.
+pub fn check_windows(
+    url: &str,
+    root: &Path,
+    group: &str,
+    topic: &str,
+    produced: &Produced,
+    max_ids: usize,
+) -> WindowOutputs {
+    check_windows_with(url, root, group, topic, produced, max_ids, true)
+}
+
+/// [`check_windows`]; with `dws_complete` false (after `fences recover`, which cannot
+/// restore the dws windows open when Redis lost them) the dws side must only hold no
+/// more than the oracle per key: nothing duplicated, shares of those windows missing.
+pub fn check_windows_with(
+    url: &str,
+    root: &Path,
+    group: &str,
+    topic: &str,
+    produced: &Produced,
+    max_ids: usize,
+    dws_complete: bool,
+) -> WindowOutputs {
+    let expected = expected_windows(produced, max_ids);
+    let series = read_series(url, group, topic);
+    let (open_series, series_closed) = stored_open_windows(&series.windows, "series");
+    let (open_dws, dws_closed) = stored_open_windows(&series.windows, "dws");
+    let mut from_series: BTreeMap<WindowKey, i64> = series.series.clone();
+    for (key, (events, _)) in &open_series {
+        *from_series.entry(*key).or_default() += events;
+    }
+    let expected_events: BTreeMap<WindowKey, i64> =
+        expected.iter().map(|(k, (e, _))| (*k, *e)).collect();
+    assert_eq!(
+        from_series, expected_events,
+        "series hash + open series windows = the oracle's events"
+    );
+    let dws = read_dws(root);
+    let mut from_dws: BTreeMap<WindowKey, (i64, i64)> = open_dws;
+    for row in &dws {
+        let entry = from_dws.entry(row.key).or_default();
+        entry.0 += row.events;
+        entry.1 += row.receivers;
+        assert_eq!(row.window_end, row.key.0 + 60_000, "window end of {row:?}");
+        let local = chrono::DateTime::from_timestamp_millis(row.key.0 + 8 * 3_600_000).unwrap();
+        assert_eq!(
+            row.folder,
+            local.format("dt=%Y-%m-%d").to_string(),
+            "{row:?}"
+        );
+    }
+    if dws_complete {
+        assert_eq!(
+            from_dws, expected,
+            "dws rows + open dws windows = the oracle's events and receivers"
+        );
+    } else {
+        for (key, (events, receivers)) in &from_dws {
+            let (e, r) = expected.get(key).copied().unwrap_or_default();
+            assert!(
+                *events <= e && *receivers <= r,
+                "dws of {key:?} holds ({events}, {receivers}), more than the oracle's ({e}, {r})"
+            );
+        }
+    }
+    for (key, ttl) in &series.ttls {
+        assert!(
+            (29 * 86_400_000..=30 * 86_400_000).contains(ttl),
+            "ttl of {key} is {ttl} ms"
+        );
+    }
+    WindowOutputs {
+        series,
+        dws,
+        series_closed,
+        dws_closed,
+    }
 }
