@@ -296,12 +296,12 @@ pub fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<i32> {
         files.len(),
         options.warehouse.display()
     );
-    for table in ["ods_anchor_log", "dead_letter"] {
+    for table in ["ods_anchor_log", "dws_template_state_1m", "dead_letter"] {
         let n = files
             .iter()
             .filter(|f| f.to_string_lossy().contains(table))
             .count();
-        println!("  {table:<16} {n} files");
+        println!("  {table:<21} {n} files");
     }
     let root = options
         .warehouse
@@ -312,6 +312,12 @@ pub fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<i32> {
         "  duckdb -c \"SELECT business_id, state, count(*) AS events, sum(len(ids)) AS receivers \
          FROM read_parquet('{}/ods_anchor_log/*/*/*.parquet', hive_partitioning=true) \
          GROUP BY ALL ORDER BY business_id, state\"",
+        root.display()
+    );
+    println!(
+        "  duckdb -c \"SELECT window_start, business_id, state, sum(events) AS events \
+         FROM read_parquet('{}/dws_template_state_1m/*/*.parquet', hive_partitioning=true) \
+         GROUP BY ALL ORDER BY ALL LIMIT 20\"",
         root.display()
     );
     Ok(code)
