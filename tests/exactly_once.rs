@@ -210,22 +210,21 @@ impl Setup {
 
     /// The final comparison with the oracle.
     fn check(&self, produced: &Produced) {
-        self.check_with(produced, true);
+        self.check_with(produced, Dws::Complete);
     }
 
-    /// [`Self::check`]; `dws_complete` false after `fences recover` (see
-    /// `check_windows_with`).
-    fn check_with(&self, produced: &Produced, dws_complete: bool) {
+    /// [`Self::check`] with an explicit expectation of the dws side.
+    fn check_with(&self, produced: &Produced, dws: Dws) {
         check_redis(&self.url, produced, MAX_IDS, self.started);
         check_warehouse(self.warehouse.path(), produced, MAX_IDS, false);
-        check_windows_with(
+        check_windows(
             &self.url,
             self.warehouse.path(),
             &self.group,
             &self.topic,
             produced,
             MAX_IDS,
-            dws_complete,
+            dws,
         );
         for (p, records) in produced {
             let (_, redis, warehouse) = self.fences()[p];
@@ -691,6 +690,6 @@ fn redis_restarted_empty_is_detected_and_recovered_exactly() {
     last.stop();
     // The dws windows open when Redis lost its data cannot be restored by
     // `fences recover` (docs/event-time.md, Limits); the series is rebuilt exactly.
-    setup.check_with(&produced, false);
+    setup.check_with(&produced, Dws::NoMoreThanOracle);
     drop(redis);
 }

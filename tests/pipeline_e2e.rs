@@ -205,6 +205,7 @@ fn redis_and_warehouse_equal_the_oracle() {
         &topic,
         &produced,
         max_ids,
+        Dws::Complete,
     );
     let expected = expected_windows(&produced, max_ids);
     let closed = |key: &WindowKey| key.0 + 60_000 <= expected_watermark;
@@ -389,6 +390,7 @@ fn graceful_restart_loses_and_duplicates_nothing() {
         &topic,
         &produced,
         config.decode.max_ids,
+        Dws::Complete,
     );
 }
 
@@ -448,5 +450,6 @@ fn a_second_instance_joining_mid_stream_loses_and_duplicates_nothing() {
         &topic,
         &produced,
         base.decode.max_ids,
+        Dws::Complete,
     );
 }

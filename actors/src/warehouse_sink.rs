@@ -1170,18 +1170,16 @@ mod tests {
         let mut second = sink(&config);
         second.commit_partitions().unwrap();
         assert_eq!(fs::read_to_string(&hook_log).unwrap(), expected);
-        // The day folder commits once the watermark passes local midnight (16:00 UTC).
-        second.recorded_watermark = None;
+        // The day folder commits once the watermark passes local midnight (16:00 UTC),
+        // even in a quiet stream: with nothing open, a periodic checkpoint records the
+        // watermark without files.
         let claims = fences::claim(&mut conn, &keys, &[0], |_| unreachable!()).unwrap();
-        let day_over = Arc::new(CheckpointSpec {
-            id: 1,
-            partitions: vec![0],
-            kind: CheckpointKind::Final,
-            watermark: Some(16 * 3_600_000),
-        });
-        second
-            .on_barrier(barrier(&day_over, 0, 4, &claims))
+        let (_, fences) = second
+            .on_barrier(barrier(&checkpoint(1, Some(16 * 3_600_000)), 0, 4, &claims))
+            .unwrap()
             .unwrap();
+        assert_eq!(fences, vec![(0, 4)]);
+        assert_eq!(second.counters().files, 0, "a record without files");
         assert!(root
             .join("dws_template_state_1m/dt=1970-01-01/_SUCCESS")
             .exists());

@@ -692,6 +692,17 @@ pub fn read_dws(root: &Path) -> Vec<DwsRow> {
     out
 }
 
+/// What [`check_windows`] expects of the `dws_template_state_1m` side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dws {
+    /// Rows plus stored open windows equal the oracle.
+    Complete,
+    /// After `fences recover`, which cannot restore the dws windows open when Redis
+    /// lost them: no key holds more than the oracle (nothing duplicated; shares of
+    /// those windows missing).
+    NoMoreThanOracle,
+}
+
 /// What the window outputs hold once every partition is fenced at its end.
 pub struct WindowOutputs {
     pub series: SeriesSnapshot,
@@ -714,21 +725,7 @@ pub fn check_windows(
     topic: &str,
     produced: &Produced,
     max_ids: usize,
-) -> WindowOutputs {
-    check_windows_with(url, root, group, topic, produced, max_ids, true)
-}
-
-/// [`check_windows`]; with `dws_complete` false (after `fences recover`, which cannot
-/// restore the dws windows open when Redis lost them) the dws side must only hold no
-/// more than the oracle per key: nothing duplicated, shares of those windows missing.
-pub fn check_windows_with(
-    url: &str,
-    root: &Path,
-    group: &str,
-    topic: &str,
-    produced: &Produced,
-    max_ids: usize,
-    dws_complete: bool,
+    dws_expectation: Dws,
 ) -> WindowOutputs {
     let expected = expected_windows(produced, max_ids);
     let series = read_series(url, group, topic);
@@ -758,7 +755,7 @@ pub fn check_windows_with(
             "{row:?}"
         );
     }
-    if dws_complete {
+    if dws_expectation == Dws::Complete {
         assert_eq!(
             from_dws, expected,
             "dws rows + open dws windows = the oracle's events and receivers"
