@@ -3,6 +3,7 @@
 # prints `export` lines for them:
 #   ANCHORFLOW_TEST_REDIS_URL  a private redis-server (installed with apt-get if missing)
 #   ANCHORFLOW_TEST_BROKERS    tansu, a Kafka-protocol broker (built once into a cache)
+#   ANCHORFLOW_TEST_TANSU      the tansu binary, for tests that run a broker of their own
 # Usage: eval "$(scripts/test-env.sh start)"; ...; scripts/test-env.sh stop
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -28,6 +29,9 @@ ensure_packages() {
   command -v pkg-config >/dev/null || missing+=(pkg-config)
   [ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
   command -v cc >/dev/null || missing+=(build-essential)
+  # The warehouse fault tests run a child as `nobody` (setpriv) on a tmpfs (mount).
+  command -v setpriv >/dev/null || missing+=(util-linux)
+  command -v mount >/dev/null || missing+=(mount)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}" >&2
     local sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
@@ -55,6 +59,8 @@ start() {
   wait_port 127.0.0.1 "$kafka_port" 30
   echo "export ANCHORFLOW_TEST_REDIS_URL=redis://127.0.0.1:$redis_port"
   echo "export ANCHORFLOW_TEST_BROKERS=127.0.0.1:$kafka_port"
+  # Fault tests start (and pause) private brokers of their own.
+  echo "export ANCHORFLOW_TEST_TANSU=$tansu"
 }
 
 stop() {

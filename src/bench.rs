@@ -139,6 +139,7 @@ fn cpu_rate(payloads: &[Option<Vec<u8>>], events: usize, config: &Config) -> f64
             if let Ok(event) = decode(payload.as_deref(), &config.decode) {
                 let shard = shard_of(event.business_id, shards);
                 batches[shard].push(
+                    done as i64,
                     event.state,
                     event.business_id,
                     event.log_timestamp,
@@ -146,7 +147,7 @@ fn cpu_rate(payloads: &[Option<Vec<u8>>], events: usize, config: &Config) -> f64
                     event.message_id.as_deref(),
                 );
                 if batches[shard].events.len() >= 4096 {
-                    states[shard].fold(&batches[shard]);
+                    states[shard].fold(&batches[shard], None);
                     batches[shard] = EventBatch::new(0);
                 }
             }
@@ -159,7 +160,7 @@ fn cpu_rate(payloads: &[Option<Vec<u8>>], events: usize, config: &Config) -> f64
         states = (0..shards).map(|_| PartitionState::default()).collect();
     }
     for (state, batch) in states.iter_mut().zip(&batches) {
-        state.fold(batch);
+        state.fold(batch, None);
     }
     std::hint::black_box(&states);
     done as f64 / started.elapsed().as_secs_f64()

@@ -250,6 +250,12 @@ pub fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<i32> {
         .and_then(|mut conn| fences::forget(&mut conn, &keys))
         .context("clearing an earlier demo run's fences")?;
     config.warehouse.root = options.warehouse.to_string_lossy().into_owned();
+    anchorflow_actors::warehouse_files::forget_published(
+        &options.warehouse,
+        &config.source.group_id,
+        &config.source.topic,
+    )
+    .context("clearing an earlier demo run's published marks")?;
     let metrics = Metrics::new();
     if !options.metrics_listen.is_empty() {
         match crate::http::serve(&options.metrics_listen, metrics.clone()) {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anchorflow_actors::config::Config;
 use anchorflow_actors::fences::{self, FenceKeys};
+use anchorflow_actors::warehouse_files::{cap_published, discard, published_fences, roll_forward};
 use anyhow::{bail, Context as _};
 use arrow_array::{Array, Int32Array, Int64Array, StringArray};
 use clap::{Subcommand, ValueEnum};
@@ -162,6 +163,40 @@ fn scan_file(path: &Path, topic: &str, out: &mut BTreeMap<i32, i64>) -> anyhow::
     Ok(())
 }
 
+/// Publishes every recorded commit it can; a commit a file of which is lost is
+/// discarded whole (its other files removed) and its ranges are re-read: returns, per
+/// partition, where the earliest discarded range started.
+fn complete_or_discard(
+    conn: &mut redis::Connection,
+    keys: &FenceKeys,
+    root: &Path,
+    group: &str,
+    topic: &str,
+) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let mut repaired: BTreeMap<i32, i64> = BTreeMap::new();
+    for record in fences::pending_publishes(conn, keys)? {
+        match roll_forward(&record) {
+            Ok(()) => println!("published recorded commit {}", record.id),
+            Err(error) => {
+                println!(
+                    "recorded commit {} cannot be published ({error:#}): its files are removed and its ranges read again",
+                    record.id
+                );
+                discard(&record)?;
+                for range in &record.ranges {
+                    let start = repaired.entry(range.partition).or_insert(range.from);
+                    *start = (*start).min(range.from);
+                }
+            }
+        }
+        fences::publish_done(conn, keys, &record.id)?;
+    }
+    if !repaired.is_empty() {
+        cap_published(root, group, topic, &repaired)?;
+    }
+    Ok(repaired)
+}
+
 pub fn run(config: &Config, command: FencesCommand) -> anyhow::Result<()> {
     let keys = FenceKeys::new(&config.source.group_id, &config.source.topic);
     let timeout = Duration::from_secs(config.redis.command_timeout_secs);
@@ -193,9 +228,31 @@ pub fn run(config: &Config, command: FencesCommand) -> anyhow::Result<()> {
                     show(*committed)
                 );
             }
+            for (p, (total, last)) in anchorflow_actors::skipped::read(&mut conn, &keys)? {
+                println!(
+                    "partition {p}: skipped {total} records the broker no longer held (last range {last})"
+                );
+            }
+            let conflicts: BTreeMap<String, i64> = redis::cmd("HGETALL")
+                .arg(&keys.conflicts)
+                .query(&mut conn)
+                .context("reading conflicts")?;
+            if !conflicts.is_empty() {
+                println!("writes Redis refused (reason key: values lost), last 30 days:");
+                for (what, lost) in conflicts.iter().take(50) {
+                    println!("  {what}: {lost}");
+                }
+                if conflicts.len() > 50 {
+                    println!("  … and {} more keys", conflicts.len() - 50);
+                }
+            }
         }
         FencesCommand::Recover { redis_from } => {
-            let files = warehouse_fences(Path::new(&config.warehouse.root), &config.source.topic)?;
+            let root = Path::new(&config.warehouse.root);
+            let (group, topic) = (&config.source.group_id, &config.source.topic);
+            let repaired = complete_or_discard(&mut conn, &keys, root, group, topic)?;
+            let files = warehouse_fences(root, topic)?;
+            let marks = published_fences(root, group, topic)?;
             let mut new = BTreeMap::new();
             for (&p, &(low, _, committed)) in &kafka {
                 let redis = match redis_from {
@@ -205,12 +262,20 @@ pub fn run(config: &Config, command: FencesCommand) -> anyhow::Result<()> {
                         format!("partition {p} has no Redis fence to keep; choose earliest or committed")
                     })?,
                 };
-                // A partition without published rows restarts its warehouse output at
-                // the oldest record Kafka holds.
-                let warehouse = files.get(&p).copied().unwrap_or(low).max(low);
+                // The warehouse holds what its files hold and what it recorded as
+                // published (ranges without rows count too); a partition without either
+                // restarts at the oldest record Kafka holds. A commit whose files were
+                // lost is re-read from where it started.
+                let published = files.get(&p).copied().max(marks.get(&p).copied());
+                let warehouse = repaired
+                    .get(&p)
+                    .copied()
+                    .or(published)
+                    .unwrap_or(low)
+                    .max(low);
                 new.insert(p, (redis, warehouse));
             }
-            fences::reset(&mut conn, &keys, &new)?;
+            fences::reset(&mut conn, &keys, &new, &stored)?;
             println!("partition\tredis\twarehouse");
             for (p, (redis, warehouse)) in &new {
                 println!("{p}\t{redis}\t{warehouse}");

@@ -15,15 +15,22 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use actix::prelude::*;
-use anchorflow_actors::aggregator::Aggregator;
+use anchorflow_actors::aggregator::{Aggregator, AGGREGATOR_MAILBOX};
+use anchorflow_actors::clock::Clock;
 use anchorflow_actors::config::Config;
 use anchorflow_actors::fences::{self, FenceKeys};
-use anchorflow_actors::kafka_source::{KafkaSource, ReaderFactory, Shutdown};
+use anchorflow_actors::held::Held;
+use anchorflow_actors::kafka_source::{KafkaSource, ReaderFactory, Shutdown, SOURCE_MAILBOX};
+use anchorflow_actors::mailbox::Mailbox;
+use anchorflow_actors::messages::ShardInput;
 use anchorflow_actors::metrics::Metrics;
-use anchorflow_actors::partition_reader::ReaderLinks;
-use anchorflow_actors::redis_sink::RedisSink;
-use anchorflow_actors::timer::Timer;
-use anchorflow_actors::warehouse_sink::WarehouseSink;
+use anchorflow_actors::partition_committer::{PartitionCommitter, COMMITTER_MAILBOX};
+use anchorflow_actors::partition_reader::{ReaderContext, ReaderLinks};
+use anchorflow_actors::redis_commit::KeyLayout;
+use anchorflow_actors::redis_sink::{RedisSink, REDIS_SINK_MAILBOX};
+use anchorflow_actors::timer::{Timer, TIMER_MAILBOX};
+use anchorflow_actors::warehouse_files::PublishedMarks;
+use anchorflow_actors::warehouse_sink::{WarehouseSink, WAREHOUSE_SINK_MAILBOX};
 use anchorflow_actors::watermark::Watermarks;
 use anyhow::Context as _;
 use tokio::sync::watch;
@@ -149,8 +156,10 @@ pub fn run(
 
         let redis_thread = Arbiter::new();
         let keys = FenceKeys::new(&config.source.group_id, &config.source.topic);
-        let (c, m, n, k) = (config.redis.clone(), metrics.clone(), notices_tx.clone(), keys.clone());
-        let redis = Supervisor::start_in_arbiter(&redis_thread.handle(), move |_| RedisSink::new(c, tz, shards, m, n, k));
+        let clock = Clock::default();
+        let held = Held::default();
+        let (c, m, n, k, t) = (config.redis.clone(), metrics.clone(), notices_tx.clone(), keys.clone(), clock.clone());
+        let redis = Supervisor::start_in_arbiter(&redis_thread.handle(), move |_| RedisSink::new(c, tz, shards, m, n, k, t));
 
         let warehouse_thread = Arbiter::new();
         let (c, r, i, m, n) = (
@@ -160,13 +169,39 @@ pub fn run(
             metrics.clone(),
             notices_tx.clone(),
         );
-        let warehouse =
-            Supervisor::start_in_arbiter(&warehouse_thread.handle(), move |_| WarehouseSink::new(c, &r, windows, keys, i, m, n));
+        let committer = {
+            let (c, r, i, m, k) = (
+                config.warehouse.clone(),
+                config.redis.clone(),
+                config.source.instance_id.clone(),
+                metrics.clone(),
+                keys.clone(),
+            );
+            let addr = PartitionCommitter::start_in_arbiter(&Arbiter::new().handle(), move |_| {
+                PartitionCommitter::new(c, windows, k, &r, i, m)
+            });
+            Mailbox::new(addr, COMMITTER_MAILBOX, metrics.mailbox("partition_committer"))
+        };
+        let marks = PublishedMarks::load(
+            std::path::Path::new(&config.warehouse.root),
+            &config.source.group_id,
+            &config.source.topic,
+            &config.source.instance_id,
+        )?;
+        let warehouse = Supervisor::start_in_arbiter(&warehouse_thread.handle(), move |_| {
+            WarehouseSink::new(c, &r, windows, keys, i, m, n)
+                .with_committer(committer)
+                .with_marks(marks)
+        });
 
-        let aggregators: Vec<Addr<Aggregator>> = (0..shards)
+        // One link per receiving actor, shared by all its senders (`mailbox.rs`).
+        let redis = Mailbox::new(redis, REDIS_SINK_MAILBOX, metrics.mailbox("redis_sink"));
+        let warehouse = Mailbox::new(warehouse, WAREHOUSE_SINK_MAILBOX, metrics.mailbox("warehouse_sink"));
+        let aggregators: Vec<Mailbox<ShardInput>> = (0..shards)
             .map(|shard| {
-                let (r, m) = (redis.clone(), metrics.clone());
-                Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |_| Aggregator::new(shard, windows, r, m))
+                let (r, m, l) = (redis.clone(), metrics.clone(), KeyLayout::new(&config.redis));
+                let addr = Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |_| Aggregator::new(shard, windows, l, r, m));
+                Mailbox::new(addr, AGGREGATOR_MAILBOX, metrics.mailbox("aggregator"))
             })
             .collect();
 
@@ -176,11 +211,23 @@ pub fn run(
         // context first, run the timer once the source it triggers exists.
         let timer_ctx = Context::<Timer>::new();
         let factory = ReaderFactory {
-            topic: config.source.topic.as_str().into(),
             config: config.clone(),
-            links: ReaderLinks { shards: aggregators.into(), warehouse, timer: timer_ctx.address().recipient() },
+            context: ReaderContext {
+                topic: config.source.topic.as_str().into(),
+                limits: config.decode.clone(),
+                bounds: config.time.bounds(),
+                tz,
+                windows,
+                links: ReaderLinks {
+                    shards: aggregators.into(),
+                    warehouse,
+                    timer: Mailbox::new(timer_ctx.address(), TIMER_MAILBOX, metrics.mailbox("timer")),
+                },
+                metrics: metrics.clone(),
+                clock: clock.clone(),
+            },
             arbiters: reader_threads,
-            metrics: metrics.clone(),
+            held: held.clone(),
         };
         let source = KafkaSource::new(factory, notices_rx, notices_tx)?;
         let source = KafkaSource::start_in_arbiter(&Arbiter::new().handle(), move |_| source);
@@ -189,9 +236,14 @@ pub fn run(
             Duration::from_millis(config.time.idle_timeout_ms),
         );
         timer_ctx.run(
-            Timer::new(source.clone().recipient(), Duration::from_millis(config.pipeline.checkpoint_interval_ms))
+            Timer::new(
+                Mailbox::new(source.clone(), SOURCE_MAILBOX, metrics.mailbox("kafka_source")),
+                Duration::from_millis(config.pipeline.checkpoint_interval_ms),
+            )
                 .with_watermarks(watermarks, metrics.clone())
-                .with_windows(windows),
+                .with_windows(windows)
+                .with_clock(clock.clone())
+                .with_held(held),
         );
         info!(topic = %config.source.topic, group = %config.source.group_id, shards, "pipeline started");
 
@@ -224,6 +276,8 @@ pub fn run(
         Ok(())
     });
     setup.context("starting the pipeline")?;
-    let code = system.run_with_code().context("running the actor system")?;
-    Ok(code)
+    let code = system.run_with_code().context("running the actor system");
+    // A partition-commit hook still running would outlive the process.
+    anchorflow_actors::partition_committer::kill_running_hook();
+    code
 }

@@ -1,42 +1,134 @@
-//! The fence protocol's Lua scripts against the real Redis of `scripts/test-env.sh`:
-//! a commit applies only under the current epoch and from the stored fence, a refused
-//! commit writes nothing at all (for any partition), and lost fences are marked.
+//! The fence protocol's Lua scripts against the real Redis of `scripts/test-env.sh`,
+//! driven through the same typed builder the Redis sink uses (`redis_commit::plan`): a
+//! commit applies only under the current epoch and from the stored fence, a refused
+//! commit writes nothing at all (for any partition), a retry of an applied commit is
+//! recognised, a key Redis refuses does not take the rest of the commit down, a split
+//! commit leaves unit fences that a claim returns, and lost fences are marked.
 
 mod common;
 
-use anchorflow_actors::fences::{self, ClaimError, FenceKeys, FenceRange, Rejection};
-use anchorflow_actors::messages::SinkKind;
-use anchorflow_actors::redis_sink::commit_script;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anchorflow_actors::fences::{self, Claim, ClaimError, FenceKeys, FenceRange, Rejection, Reply};
+use anchorflow_actors::messages::{
+    CheckpointKind, CheckpointSpec, ListPush, PartitionDelta, ShardFlush, TraceValue,
+};
+use anchorflow_actors::redis_commit::{self, CommitInput, CommitPlan, KeyLayout, Mode, Ttls};
+use anchorflow_actors::redis_sink::{commit_invocation, commit_script};
 use common::*;
 
-/// Runs the Redis sink's commit script: `ranges`, then one HINCRBY of `hash`/`field`.
+/// The template all commits of these tests count into (hash key = its number).
+const TEMPLATE: i64 = 1000001220231120;
+
+/// A checkpoint of the Redis sink: `ranges`, with partition `ranges[0]` adding `delta`
+/// receivers to [`TEMPLATE`] state 10 and pushing one value per receiver in `lists`.
+fn plan(
+    keys: &FenceKeys,
+    ranges: &[FenceRange],
+    delta: i64,
+    lists: &[&str],
+    budget: usize,
+) -> CommitPlan {
+    let value = TraceValue {
+        state: 10,
+        business_id: TEMPLATE,
+        timestamp: 1,
+    };
+    let deltas = ranges
+        .iter()
+        .enumerate()
+        .map(|(n, r)| PartitionDelta {
+            partition: r.partition,
+            next_offset: r.to,
+            claim: Claim {
+                epoch: r.epoch,
+                redis: r.from,
+                warehouse: 0,
+            },
+            template_counts: if n == 0 {
+                vec![(TEMPLATE, 10, delta)]
+            } else {
+                vec![]
+            },
+            receiver_lists: if n == 0 {
+                lists
+                    .iter()
+                    .map(|key| ListPush {
+                        key: key.to_string(),
+                        values: vec![value],
+                    })
+                    .collect()
+            } else {
+                vec![]
+            },
+            message_lists: vec![],
+            series: vec![],
+            windows: String::new(),
+        })
+        .collect();
+    let flush = ShardFlush {
+        shard: 0,
+        spec: Arc::new(CheckpointSpec {
+            id: 1,
+            partitions: ranges.iter().map(|r| r.partition).collect(),
+            kind: CheckpointKind::Periodic,
+            watermark: None,
+        }),
+        partitions: deltas,
+    };
+    let input = CommitInput {
+        layout: &KeyLayout::default(),
+        ttls: Ttls {
+            receiver_ms: 60_000,
+            message_ms: 60_000,
+            template_ms: 60_000,
+            series_ms: 60_000,
+            conflicts_ms: 60_000,
+        },
+        tracked: &BTreeMap::new(),
+        units_prefix: &keys.units_prefix,
+        budget_ops: budget,
+    };
+    redis_commit::plan(&input, vec![flush]).expect("a plan")
+}
+
+/// Runs one script of a plan as the Redis sink does.
+fn run(conn: &mut redis::Connection, keys: &FenceKeys, args: &[Vec<u8>]) -> Reply {
+    let script = commit_script();
+    let reply: redis::Value = commit_invocation(&script, keys, args)
+        .invoke(conn)
+        .expect("script runs");
+    fences::reply(&reply).expect("well-formed reply")
+}
+
+/// Runs every script of a one-script commit; returns its reply.
 fn commit(
     conn: &mut redis::Connection,
     keys: &FenceKeys,
     ranges: &[FenceRange],
-    hash: &str,
     delta: i64,
-) -> Result<i64, Rejection> {
-    let mut args = Vec::new();
-    fences::push_ranges(&mut args, SinkKind::Redis, ranges);
-    for arg in ["0", "1", hash, "60000", "1", "10"] {
-        args.push(arg.as_bytes().to_vec());
-    }
-    args.push(delta.to_string().into_bytes());
-    args.push(b"0".to_vec()); // no open-window states
-    let script = commit_script();
-    let mut invocation = script.key(&keys.fences);
-    invocation.key(&keys.lost).key(&keys.windows);
-    for arg in &args {
-        invocation.arg(arg.as_slice());
-    }
-    let reply: Vec<i64> = invocation.invoke(conn).expect("script runs");
-    fences::outcome(&reply).expect("well-formed reply")
+) -> Reply {
+    let commit = plan(keys, ranges, delta, &[], 100_000);
+    assert_eq!(commit.scripts.len(), 1);
+    run(conn, keys, &commit.scripts[0].args)
 }
 
-fn count(conn: &mut redis::Connection, hash: &str) -> i64 {
+fn applied(ops: i64) -> Reply {
+    Reply::Applied {
+        ops,
+        conflicts: 0,
+        first: vec![],
+    }
+}
+
+fn rejected(rejection: Rejection) -> Reply {
+    Reply::Rejected(rejection)
+}
+
+fn count(conn: &mut redis::Connection) -> i64 {
     redis::cmd("HGET")
-        .arg(hash)
+        .arg(TEMPLATE.to_string())
         .arg("10")
         .query::<Option<i64>>(conn)
         .unwrap()
@@ -63,6 +155,13 @@ fn range(partition: i32, epoch: i64, from: i64, to: i64) -> FenceRange {
     }
 }
 
+fn claim_fresh(conn: &mut redis::Connection, keys: &FenceKeys, partitions: &[i32], at: i64) {
+    fences::claim(conn, keys, partitions, |fresh| {
+        Ok(fresh.iter().map(|p| (*p, at)).collect())
+    })
+    .unwrap();
+}
+
 #[test]
 fn commits_apply_only_under_the_current_epoch_and_from_the_stored_fence() {
     let (mut conn, keys) = fresh_db(8);
@@ -70,8 +169,9 @@ fn commits_apply_only_under_the_current_epoch_and_from_the_stored_fence() {
         Ok(fresh.iter().map(|p| (*p, 5)).collect())
     })
     .unwrap();
+    let claim = first[&0].claim;
     assert_eq!(
-        (first[&0].epoch, first[&0].redis, first[&0].warehouse),
+        (claim.epoch, claim.redis, claim.warehouse),
         (1, 5, 5),
         "fences start at the cold-start offset"
     );
@@ -81,22 +181,32 @@ fn commits_apply_only_under_the_current_epoch_and_from_the_stored_fence() {
             &mut conn,
             &keys,
             &[range(0, 1, 5, 10), range(1, 1, 5, 7)],
-            "h",
             3
         ),
-        Ok(2),
+        applied(2),
         "one HINCRBY and one PEXPIRE"
     );
-    assert_eq!(count(&mut conn, "h"), 3);
-    // A replay of the same range is refused and changes nothing.
+    assert_eq!(count(&mut conn), 3);
+    // A retry of the same commit (its reply lost) is recognised and not applied again.
     assert_eq!(
-        commit(&mut conn, &keys, &[range(0, 1, 5, 10)], "h", 3),
-        Err(Rejection::NotContiguous {
+        commit(
+            &mut conn,
+            &keys,
+            &[range(0, 1, 5, 10), range(1, 1, 5, 7)],
+            3
+        ),
+        Reply::AppliedBefore
+    );
+    assert_eq!(count(&mut conn), 3);
+    // A replay that overlaps the stored fence is refused and changes nothing.
+    assert_eq!(
+        commit(&mut conn, &keys, &[range(0, 1, 5, 12)], 3),
+        rejected(Rejection::NotContiguous {
             partition: 0,
             stored: 10
         })
     );
-    assert_eq!(count(&mut conn, "h"), 3);
+    assert_eq!(count(&mut conn), 3);
 
     // Another instance claims partition 1: the old owner's next commit is refused
     // whole, including its part for partition 0, which it still owns.
@@ -104,21 +214,20 @@ fn commits_apply_only_under_the_current_epoch_and_from_the_stored_fence() {
         panic!("fences exist; no cold start")
     })
     .unwrap();
-    assert_eq!((second[&1].epoch, second[&1].redis), (2, 7));
+    assert_eq!((second[&1].claim.epoch, second[&1].claim.redis), (2, 7));
     assert_eq!(
         commit(
             &mut conn,
             &keys,
             &[range(0, 1, 10, 12), range(1, 1, 7, 9)],
-            "h",
             100
         ),
-        Err(Rejection::StaleEpoch {
+        rejected(Rejection::StaleEpoch {
             partition: 1,
             stored: 2
         })
     );
-    assert_eq!(count(&mut conn, "h"), 3);
+    assert_eq!(count(&mut conn), 3);
     let stored = fences::read(&mut conn, &keys, &[0, 1]).unwrap();
     assert_eq!(
         stored[&0],
@@ -128,34 +237,150 @@ fn commits_apply_only_under_the_current_epoch_and_from_the_stored_fence() {
     assert_eq!(stored[&1], (Some(2), Some(7), Some(5)));
     // The new owner continues from the fence.
     assert_eq!(
-        commit(&mut conn, &keys, &[range(1, 2, 7, 9)], "h", 4).map(|_| ()),
-        Ok(())
+        commit(&mut conn, &keys, &[range(1, 2, 7, 9)], 4),
+        applied(2)
     );
-    assert_eq!(count(&mut conn, "h"), 7);
+    assert_eq!(count(&mut conn), 7);
+}
+
+/// A key of another type (a shared Redis, or a receiver id equal to another key) is
+/// refused by Redis; before, the script failed halfway with its fences moved. Now the
+/// rest applies, the fences move once, and the refusal is recorded.
+#[test]
+fn a_key_of_another_type_is_a_conflict_not_a_partial_commit() {
+    let (mut conn, keys) = fresh_db(10);
+    claim_fresh(&mut conn, &keys, &[0], 0);
+    redis::cmd("SET")
+        .arg("taken")
+        .arg("a string")
+        .query::<()>(&mut conn)
+        .unwrap();
+    let commit = plan(
+        &keys,
+        &[range(0, 1, 0, 4)],
+        5,
+        &["before", "taken", "after", "anchorflow:g:t:fences"],
+        100_000,
+    );
+    let Reply::Applied {
+        conflicts, first, ..
+    } = run(&mut conn, &keys, &commit.scripts[0].args)
+    else {
+        panic!("the commit applies");
+    };
+    assert_eq!(conflicts, 2, "{first:?}");
+    let mut reasons: Vec<(String, String)> = first
+        .iter()
+        .map(|c| (c.key.clone(), c.reason.clone()))
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        vec![
+            (
+                "anchorflow:g:t:fences".to_string(),
+                "reserved_key".to_string()
+            ),
+            ("taken".to_string(), "wrong_type".to_string())
+        ]
+    );
+    assert_eq!(count(&mut conn), 5);
+    for key in ["before", "after"] {
+        let n: i64 = redis::cmd("LLEN").arg(key).query(&mut conn).unwrap();
+        assert_eq!(n, 1, "{key}");
+    }
+    let kept: String = redis::cmd("GET").arg("taken").query(&mut conn).unwrap();
+    assert_eq!(kept, "a string", "the foreign key is untouched");
+    let ttl: i64 = redis::cmd("PTTL").arg("taken").query(&mut conn).unwrap();
+    assert_eq!(ttl, -1, "not even its TTL");
+    assert_eq!(fences::read(&mut conn, &keys, &[0]).unwrap()[&0].1, Some(4));
+    let recorded: BTreeMap<String, i64> = redis::cmd("HGETALL")
+        .arg(&keys.conflicts)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(
+        recorded,
+        BTreeMap::from([
+            ("reserved_key anchorflow:g:t:fences".to_string(), 1),
+            ("wrong_type taken".to_string(), 1)
+        ])
+    );
+}
+
+/// A commit bigger than the budget runs as parts and a final. A crash after a part
+/// leaves that part's unit fences, which the next claim returns; a retried part is not
+/// applied twice; the final drops the unit fences it passed.
+#[test]
+fn a_split_commit_leaves_unit_fences_until_its_final_script() {
+    let (mut conn, keys) = fresh_db(11);
+    claim_fresh(&mut conn, &keys, &[0], 0);
+    let receivers: Vec<String> = (0..300).map(|n| format!("r{n}")).collect();
+    let refs: Vec<&str> = receivers.iter().map(String::as_str).collect();
+    let split = plan(&keys, &[range(0, 1, 0, 50)], 1, &refs, 120);
+    let (last, parts) = split.scripts.split_last().unwrap();
+    assert!(parts.len() >= 2, "{} scripts", split.scripts.len());
+    assert_eq!(last.mode, Mode::Final);
+    assert!(matches!(
+        run(&mut conn, &keys, &parts[0].args),
+        Reply::Applied { .. }
+    ));
+    // The part's reply is lost; it runs again and changes nothing.
+    assert_eq!(run(&mut conn, &keys, &parts[0].args), applied(0));
+    let pushed = |conn: &mut redis::Connection| -> i64 {
+        refs.iter()
+            .map(|k| redis::cmd("LLEN").arg(k).query::<i64>(conn).unwrap())
+            .sum()
+    };
+    let after_one_part = pushed(&mut conn);
+    assert!(after_one_part > 0 && after_one_part < 300);
+    // A crash here: the partition's fence has not moved, its applied units are fenced.
+    let claimed = fences::claim(&mut conn, &keys, &[0], |_| panic!("fences exist")).unwrap();
+    assert_eq!(claimed[&0].claim.redis, 0);
+    assert!(!claimed[&0].unit_fences.is_empty());
+    assert!(claimed[&0].unit_fences.values().all(|f| *f == 50));
+    // Its new owner replays the range, leaving out the keys of fenced units (as the
+    // aggregators do), in one script: every list then holds its value exactly once,
+    // and the final script drops the unit fences.
+    let fenced = &claimed[&0].unit_fences;
+    let left: Vec<&str> = refs
+        .iter()
+        .copied()
+        .filter(|key| !fenced.contains_key(&redis_commit::unit_of(key.as_bytes())))
+        .collect();
+    assert_eq!(left.len() as i64, 300 - after_one_part);
+    let epoch = claimed[&0].claim.epoch;
+    let replay = plan(&keys, &[range(0, epoch, 0, 50)], 1, &left, 100_000);
+    assert_eq!(replay.scripts.len(), 1);
+    assert!(matches!(
+        run(&mut conn, &keys, &replay.scripts[0].args),
+        Reply::Applied { .. }
+    ));
+    assert_eq!(pushed(&mut conn), 300);
+    let claimed = fences::claim(&mut conn, &keys, &[0], |_| panic!("fences exist")).unwrap();
+    assert_eq!(claimed[&0].claim.redis, 50);
+    assert!(claimed[&0].unit_fences.is_empty());
 }
 
 #[test]
 fn lost_fences_are_refused_and_marked() {
     let (mut conn, keys) = fresh_db(9);
-    fences::claim(&mut conn, &keys, &[0], |fresh| {
-        Ok(fresh.iter().map(|p| (*p, 0)).collect())
-    })
-    .unwrap();
+    claim_fresh(&mut conn, &keys, &[0], 0);
     redis::cmd("FLUSHDB").query::<()>(&mut conn).unwrap();
 
     assert_eq!(
-        commit(&mut conn, &keys, &[range(0, 1, 0, 4)], "h", 1),
-        Err(Rejection::FencesMissing { partition: 0 })
+        commit(&mut conn, &keys, &[range(0, 1, 0, 4)], 1),
+        rejected(Rejection::FencesMissing { partition: 0 })
     );
-    assert_eq!(count(&mut conn, "h"), 0, "nothing partial");
+    assert_eq!(count(&mut conn), 0, "nothing partial");
     assert!(fences::lost_marker(&mut conn, &keys).unwrap().is_some());
     // No instance may claim (and so read from a stale Kafka offset) until recovery.
     assert!(matches!(
         fences::claim(&mut conn, &keys, &[0], |_| Ok(Default::default())),
         Err(ClaimError::StateLost { .. })
     ));
-    fences::reset(&mut conn, &keys, &[(0, (0, 0))].into_iter().collect()).unwrap();
+    let old = fences::read(&mut conn, &keys, &[0]).unwrap();
+    fences::reset(&mut conn, &keys, &[(0, (0, 0))].into_iter().collect(), &old).unwrap();
     assert!(fences::lost_marker(&mut conn, &keys).unwrap().is_none());
     let claim = fences::claim(&mut conn, &keys, &[0], |_| panic!("fences exist")).unwrap();
-    assert_eq!((claim[&0].redis, claim[&0].warehouse), (0, 0));
+    assert_eq!((claim[&0].claim.redis, claim[&0].claim.warehouse), (0, 0));
 }

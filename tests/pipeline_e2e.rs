@@ -77,24 +77,6 @@ fn shanghai_end(ts: i64, unit: i64) -> i64 {
     local - local.rem_euclid(unit) + unit - 8 * 3_600_000
 }
 
-/// Every `_SUCCESS` file below the warehouse root, as folders relative to it.
-fn success_markers(root: &std::path::Path) -> std::collections::BTreeSet<String> {
-    let mut out = std::collections::BTreeSet::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if entry.file_name() == "_SUCCESS" {
-                let folder = path.parent().unwrap().strip_prefix(root).unwrap();
-                out.insert(folder.to_string_lossy().into_owned());
-            }
-        }
-    }
-    out
-}
-
 /// Events spanning two hours around midnight in Asia/Shanghai, plus late events
 /// produced after their window closed: Redis, the ods rows, the series hash, the
 /// `dws_template_state_1m` rows, `_SUCCESS` markers and hook runs all equal the oracle.
@@ -205,9 +187,9 @@ fn redis_and_warehouse_equal_the_oracle() {
         &topic,
         &produced,
         max_ids,
-        Dws::Complete,
+        MINUTE_WINDOWS,
     );
-    let expected = expected_windows(&produced, max_ids);
+    let expected = expected_windows(&produced, max_ids, 60_000);
     let closed = |key: &WindowKey| key.0 + 60_000 <= expected_watermark;
     assert!(
         expected.keys().any(|k| !closed(k)),
@@ -390,7 +372,7 @@ fn graceful_restart_loses_and_duplicates_nothing() {
         &topic,
         &produced,
         config.decode.max_ids,
-        Dws::Complete,
+        MINUTE_WINDOWS,
     );
 }
 
@@ -450,6 +432,6 @@ fn a_second_instance_joining_mid_stream_loses_and_duplicates_nothing() {
         &topic,
         &produced,
         base.decode.max_ids,
-        Dws::Complete,
+        MINUTE_WINDOWS,
     );
 }

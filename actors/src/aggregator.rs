@@ -23,12 +23,13 @@ use actix::prelude::*;
 use rustc_hash::FxHashMap;
 use tracing::warn;
 
+use crate::mailbox::{actix_capacity, Mailbox};
 use crate::messages::{
     Barrier, CheckpointSpec, EventBatch, ListPush, PartitionDelta, ShardFlush, ShardInput,
     TraceValue,
 };
-use crate::metrics::{send_metered, ActorLabel, MailboxMeter, Metrics};
-use crate::redis_sink::RedisSink;
+use crate::metrics::{ActorLabel, Metrics};
+use crate::redis_commit::{unit_of, KeyLayout};
 use crate::window::{Counts, Emitted, PartitionWindows, WindowSpec};
 
 /// Mailbox capacity of a shard, in event batches. Every reader can have one batch in
@@ -43,6 +44,35 @@ pub struct AggregatorCounters {
     pub events: u64,
     /// Flushes handed to the Redis sink.
     pub flushes: u64,
+}
+
+/// The unit fences of a claimed partition ([`crate::redis_commit`]): a split Redis
+/// commit that was interrupted applied some units beyond the partition's fence, so an
+/// event below the fence of its key's unit is in Redis for that key already and its
+/// output there is left out. Empty in the normal case, and dropped once the
+/// partition's commits have passed every unit fence.
+pub struct UnitFilter {
+    layout: Arc<KeyLayout>,
+    /// The highest unit fence: events from here on are never left out.
+    below: i64,
+    fences: FxHashMap<u16, i64>,
+}
+
+impl UnitFilter {
+    pub fn new(layout: Arc<KeyLayout>, fences: &BTreeMap<u16, i64>) -> Option<Self> {
+        let below = fences.values().copied().max()?;
+        Some(UnitFilter {
+            layout,
+            below,
+            fences: fences.iter().map(|(u, f)| (*u, *f)).collect(),
+        })
+    }
+
+    fn keeps(&self, offset: i64, key: &str) -> bool {
+        self.fences
+            .get(&unit_of(key.as_bytes()))
+            .is_none_or(|fence| offset >= *fence)
+    }
 }
 
 /// Pre-aggregated state of one source partition in one shard.
@@ -73,24 +103,37 @@ fn into_pushes(lists: FxHashMap<Box<str>, Vec<TraceValue>>) -> Vec<ListPush> {
 }
 
 impl PartitionState {
-    /// Folds a batch of events into the state.
-    pub fn fold(&mut self, batch: &EventBatch) {
+    /// Folds a batch of events into the state, leaving out what `filter` says Redis
+    /// has already.
+    pub fn fold(&mut self, batch: &EventBatch, filter: Option<&UnitFilter>) {
         for event in &batch.events {
+            let filter = filter.filter(|f| event.offset < f.below);
+            // Key names are built only while a filter applies (rarely, after a crash).
+            let keeps = |key: &dyn Fn(&KeyLayout) -> String| {
+                filter.is_none_or(|f| f.keeps(event.offset, &key(&f.layout)))
+            };
             let receivers = (event.receivers.end - event.receivers.start) as i64;
-            *self
-                .counts
-                .entry((event.business_id, event.state))
-                .or_insert(0) += receivers;
+            if keeps(&|l| l.template(event.business_id)) {
+                *self
+                    .counts
+                    .entry((event.business_id, event.state))
+                    .or_insert(0) += receivers;
+            }
             let value = TraceValue {
                 state: event.state,
                 business_id: event.business_id,
                 timestamp: event.log_timestamp,
             };
             for receiver in batch.receivers_of(event) {
-                push_value(&mut self.receivers, receiver, value);
+                if keeps(&|l| l.receiver(receiver)) {
+                    push_value(&mut self.receivers, receiver, value);
+                }
             }
             if let Some(message_id) = &event.message_id {
-                push_value(&mut self.messages, batch.text(message_id), value);
+                let message_id = batch.text(message_id);
+                if keeps(&|l| l.message(message_id)) {
+                    push_value(&mut self.messages, message_id, value);
+                }
             }
         }
     }
@@ -124,14 +167,15 @@ struct PendingCheckpoint {
 pub struct Aggregator {
     restart: crate::backoff::RestartBackoff,
     shard: usize,
-    redis: Addr<RedisSink>,
+    redis: Mailbox<ShardFlush>,
     metrics: Metrics,
-    own_meter: MailboxMeter,
-    redis_meter: MailboxMeter,
     partitions: FxHashMap<i32, PartitionState>,
     /// Open windows per source partition; they outlive barriers.
     windows: FxHashMap<i32, PartitionWindows>,
     window_spec: WindowSpec,
+    layout: Arc<KeyLayout>,
+    /// Per source partition, the unit fences its claim returned (rarely any).
+    filters: FxHashMap<i32, UnitFilter>,
     pending: BTreeMap<u64, PendingCheckpoint>,
     counters: AggregatorCounters,
 }
@@ -140,17 +184,18 @@ impl Aggregator {
     pub fn new(
         shard: usize,
         window_spec: WindowSpec,
-        redis: Addr<RedisSink>,
+        layout: KeyLayout,
+        redis: Mailbox<ShardFlush>,
         metrics: Metrics,
     ) -> Self {
         Aggregator {
+            layout: Arc::new(layout),
+            filters: FxHashMap::default(),
             windows: FxHashMap::default(),
             window_spec,
             restart: Default::default(),
             shard,
             redis,
-            own_meter: metrics.mailbox("aggregator"),
-            redis_meter: metrics.mailbox("redis_sink"),
             metrics,
             partitions: FxHashMap::default(),
             pending: BTreeMap::new(),
@@ -167,7 +212,7 @@ impl Aggregator {
         self.partitions
             .entry(batch.partition)
             .or_default()
-            .fold(batch);
+            .fold(batch, self.filters.get(&batch.partition));
         let spec = self.window_spec;
         let windows = self.windows.entry(batch.partition).or_default();
         let mut late = 0;
@@ -189,6 +234,14 @@ impl Aggregator {
     /// Moves the partition's state into the checkpoint; returns the shard's flush once
     /// every participating partition's barrier has arrived.
     fn on_barrier(&mut self, barrier: Barrier) -> Option<ShardFlush> {
+        // Once this commit passes every unit fence, the final script drops them.
+        if self
+            .filters
+            .get(&barrier.partition)
+            .is_some_and(|f| barrier.next_offset >= f.below)
+        {
+            self.filters.remove(&barrier.partition);
+        }
         let state = self
             .partitions
             .remove(&barrier.partition)
@@ -201,6 +254,7 @@ impl Aggregator {
         });
         pending.seen.insert(barrier.partition);
         let windows = self.windows.entry(barrier.partition).or_default();
+        windows.note_max_event(barrier.max_event_ms);
         let emitted = windows.close(&self.window_spec, barrier.spec.watermark);
         self.metrics
             .windows_closed
@@ -227,7 +281,7 @@ impl Actor for Aggregator {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.restart.started(ctx);
-        ctx.set_mailbox_capacity(AGGREGATOR_MAILBOX);
+        ctx.set_mailbox_capacity(actix_capacity(AGGREGATOR_MAILBOX));
     }
 }
 
@@ -249,15 +303,23 @@ impl Handler<ShardInput> for Aggregator {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, input: ShardInput, _ctx: &mut Self::Context) -> Self::Result {
-        self.own_meter.received();
         let flush = match input {
             ShardInput::Events(batch) => {
                 self.on_events(&batch);
                 None
             }
             ShardInput::Barrier(barrier) => self.on_barrier(barrier),
-            ShardInput::Restore { partition, windows } => {
+            ShardInput::Restore {
+                partition,
+                windows,
+                unit_fences,
+            } => {
                 self.windows.insert(partition, windows);
+                match UnitFilter::new(self.layout.clone(), &unit_fences) {
+                    Some(filter) => self.filters.insert(partition, filter),
+                    None => self.filters.remove(&partition),
+                };
+                self.partitions.remove(&partition);
                 None
             }
         };
@@ -265,11 +327,10 @@ impl Handler<ShardInput> for Aggregator {
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         };
         let redis = self.redis.clone();
-        let meter = self.redis_meter.clone();
         let shard = self.shard;
         AtomicResponse::new(Box::pin(
             async move {
-                if let Err(error) = send_metered(&redis, flush, &meter).await {
+                if let Err(error) = redis.send(flush).await {
                     warn!(shard, %error, "redis sink is gone; flush dropped during shutdown");
                 }
             }
@@ -296,6 +357,7 @@ mod tests {
         let mut batch = EventBatch::new(0);
         for (i, (state, business_id, ids, message_id)) in events.iter().enumerate() {
             batch.push(
+                i as i64,
                 *state,
                 *business_id,
                 i as i64,
@@ -304,7 +366,7 @@ mod tests {
             );
         }
         let mut partition = PartitionState::default();
-        partition.fold(&batch);
+        partition.fold(&batch, None);
         partition
     }
 
@@ -335,16 +397,18 @@ mod tests {
     fn shard_with_metrics(metrics: &Metrics) -> Aggregator {
         // The sink is never sent to: the tests call the shard's methods directly.
         let (tx, _rx) = std::sync::mpsc::channel();
-        let redis = RedisSink::new(
+        let redis = crate::redis_sink::RedisSink::new(
             Default::default(),
             chrono_tz::UTC,
             1,
             metrics.clone(),
             tx,
             crate::fences::FenceKeys::new("g", "t"),
+            Default::default(),
         )
         .start();
-        Aggregator::new(0, windows(), redis, metrics.clone())
+        let redis = Mailbox::new(redis, 1, metrics.mailbox("redis_sink"));
+        Aggregator::new(0, windows(), KeyLayout::default(), redis, metrics.clone())
     }
 
     fn barrier_at(id: u64, partition: i32, next_offset: i64, watermark: Option<i64>) -> Barrier {
@@ -358,13 +422,14 @@ mod tests {
             partition,
             next_offset,
             claim: CLAIM,
+            max_event_ms: None,
         }
     }
 
     fn events_at(partition: i32, times: &[i64]) -> EventBatch {
         let mut batch = EventBatch::new(partition);
-        for &ts in times {
-            batch.push(10, 7, ts, ["a", "b"], None);
+        for (offset, &ts) in times.iter().enumerate() {
+            batch.push(offset as i64, 10, 7, ts, ["a", "b"], None);
         }
         batch
     }
@@ -500,7 +565,7 @@ mod tests {
     async fn flushes_once_every_partition_sent_its_barrier() {
         let mut shard = shard_with_metrics(&Metrics::new());
         let mut batch = EventBatch::new(1);
-        batch.push(10, 7, 5, ["a"], None);
+        batch.push(0, 10, 7, 5, ["a"], None);
         shard.on_events(&batch);
         let s = spec(1, vec![1, 2]);
         assert!(shard
@@ -509,6 +574,7 @@ mod tests {
                 partition: 1,
                 next_offset: 10,
                 claim: CLAIM,
+                max_event_ms: None,
             })
             .is_none());
         // Records of partition 1 after its barrier belong to the next checkpoint.
@@ -519,6 +585,7 @@ mod tests {
                 partition: 2,
                 next_offset: 4,
                 claim: CLAIM,
+                max_event_ms: None,
             })
             .expect("complete");
         assert_eq!(flush.partitions.len(), 2);
@@ -531,6 +598,7 @@ mod tests {
                 partition: 1,
                 next_offset: 11,
                 claim: CLAIM,
+                max_event_ms: None,
             })
             .unwrap();
         assert_eq!(next.partitions[0].template_counts, vec![(7, 10, 1)]);

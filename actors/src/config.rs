@@ -192,6 +192,10 @@ pub struct RedisConfig {
     pub series_ttl_secs: u64,
     /// Seconds to wait for a Redis reply before the commit is retried.
     pub command_timeout_secs: u64,
+    /// Longest a single commit script may hold Redis, in milliseconds (austin-web reads
+    /// the same Redis): a checkpoint too big for one script is split into several, each
+    /// atomic with its own fences.
+    pub max_commit_ms: u64,
     /// Benchmarks only: sleep this many times the commit's own duration after each
     /// commit, to emulate a slow sink. 0 disables.
     pub slowdown_factor: u32,
@@ -208,6 +212,7 @@ impl Default for RedisConfig {
             message_ttl_secs: 3 * 86_400,
             series_ttl_secs: 30 * 86_400,
             command_timeout_secs: 30,
+            max_commit_ms: 100,
             slowdown_factor: 0,
         }
     }
@@ -231,6 +236,7 @@ impl fmt::Debug for RedisConfig {
             .field("message_ttl_secs", &self.message_ttl_secs)
             .field("series_ttl_secs", &self.series_ttl_secs)
             .field("command_timeout_secs", &self.command_timeout_secs)
+            .field("max_commit_ms", &self.max_commit_ms)
             .field("slowdown_factor", &self.slowdown_factor)
             .finish()
     }
@@ -267,6 +273,10 @@ pub struct WarehouseConfig {
     pub roll_interval_secs: u64,
     /// Rows per Parquet row group; bounds the memory an open file buffers.
     pub row_group_rows: usize,
+    /// Most files open for writing at once. Data spread over more folders (event times
+    /// over many hours) closes the longest-idle file early; it is published with the
+    /// rest at the next roll. Bounds the writers' memory whatever the event times.
+    pub max_open_files: usize,
     /// Partition commit: once the watermark passes the end of an `ods_anchor_log` hour
     /// folder (or a `dws_template_state_1m` day folder, plus the allowed lateness) by
     /// this many milliseconds, `_SUCCESS` is written into it and the hook runs.
@@ -286,6 +296,7 @@ impl Default for WarehouseConfig {
             target_file_bytes: 128 << 20,
             roll_interval_secs: 60,
             row_group_rows: 64 * 1024,
+            max_open_files: 64,
             partition_commit_delay_ms: 0,
             partition_commit_hook: String::new(),
             partition_commit_hook_timeout_secs: 60,
@@ -311,6 +322,15 @@ pub struct TimeConfig {
     /// How long after its end a window still accepts events before it is emitted, in
     /// milliseconds; later events amend it (series) and add a correction row.
     pub allowed_lateness_ms: u64,
+    /// Records whose event time is further ahead of processing time (Redis's clock)
+    /// are dead-lettered as `timestamp_in_future`: a producer with a broken clock must
+    /// not drag the watermark (and `_SUCCESS`) ahead of the data. 0 disables the bound.
+    /// Default one hour, as Kafka's `log.message.timestamp.after.max.ms`.
+    pub max_future_ms: u64,
+    /// Records whose event time is further behind processing time are dead-lettered as
+    /// `timestamp_too_old` (they would open folders and windows long complete).
+    /// 0 (the default) disables the bound; raise it for a deliberate backfill.
+    pub max_past_ms: u64,
 }
 
 impl Default for TimeConfig {
@@ -321,6 +341,8 @@ impl Default for TimeConfig {
             idle_timeout_ms: 30_000,
             window_size_ms: 60_000,
             allowed_lateness_ms: 0,
+            max_future_ms: 3_600_000,
+            max_past_ms: 0,
         }
     }
 }
@@ -329,6 +351,14 @@ impl TimeConfig {
     /// The parsed time zone; [`Config::validate`] guarantees it parses.
     pub fn tz(&self) -> chrono_tz::Tz {
         self.timezone.parse().unwrap_or(chrono_tz::UTC)
+    }
+
+    /// The bounds on event time against processing time.
+    pub fn bounds(&self) -> crate::decode::TimeBounds {
+        crate::decode::TimeBounds {
+            max_future_ms: self.max_future_ms,
+            max_past_ms: self.max_past_ms,
+        }
     }
 
     /// The window layout this config describes.
@@ -502,6 +532,7 @@ impl Config {
             "redis.command_timeout_secs",
             self.redis.command_timeout_secs,
         )?;
+        positive("redis.max_commit_ms", self.redis.max_commit_ms)?;
         if self.warehouse.root.trim().is_empty() {
             return Err(ConfigError::new("warehouse.root", "must not be empty"));
         }
@@ -520,6 +551,10 @@ impl Config {
         positive(
             "warehouse.row_group_rows",
             self.warehouse.row_group_rows as u64,
+        )?;
+        positive(
+            "warehouse.max_open_files",
+            self.warehouse.max_open_files as u64,
         )?;
         if self.time.timezone.parse::<chrono_tz::Tz>().is_err() {
             return Err(ConfigError::new(

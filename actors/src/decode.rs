@@ -55,6 +55,10 @@ pub enum DecodeError {
     WrongType(String),
     #[error("`ids` has {count} receivers, over the limit of {limit}")]
     TooManyIds { count: usize, limit: usize },
+    #[error("logTimestamp {ts} is {ahead_ms} ms ahead of processing time, over time.max_future_ms ({limit})")]
+    TimestampInFuture { ts: i64, ahead_ms: i64, limit: u64 },
+    #[error("logTimestamp {ts} is {behind_ms} ms behind processing time, over time.max_past_ms ({limit})")]
+    TimestampTooOld { ts: i64, behind_ms: i64, limit: u64 },
 }
 
 impl DecodeError {
@@ -70,11 +74,13 @@ impl DecodeError {
             DecodeError::MissingField(_) => "missing_field",
             DecodeError::WrongType(_) => "wrong_type",
             DecodeError::TooManyIds { .. } => "too_many_ids",
+            DecodeError::TimestampInFuture { .. } => "timestamp_in_future",
+            DecodeError::TimestampTooOld { .. } => "timestamp_too_old",
         }
     }
 
     /// Every label [`DecodeError::reason`] can return, for pre-registering metrics.
-    pub const REASONS: [&'static str; 9] = [
+    pub const REASONS: [&'static str; 11] = [
         "empty_payload",
         "record_too_large",
         "invalid_utf8",
@@ -84,7 +90,40 @@ impl DecodeError {
         "missing_field",
         "wrong_type",
         "too_many_ids",
+        "timestamp_in_future",
+        "timestamp_too_old",
     ];
+}
+
+/// How far from processing time an event time may be (`time.max_future_ms`,
+/// `time.max_past_ms`; 0 disables a bound).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimeBounds {
+    pub max_future_ms: u64,
+    pub max_past_ms: u64,
+}
+
+impl TimeBounds {
+    /// Checks an event time against processing time `now_ms`.
+    pub fn check(&self, ts: i64, now_ms: i64) -> Result<(), DecodeError> {
+        let ahead_ms = ts.saturating_sub(now_ms);
+        if self.max_future_ms > 0 && ahead_ms > self.max_future_ms as i64 {
+            return Err(DecodeError::TimestampInFuture {
+                ts,
+                ahead_ms,
+                limit: self.max_future_ms,
+            });
+        }
+        let behind_ms = now_ms.saturating_sub(ts);
+        if self.max_past_ms > 0 && behind_ms > self.max_past_ms as i64 {
+            return Err(DecodeError::TimestampTooOld {
+                ts,
+                behind_ms,
+                limit: self.max_past_ms,
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Decodes one record value under the configured limits.

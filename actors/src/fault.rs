@@ -33,3 +33,23 @@ pub fn point(name: &str) {
 #[cfg(not(feature = "fault-points"))]
 #[inline(always)]
 pub fn point(_name: &str) {}
+
+/// Milliseconds to add to this host's wall clock: with the feature,
+/// `ANCHORFLOW_FAULT_CLOCK_OFFSET_MS` plays a host whose clock is wrong (tests of the
+/// clock-skew fault). Always 0 without the feature.
+#[cfg(feature = "fault-points")]
+pub fn clock_offset_ms() -> i64 {
+    static OFFSET: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *OFFSET.get_or_init(|| {
+        std::env::var("ANCHORFLOW_FAULT_CLOCK_OFFSET_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    })
+}
+
+#[cfg(not(feature = "fault-points"))]
+#[inline(always)]
+pub fn clock_offset_ms() -> i64 {
+    0
+}

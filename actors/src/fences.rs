@@ -11,6 +11,9 @@
 //! | `…:folders` | set | warehouse folders with published rows awaiting their partition commit (`_SUCCESS`) |
 //! | `…:committed` | set | warehouse folders whose partition commit is done |
 //! | `…:wm` | hash | `{p}`: the watermark up to which partition `p`'s rows are published |
+//! | `…:units:{p}` | hash | unit → fence: the units of a split Redis commit applied beyond `redis:{p}` (see [`crate::redis_commit`]) |
+//! | `…:conflicts` | hash | `{reason} {key}` → values Redis refused to store (a key of another type…) |
+//! | `…:skipped` | hash | `{p}`: records the broker no longer held when they were due; `range:{p}`: the last such range |
 //!
 //! Claiming a partition (on assignment) bumps its epoch and returns its fences; every
 //! later write for it carries that epoch and the offset range it covers, and the
@@ -46,6 +49,10 @@ pub struct FenceKeys {
     pub folders: String,
     pub committed: String,
     pub watermarks: String,
+    /// Prefix of the per-partition unit-fence hashes (`{prefix}{p}`).
+    pub units_prefix: String,
+    pub conflicts: String,
+    pub skipped: String,
 }
 
 impl FenceKeys {
@@ -59,6 +66,9 @@ impl FenceKeys {
             folders: format!("{base}:folders"),
             committed: format!("{base}:committed"),
             watermarks: format!("{base}:wm"),
+            units_prefix: format!("{base}:units:"),
+            conflicts: format!("{base}:conflicts"),
+            skipped: format!("{base}:skipped"),
         }
     }
 }
@@ -73,11 +83,13 @@ pub fn dws_field(partition: i32) -> String {
     format!("dws:{partition}")
 }
 
-/// The stored open windows of a claimed partition, one per owner.
+/// The stored state of a claimed partition: its open windows, one per owner, and the
+/// unit fences of an interrupted split Redis commit.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StoredWindows {
     pub series: crate::window::PartitionWindows,
     pub dws: crate::window::PartitionWindows,
+    pub unit_fences: BTreeMap<u16, i64>,
 }
 
 /// Reads the open windows of `partitions`. Called right after the claim: the new
@@ -104,6 +116,7 @@ pub fn read_windows(
             StoredWindows {
                 series: decode(series, "series")?,
                 dws: decode(dws, "dws")?,
+                unit_fences: BTreeMap::new(),
             },
         );
     }
@@ -143,41 +156,11 @@ pub struct FenceRange {
     pub to: i64,
 }
 
-/// Lua prologue of every commit script. `KEYS[1]` is the fences hash, `KEYS[2]` the
-/// lost marker; `ARGV` starts with the sink name, the number of ranges and, per range,
-/// `partition, epoch, from, to`. It checks every range before it writes anything, then
-/// moves the fences and leaves `i` at the script's own arguments. Rejections return
-/// `{code, partition, stored}`: 1 stale epoch, 2 not contiguous, 3 fences missing.
-pub const FENCE_CHECK: &str = r#"
-local sink = ARGV[1]
-local n = tonumber(ARGV[2])
-local i = 3
-local moves = {}
-for _ = 1, n do
-  local p = ARGV[i]
-  local epoch = tonumber(ARGV[i + 1])
-  local from = tonumber(ARGV[i + 2])
-  local to = ARGV[i + 3]
-  i = i + 4
-  local stored_epoch = redis.call('HGET', KEYS[1], 'epoch:' .. p)
-  local stored = redis.call('HGET', KEYS[1], sink .. ':' .. p)
-  if not stored_epoch or not stored then
-    redis.call('SET', KEYS[2], sink .. ':' .. p)
-    return {3, tonumber(p), -1}
-  end
-  if tonumber(stored_epoch) ~= epoch then
-    return {1, tonumber(p), tonumber(stored_epoch)}
-  end
-  if tonumber(stored) ~= from then
-    return {2, tonumber(p), tonumber(stored)}
-  end
-  moves[#moves + 1] = sink .. ':' .. p
-  moves[#moves + 1] = to
-end
-if #moves > 0 then
-  redis.call('HSET', KEYS[1], unpack(moves))
-end
-"#;
+/// Lua prologue of every commit script (`scripts/fence_check.lua`): `fence_verdict()`
+/// checks every partition's epoch and contiguity before the script writes anything,
+/// and recognises a retry of a commit that was applied already; `move_fences()`
+/// moves them after the script's own writes.
+pub const FENCE_CHECK: &str = include_str!("scripts/fence_check.lua");
 
 /// Appends the prologue's arguments for `ranges` to a script invocation's arguments.
 pub fn push_ranges(args: &mut Vec<Vec<u8>>, sink: SinkKind, ranges: &[FenceRange]) {
@@ -234,15 +217,77 @@ impl Rejection {
     }
 }
 
-/// Reads a commit script's reply: `{0, n}` applied (n is the script's own figure), or
-/// a rejection.
-pub fn outcome(reply: &[i64]) -> anyhow::Result<Result<i64, Rejection>> {
-    let (code, partition, stored) = match reply {
-        [0, n] => return Ok(Ok(*n)),
-        [code, partition, stored] => (*code, *partition as i32, *stored),
+/// A key Redis refused to write, as a commit script reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    pub key: String,
+    /// `wrong_type`, `not_an_integer`, `overflow`, `reserved_key` or `other`.
+    pub reason: String,
+    /// Values (list items, or the increment) that were not stored.
+    pub lost: i64,
+}
+
+/// What a fenced commit script did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// Applied now: the script's own figure (its operations), how many writes Redis
+    /// refused, and the first of them.
+    Applied {
+        ops: i64,
+        conflicts: i64,
+        first: Vec<Conflict>,
+    },
+    /// Applied before: the fences stood at this commit's ends already (a retry after
+    /// a reply that was lost, e.g. to a timeout). Nothing was written again.
+    AppliedBefore,
+    Rejected(Rejection),
+}
+
+fn int(value: &redis::Value) -> anyhow::Result<i64> {
+    redis::from_redis_value_ref(value).context("a number in a commit script's reply")
+}
+
+/// Reads a commit script's reply: `{0, ops[, conflicts, key, reason, lost, …]}`
+/// applied, `{0, -1}` applied before, or `{code, partition, stored}` refused.
+pub fn reply(value: &redis::Value) -> anyhow::Result<Reply> {
+    let redis::Value::Array(items) = value else {
+        anyhow::bail!("unexpected reply from a commit script: {value:?}");
+    };
+    let code = int(items
+        .first()
+        .context("an empty reply from a commit script")?)?;
+    if code == 0 {
+        let ops = int(items
+            .get(1)
+            .context("a commit script's reply without its figure")?)?;
+        if ops == -1 {
+            return Ok(Reply::AppliedBefore);
+        }
+        let conflicts = items.get(2).map(int).transpose()?.unwrap_or(0);
+        let first = items[3.min(items.len())..]
+            .chunks(3)
+            .map(|c| -> anyhow::Result<Conflict> {
+                let [key, reason, lost] = c else {
+                    anyhow::bail!("a truncated conflict in a commit script's reply");
+                };
+                Ok(Conflict {
+                    key: redis::from_redis_value_ref(key).context("a conflict's key")?,
+                    reason: redis::from_redis_value_ref(reason).context("a conflict's reason")?,
+                    lost: int(lost)?,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        return Ok(Reply::Applied {
+            ops,
+            conflicts,
+            first,
+        });
+    }
+    let (partition, stored) = match items.as_slice() {
+        [_, partition, stored] => (int(partition)? as i32, int(stored)?),
         other => anyhow::bail!("unexpected reply from a commit script: {other:?}"),
     };
-    Ok(Err(match code {
+    Ok(Reply::Rejected(match code {
         1 => Rejection::StaleEpoch { partition, stored },
         2 => Rejection::NotContiguous { partition, stored },
         3 => Rejection::FencesMissing { partition },
@@ -291,39 +336,19 @@ pub fn on_rejection(
     }
 }
 
-/// Claims partitions: bumps each epoch and returns the fences, initialising absent
-/// fences to the given cold-start offset (-1: "the caller believes fences exist").
-/// Returns `{-1}` while the lost marker is set, `{-2, p}` when `p` has no fences and no
-/// cold-start offset was given.
-const CLAIM_SCRIPT: &str = r#"
-if redis.call('EXISTS', KEYS[2]) == 1 then return {-1} end
-local out = {}
-local i = 2
-for _ = 1, tonumber(ARGV[1]) do
-  local p = ARGV[i]
-  local cold = ARGV[i + 1]
-  i = i + 2
-  local r = redis.call('HGET', KEYS[1], 'redis:' .. p)
-  local w = redis.call('HGET', KEYS[1], 'warehouse:' .. p)
-  if not r or not w then
-    if tonumber(cold) < 0 then return {-2, tonumber(p)} end
-    if not r then r = cold; redis.call('HSET', KEYS[1], 'redis:' .. p, cold) end
-    if not w then w = cold; redis.call('HSET', KEYS[1], 'warehouse:' .. p, cold) end
-  end
-  local e = redis.call('HINCRBY', KEYS[1], 'epoch:' .. p, 1)
-  out[#out + 1] = tonumber(p)
-  out[#out + 1] = e
-  out[#out + 1] = tonumber(r)
-  out[#out + 1] = tonumber(w)
-end
-return out
-"#;
+/// Claims partitions (`scripts/claim.lua`): bumps each epoch and returns the fences,
+/// initialising absent ones to the given cold-start offset.
+const CLAIM_SCRIPT: &str = include_str!("scripts/claim.lua");
 
 /// Why partitions could not be claimed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClaimError {
     #[error("Redis lost anchorflow's fences ({marker}); see docs/exactly-once.md, \"Redis restarted empty\"")]
     StateLost { marker: String },
+    /// A recorded warehouse commit cannot be completed (a file is gone): reading on
+    /// would move past rows that were never published.
+    #[error("a recorded warehouse commit cannot be published: {0:#}")]
+    Unpublishable(anyhow::Error),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -352,6 +377,15 @@ pub fn lost_marker(
         .context("reading the lost marker")
 }
 
+/// Marks Redis's state as lost (every instance then waits for `fences recover`).
+pub fn mark_lost(conn: &mut redis::Connection, keys: &FenceKeys, why: &str) -> anyhow::Result<()> {
+    redis::cmd("SET")
+        .arg(&keys.lost)
+        .arg(why)
+        .query::<()>(conn)
+        .context("setting the lost marker")
+}
+
 /// Stored fences per partition, as `(epoch, redis, warehouse)`; absent fields are `None`.
 pub type StoredFences = BTreeMap<i32, (Option<i64>, Option<i64>, Option<i64>)>;
 
@@ -376,6 +410,14 @@ pub fn read(
     Ok(out)
 }
 
+/// A claimed partition: its claim, and the unit fences a split Redis commit left
+/// beyond its Redis fence (unit → fence; usually none).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claimed {
+    pub claim: Claim,
+    pub unit_fences: BTreeMap<u16, i64>,
+}
+
 /// Claims `partitions` for this instance. `cold_start` is asked for the offsets of
 /// partitions that have no fences yet (first run of the group on this Redis).
 pub fn claim(
@@ -383,7 +425,7 @@ pub fn claim(
     keys: &FenceKeys,
     partitions: &[i32],
     mut cold_start: impl FnMut(&[i32]) -> anyhow::Result<BTreeMap<i32, i64>>,
-) -> Result<BTreeMap<i32, Claim>, ClaimError> {
+) -> Result<BTreeMap<i32, Claimed>, ClaimError> {
     if let Some(marker) = lost_marker(conn, keys)? {
         return Err(ClaimError::StateLost { marker });
     }
@@ -400,7 +442,10 @@ pub fn claim(
     };
     let script = redis::Script::new(CLAIM_SCRIPT);
     let mut invocation = script.key(&keys.fences);
-    invocation.key(&keys.lost).arg(partitions.len());
+    invocation
+        .key(&keys.lost)
+        .arg(&keys.units_prefix)
+        .arg(partitions.len());
     for p in partitions {
         invocation.arg(p).arg(cold.get(p).copied().unwrap_or(-1));
     }
@@ -415,23 +460,31 @@ pub fn claim(
         [-2, p] => Err(ClaimError::Other(anyhow::anyhow!(
             "the fences of partition {p} vanished while claiming it"
         ))),
-        flat if flat.len() == partitions.len() * 4 => Ok(flat
-            .chunks(4)
-            .map(|c| {
-                (
-                    c[0] as i32,
-                    Claim {
-                        epoch: c[1],
-                        redis: c[2],
-                        warehouse: c[3],
-                    },
-                )
-            })
-            .collect()),
-        other => Err(ClaimError::Other(anyhow::anyhow!(
-            "unexpected reply from the claim script: {other:?}"
-        ))),
+        flat => parse_claims(flat).map_err(ClaimError::Other),
     }
+}
+
+/// Reads the claim script's reply: per partition `p, epoch, redis, warehouse, k` and
+/// `k` pairs of unit and unit fence.
+fn parse_claims(mut flat: &[i64]) -> anyhow::Result<BTreeMap<i32, Claimed>> {
+    let mut out = BTreeMap::new();
+    while let [p, epoch, redis, warehouse, k, rest @ ..] = flat {
+        let k = usize::try_from(*k).context("a unit-fence count in the claim reply")?;
+        anyhow::ensure!(rest.len() >= 2 * k, "a truncated claim reply");
+        let unit_fences = rest[..2 * k]
+            .chunks(2)
+            .map(|pair| (pair[0] as u16, pair[1]))
+            .collect();
+        let claim = Claim {
+            epoch: *epoch,
+            redis: *redis,
+            warehouse: *warehouse,
+        };
+        out.insert(*p as i32, Claimed { claim, unit_fences });
+        flat = &rest[2 * k..];
+    }
+    anyhow::ensure!(flat.is_empty(), "unexpected claim reply tail: {flat:?}");
+    Ok(out)
 }
 
 /// A warehouse commit recorded in Redis: files to move from their hidden names.
@@ -439,29 +492,62 @@ pub fn claim(
 pub struct PublishRecord {
     pub id: String,
     pub files: Vec<(PathBuf, PathBuf)>,
+    /// The offset ranges the files hold, per partition: what an operator repairs if a
+    /// file of this commit is lost (`fences recover`).
+    pub ranges: Vec<FenceRange>,
 }
 
 impl PublishRecord {
+    /// A first line `#ranges p:epoch:from:to,…`, then a line `hidden\tvisible` per file.
     pub fn encode(&self) -> String {
-        self.files
+        let ranges: Vec<String> = self
+            .ranges
             .iter()
-            .map(|(hidden, visible)| format!("{}\t{}", hidden.display(), visible.display()))
+            .map(|r| format!("{}:{}:{}:{}", r.partition, r.epoch, r.from, r.to))
+            .collect();
+        std::iter::once(format!("#ranges {}", ranges.join(",")))
+            .chain(
+                self.files.iter().map(|(hidden, visible)| {
+                    format!("{}\t{}", hidden.display(), visible.display())
+                }),
+            )
             .collect::<Vec<_>>()
             .join("\n")
     }
 
     pub fn decode(id: String, value: &str) -> anyhow::Result<Self> {
-        let files = value
-            .lines()
-            .filter(|l| !l.is_empty())
-            .map(|line| {
-                let (hidden, visible) = line
-                    .split_once('\t')
-                    .with_context(|| format!("malformed publish record {id}: {line:?}"))?;
-                Ok((PathBuf::from(hidden), PathBuf::from(visible)))
-            })
-            .collect::<anyhow::Result<_>>()?;
-        Ok(PublishRecord { id, files })
+        let malformed = |line: &str| format!("malformed publish record {id}: {line:?}");
+        let mut record = PublishRecord {
+            id: id.clone(),
+            files: Vec::new(),
+            ranges: Vec::new(),
+        };
+        for line in value.lines().filter(|l| !l.is_empty()) {
+            if let Some(ranges) = line.strip_prefix("#ranges ") {
+                for range in ranges.split(',').filter(|r| !r.is_empty()) {
+                    let n: Vec<i64> = range
+                        .split(':')
+                        .map(str::parse)
+                        .collect::<Result<_, _>>()
+                        .with_context(|| malformed(line))?;
+                    let [partition, epoch, from, to] = n[..] else {
+                        anyhow::bail!(malformed(line));
+                    };
+                    record.ranges.push(FenceRange {
+                        partition: partition as i32,
+                        epoch,
+                        from,
+                        to,
+                    });
+                }
+                continue;
+            }
+            let (hidden, visible) = line.split_once('\t').with_context(|| malformed(line))?;
+            record
+                .files
+                .push((PathBuf::from(hidden), PathBuf::from(visible)));
+        }
+        Ok(record)
     }
 }
 
@@ -504,22 +590,37 @@ pub fn forget(conn: &mut redis::Connection, keys: &FenceKeys) -> anyhow::Result<
         .arg(&keys.folders)
         .arg(&keys.committed)
         .arg(&keys.watermarks)
+        .arg(&keys.conflicts)
+        .arg(&keys.skipped)
         .query::<i64>(conn)
         .context("deleting fences")?;
+    let units: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", keys.units_prefix))
+        .query(conn)
+        .context("listing unit fences")?;
+    for key in units {
+        redis::cmd("DEL")
+            .arg(key)
+            .query::<i64>(conn)
+            .context("deleting unit fences")?;
+    }
     Ok(())
 }
 
 /// Sets both fences of each partition, bumps its epoch (fencing off every instance
-/// still holding it), drops its open windows and clears the lost marker, in one
-/// transaction.
+/// still holding it) and clears the lost marker, in one transaction. Open windows and
+/// unit fences belong to the fence they were stored with: where a fence moves, they
+/// are dropped (windows start afresh at the new fence); where it stays, they stay.
 pub fn reset(
     conn: &mut redis::Connection,
     keys: &FenceKeys,
     fences: &BTreeMap<i32, (i64, i64)>,
+    old: &StoredFences,
 ) -> anyhow::Result<()> {
     let mut pipe = redis::pipe();
     pipe.atomic();
     for (p, (redis_fence, warehouse_fence)) in fences {
+        let (_, old_redis, old_warehouse) = old.get(p).copied().unwrap_or_default();
         pipe.cmd("HSET")
             .arg(&keys.fences)
             .arg(format!("redis:{p}"))
@@ -532,12 +633,21 @@ pub fn reset(
             .arg(format!("epoch:{p}"))
             .arg(1)
             .ignore();
-        // Open windows belong to the old fences; they start afresh at the new ones.
-        pipe.cmd("HDEL")
-            .arg(&keys.windows)
-            .arg(series_field(*p))
-            .arg(dws_field(*p))
-            .ignore();
+        if old_redis != Some(*redis_fence) {
+            pipe.cmd("HDEL")
+                .arg(&keys.windows)
+                .arg(series_field(*p))
+                .ignore();
+            pipe.cmd("DEL")
+                .arg(format!("{}{p}", keys.units_prefix))
+                .ignore();
+        }
+        if old_warehouse != Some(*warehouse_fence) {
+            pipe.cmd("HDEL")
+                .arg(&keys.windows)
+                .arg(dws_field(*p))
+                .ignore();
+        }
     }
     pipe.cmd("DEL").arg(&keys.lost).ignore();
     pipe.query::<()>(conn).context("writing fences")?;
@@ -548,29 +658,82 @@ pub fn reset(
 mod tests {
     use super::*;
 
+    fn array(items: &[redis::Value]) -> redis::Value {
+        redis::Value::Array(items.to_vec())
+    }
+
+    fn ints(items: &[i64]) -> redis::Value {
+        array(
+            &items
+                .iter()
+                .map(|i| redis::Value::Int(*i))
+                .collect::<Vec<_>>(),
+        )
+    }
+
     #[test]
     fn replies_map_to_outcomes() {
-        assert_eq!(outcome(&[0, 7]).unwrap(), Ok(7));
         assert_eq!(
-            outcome(&[1, 2, 5]).unwrap(),
-            Err(Rejection::StaleEpoch {
+            reply(&ints(&[0, 7])).unwrap(),
+            Reply::Applied {
+                ops: 7,
+                conflicts: 0,
+                first: vec![]
+            }
+        );
+        assert_eq!(reply(&ints(&[0, -1])).unwrap(), Reply::AppliedBefore);
+        let text = |s: &str| redis::Value::BulkString(s.as_bytes().to_vec());
+        assert_eq!(
+            reply(&array(&[
+                redis::Value::Int(0),
+                redis::Value::Int(9),
+                redis::Value::Int(1),
+                text("u1"),
+                text("wrong_type"),
+                redis::Value::Int(3),
+            ]))
+            .unwrap(),
+            Reply::Applied {
+                ops: 9,
+                conflicts: 1,
+                first: vec![Conflict {
+                    key: "u1".into(),
+                    reason: "wrong_type".into(),
+                    lost: 3
+                }]
+            }
+        );
+        assert_eq!(
+            reply(&ints(&[1, 2, 5])).unwrap(),
+            Reply::Rejected(Rejection::StaleEpoch {
                 partition: 2,
                 stored: 5
             })
         );
         assert_eq!(
-            outcome(&[2, 0, 100]).unwrap(),
-            Err(Rejection::NotContiguous {
+            reply(&ints(&[2, 0, 100])).unwrap(),
+            Reply::Rejected(Rejection::NotContiguous {
                 partition: 0,
                 stored: 100
             })
         );
         assert_eq!(
-            outcome(&[3, 1, -1]).unwrap(),
-            Err(Rejection::FencesMissing { partition: 1 })
+            reply(&ints(&[3, 1, -1])).unwrap(),
+            Reply::Rejected(Rejection::FencesMissing { partition: 1 })
         );
-        assert!(outcome(&[9, 9, 9]).is_err());
-        assert!(outcome(&[]).is_err());
+        assert!(reply(&ints(&[9, 9, 9])).is_err());
+        assert!(reply(&ints(&[])).is_err());
+        assert!(reply(&redis::Value::Okay).is_err());
+    }
+
+    #[test]
+    fn claim_replies_carry_unit_fences() {
+        let claims = parse_claims(&[0, 3, 100, 90, 0, 5, 1, 40, 40, 2, 7, 60, 9, 55]).unwrap();
+        assert_eq!(claims[&0].claim.start(), 90);
+        assert!(claims[&0].unit_fences.is_empty());
+        assert_eq!(claims[&5].claim.epoch, 1);
+        assert_eq!(claims[&5].unit_fences, BTreeMap::from([(7, 60), (9, 55)]));
+        assert!(parse_claims(&[0, 3, 100, 90, 2, 7]).is_err());
     }
 
     #[test]
@@ -580,6 +743,20 @@ mod tests {
             files: vec![
                 ("/w/t/.a.inprogress".into(), "/w/t/part-a.parquet".into()),
                 ("/w/u/.b.inprogress".into(), "/w/u/part-b.parquet".into()),
+            ],
+            ranges: vec![
+                FenceRange {
+                    partition: 0,
+                    epoch: 3,
+                    from: 10,
+                    to: 20,
+                },
+                FenceRange {
+                    partition: 2,
+                    epoch: 3,
+                    from: 0,
+                    to: 0,
+                },
             ],
         };
         let back = PublishRecord::decode("a-1".into(), &record.encode()).unwrap();

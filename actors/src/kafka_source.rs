@@ -28,7 +28,6 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use actix::dev::SendError;
 use actix::prelude::*;
 use anyhow::Context as _;
 use rdkafka::client::ClientContext;
@@ -45,11 +44,13 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::fault;
 use crate::fences::{self, Claim, ClaimError, FenceKeys, StoredWindows};
+use crate::held::Held;
+use crate::mailbox::Mailbox;
 use crate::messages::{
     Barrier, CheckpointKind, CheckpointSpec, PartitionInput, RecordBatch, SinkKind, SourceNotice,
 };
-use crate::metrics::{MailboxMeter, Metrics, PartitionLabel};
-use crate::partition_reader::{PartitionReader, ReaderLinks};
+use crate::metrics::{Metrics, PartitionLabel};
+use crate::partition_reader::{PartitionReader, ReaderContext};
 
 /// Exit code when the group took our partitions away before we could checkpoint them,
 /// or partitions could not be claimed in time (Redis unreachable).
@@ -98,15 +99,15 @@ struct Poll;
 /// Everything a reader needs, minus the partition number.
 #[derive(Clone)]
 pub struct ReaderFactory {
-    pub topic: Arc<str>,
     pub config: Arc<Config>,
-    pub links: ReaderLinks,
+    pub context: ReaderContext,
     pub arbiters: Arc<[ArbiterHandle]>,
-    pub metrics: Metrics,
+    /// Shared with the timer (see `held.rs`).
+    pub held: Held,
 }
 
 struct Slot {
-    reader: Addr<PartitionReader>,
+    reader: Mailbox<PartitionInput>,
     arbiter: ArbiterHandle,
     building: RecordBatch,
     outbox: VecDeque<PartitionInput>,
@@ -136,7 +137,8 @@ struct SourceState {
     completed: Option<u64>,
     /// The latest watermark the timer sent; final checkpoints close windows with it.
     watermark: Option<i64>,
-    meter: MailboxMeter,
+    /// Partitions paused by backpressure or behind a silent broker: never idle.
+    held: Held,
 }
 
 pub struct SourceContext {
@@ -149,6 +151,13 @@ pub struct SourceContext {
     keys: FenceKeys,
     /// Whether a partition without fences or committed offset starts at its end.
     start_at_latest: bool,
+    /// Processing time; measured against Redis's at every claim.
+    clock: crate::clock::Clock,
+    /// Where the warehouse keeps what each instance published (checked at claims).
+    warehouse_root: std::path::PathBuf,
+    group: String,
+    /// Shared with the timer: partitions that are not idle whatever their silence.
+    held: Held,
 }
 
 impl SourceContext {
@@ -179,10 +188,10 @@ impl SourceState {
     /// Hands queued items to the reader while it has room; pauses the partition and
     /// starts a drainer when it does not.
     fn dispatch(&mut self, consumer: &SourceConsumer, partition: i32) {
-        let topic = self.factory.topic.clone();
-        let meter = self.meter.clone();
+        let topic = self.factory.context.topic.clone();
         let notices = self.notices_tx.clone();
-        let metrics = self.factory.metrics.clone();
+        let held = self.held.clone();
+        let metrics = self.factory.context.metrics.clone();
         let Some(slot) = self.slots.get_mut(&partition) else {
             return;
         };
@@ -190,45 +199,45 @@ impl SourceState {
             return;
         }
         while let Some(item) = slot.outbox.pop_front() {
-            match slot.reader.try_send(item) {
-                Ok(()) => meter.sent(),
-                Err(SendError::Full(item)) => {
-                    slot.outbox.push_front(item);
-                    slot.blocked = true;
-                    metrics.partition_pauses.inc();
-                    debug!(
-                        partition,
-                        queued = slot.outbox.len(),
-                        next_offset = slot.next_offset,
-                        "reader full; partition paused"
-                    );
-                    if let Err(e) = consumer.pause(&single(&topic, partition)) {
-                        warn!(partition, error = %e, "could not pause partition");
-                    }
-                    let items: Vec<PartitionInput> = slot.outbox.drain(..).collect();
-                    let reader = slot.reader.clone();
-                    let meter = meter.clone();
-                    slot.arbiter.spawn(async move {
-                        let started = Instant::now();
-                        for item in items {
-                            meter.sent();
-                            if reader.send(item).await.is_err() {
-                                meter.received();
-                            }
-                        }
-                        meter.blocked_for(started.elapsed());
-                        let _ = notices.send(SourceNotice::Drained { partition });
-                    });
-                    return;
-                }
-                Err(SendError::Closed(_)) => {
-                    error!(
-                        partition,
-                        "partition reader is gone; its records cannot be processed"
-                    );
-                    return;
-                }
+            if !slot.reader.connected() {
+                error!(
+                    partition,
+                    queued = slot.outbox.len() + 1,
+                    "partition reader is gone; its records cannot be processed"
+                );
+                slot.outbox.push_front(item);
+                return;
             }
+            // The room comes back on the reader's thread: this one blocks at times
+            // (rebalance callbacks, the final checkpoint).
+            let Err(item) = slot.reader.try_send_on(item, &slot.arbiter) else {
+                continue;
+            };
+            slot.outbox.push_front(item);
+            slot.blocked = true;
+            held.set_paused(partition, true);
+            metrics.partition_pauses.inc();
+            debug!(
+                partition,
+                queued = slot.outbox.len(),
+                next_offset = slot.next_offset,
+                "reader full; partition paused"
+            );
+            if let Err(e) = consumer.pause(&single(&topic, partition)) {
+                warn!(partition, error = %e, "could not pause partition");
+            }
+            let items: Vec<PartitionInput> = slot.outbox.drain(..).collect();
+            let reader = slot.reader.clone();
+            slot.arbiter.spawn(async move {
+                for item in items {
+                    if let Err(error) = reader.send(item).await {
+                        warn!(partition, %error, "partition reader is gone; queued input dropped");
+                        break;
+                    }
+                }
+                let _ = notices.send(SourceNotice::Drained { partition });
+            });
+            return;
         }
     }
 
@@ -255,6 +264,7 @@ impl SourceState {
                     partition,
                     next_offset: slot.next_offset,
                     claim: slot.claim,
+                    max_event_ms: None,
                 };
                 slot.outbox.push_back(PartitionInput::Barrier(barrier));
             }
@@ -276,7 +286,8 @@ impl SourceState {
             SourceNotice::Drained { partition } => {
                 if let Some(slot) = self.slots.get_mut(&partition) {
                     slot.blocked = false;
-                    let topic = &self.factory.topic;
+                    self.held.set_paused(partition, false);
+                    let topic = &self.factory.context.topic;
                     if let Err(e) = consumer.resume(&single(topic, partition)) {
                         warn!(partition, error = %e, "could not resume partition");
                     }
@@ -346,14 +357,16 @@ impl SourceState {
                 (offset >= 0).then_some((p, offset))
             })
             .collect();
-        let metrics = &self.factory.metrics;
+        let metrics = &self.factory.context.metrics;
         fault::point(fault::AFTER_SINKS_COMMITTED);
         if !durable.is_empty() {
             let mut tpl = TopicPartitionList::new();
             for (&partition, &offset) in &durable {
-                if let Err(e) =
-                    tpl.add_partition_offset(&self.factory.topic, partition, Offset::Offset(offset))
-                {
+                if let Err(e) = tpl.add_partition_offset(
+                    &self.factory.context.topic,
+                    partition,
+                    Offset::Offset(offset),
+                ) {
                     warn!(partition, error = %e, "cannot express offset");
                 }
             }
@@ -372,7 +385,7 @@ impl SourceState {
         metrics.checkpoint_completed(took);
         metrics
             .last_checkpoint_timestamp_seconds
-            .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+            .set(crate::clock::wall_ms() as f64 / 1000.0);
         metrics.set_ready(true);
         debug!(
             checkpoint = done.spec.id,
@@ -427,25 +440,19 @@ impl SourceState {
         let factory = &self.factory;
         let arbiter = factory.arbiters[self.next_reader % factory.arbiters.len()].clone();
         self.next_reader += 1;
-        let (topic, config, links, metrics) = (
-            factory.topic.clone(),
-            factory.config.clone(),
-            factory.links.clone(),
-            factory.metrics.clone(),
-        );
+        let context = factory.context.clone();
         let reader = Supervisor::start_in_arbiter(&arbiter, move |_| {
-            PartitionReader::new(
-                topic,
-                partition,
-                config.decode.clone(),
-                config.time.tz(),
-                config.time.windows(),
-                claim,
-                windows,
-                links,
-                metrics,
-            )
+            PartitionReader::new(context, partition, claim, windows)
         });
+        let reader = Mailbox::new(
+            reader,
+            crate::partition_reader::READER_MAILBOX,
+            self.factory.context.metrics.mailbox("partition_reader"),
+        );
+        self.held.track_reader(
+            partition,
+            reader.busy_probe(crate::partition_reader::READER_MAILBOX),
+        );
         Slot {
             reader,
             arbiter,
@@ -487,7 +494,17 @@ impl ClientContext for SourceContext {
         }
     }
 
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
+            // Until statistics show a broker answering again, nothing assigned is idle.
+            let assigned = self.lock().slots.keys().copied().collect();
+            self.held.set_unreachable(assigned);
+        }
+        error!(target: "librdkafka", error = %error, reason, "kafka client error");
+    }
+
     fn stats(&self, statistics: Statistics) {
+        self.held.update(&statistics);
         for topic in statistics.topics.values() {
             for (id, partition) in &topic.partitions {
                 if *id < 0 {
@@ -529,6 +546,82 @@ fn partition_lag(
 }
 
 impl SourceContext {
+    /// A record arrived after a gap in the offsets. A gap inside the log is normal
+    /// (transaction markers, compaction); a gap that starts below the log's first
+    /// offset means the broker deleted records before they were read (retention, a
+    /// trimmed log) and librdkafka reset the position: those records are skipped for
+    /// good, and that is counted, logged as an error and stored for `fences show`.
+    fn on_gap(&self, consumer: &SourceConsumer, partition: i32, expected: i64, delivered: i64) {
+        let log_start = match consumer.fetch_watermarks(&self.topic, partition, SEEK_TIMEOUT) {
+            Ok((low, _)) => low,
+            Err(e) => {
+                warn!(partition, expected, delivered, error = %e, "offset gap; could not read the log start to tell why");
+                return;
+            }
+        };
+        let Some(skipped) = crate::skipped::skipped(expected, delivered, log_start) else {
+            debug!(
+                partition,
+                expected,
+                delivered,
+                "offset gap inside the log (transaction markers or compaction)"
+            );
+            return;
+        };
+        let reason = crate::skipped::OUT_OF_RANGE;
+        self.metrics
+            .records_skipped
+            .get_or_create(&crate::metrics::SkipLabel { partition, reason })
+            .inc_by((skipped.end - skipped.start) as u64);
+        error!(
+            partition,
+            from = skipped.start,
+            to = skipped.end,
+            log_start,
+            "records were deleted by the broker before they were read; they are skipped (anchorflow fences show lists them)"
+        );
+        let stored = fences::connect(&self.redis_url, self.redis_timeout)
+            .and_then(|mut conn| crate::skipped::store(&mut conn, &self.keys, partition, &skipped));
+        if let Err(e) = stored {
+            warn!(
+                partition,
+                error = format!("{e:#}"),
+                "could not store the skipped range"
+            );
+        }
+    }
+
+    /// Compares the claimed warehouse fences with what the warehouse says it published.
+    /// A fence behind it means Redis went back in time (restored from an older
+    /// snapshot, a stale replica promoted): reading on would publish those rows again.
+    /// The loss is marked in Redis, as when Redis restarts empty, and an operator
+    /// recovers (`fences recover --redis-from keep`, docs/exactly-once.md).
+    fn check_published(
+        &self,
+        conn: &mut redis::Connection,
+        claims: &BTreeMap<i32, fences::Claimed>,
+    ) -> Result<(), ClaimError> {
+        let published = crate::warehouse_files::published_fences(
+            &self.warehouse_root,
+            &self.group,
+            &self.topic,
+        )?;
+        for (partition, claimed) in claims {
+            let Some(&mark) = published.get(partition) else {
+                continue;
+            };
+            if claimed.claim.warehouse < mark {
+                let marker = format!(
+                    "warehouse:{partition}: Redis's fence {} is behind the {mark} the warehouse published",
+                    claimed.claim.warehouse
+                );
+                fences::mark_lost(conn, &self.keys, &marker)?;
+                return Err(ClaimError::StateLost { marker });
+            }
+        }
+        Ok(())
+    }
+
     /// Claims `partitions`, retrying while Redis is unreachable for at most the revoke
     /// timeout (the group waits for this callback).
     fn claim_with_retries(
@@ -542,13 +635,29 @@ impl SourceContext {
             let result = fences::connect(&self.redis_url, self.redis_timeout)
                 .map_err(ClaimError::Other)
                 .and_then(|mut conn| {
+                    crate::clock::measure(&self.clock, &mut conn)?;
                     let claims = fences::claim(&mut conn, &self.keys, partitions, |fresh| {
                         self.cold_start(consumer, fresh)
                     })?;
+                    // An earlier owner may have recorded commits it never published;
+                    // their rows are below the fences we resume from.
+                    match crate::warehouse_files::complete_recorded(&mut conn, &self.keys)? {
+                        Ok(0) => {}
+                        Ok(records) => info!(
+                            records,
+                            "completed recorded warehouse commits of an earlier owner"
+                        ),
+                        Err(error) => return Err(ClaimError::Unpublishable(error)),
+                    }
+                    self.check_published(&mut conn, &claims)?;
                     let mut windows = fences::read_windows(&mut conn, &self.keys, partitions)?;
                     Ok(claims
                         .into_iter()
-                        .map(|(p, claim)| (p, (claim, windows.remove(&p).unwrap_or_default())))
+                        .map(|(p, claimed)| {
+                            let mut stored = windows.remove(&p).unwrap_or_default();
+                            stored.unit_fences = claimed.unit_fences;
+                            (p, (claimed.claim, stored))
+                        })
                         .collect())
                 });
             match result {
@@ -649,6 +758,16 @@ impl ConsumerContext for SourceContext {
                         System::current().stop_with_code(EXIT_ASSIGNMENT_LOST);
                         return;
                     }
+                    Err(ClaimError::Unpublishable(e)) => {
+                        self.metrics.set_ready(false);
+                        error!(
+                            ?partitions,
+                            error = format!("{e:#}"),
+                            "not reading: rows below the fences were recorded but cannot be published (docs/exactly-once.md)"
+                        );
+                        System::current().stop_with_code(crate::warehouse_sink::EXIT_IO_ERROR);
+                        return;
+                    }
                 };
                 {
                     let mut state = self.lock();
@@ -697,6 +816,7 @@ impl ConsumerContext for SourceContext {
                     }
                     for partition in &partitions {
                         state.slots.remove(partition);
+                        state.held.forget(*partition);
                     }
                     self.metrics
                         .partitions_assigned
@@ -736,10 +856,12 @@ impl KafkaSource {
         notices_tx: Sender<SourceNotice>,
     ) -> anyhow::Result<Self> {
         let config = factory.config.clone();
+        let held = factory.held.clone();
         let mut client = ClientConfig::new();
         // Defaults an operator may override in [kafka]…
         client.set("auto.offset.reset", "earliest");
-        client.set("statistics.interval.ms", "5000");
+        // Statistics tell which brokers answer (see `held.rs`) and drive the lag metric.
+        client.set("statistics.interval.ms", "1000");
         client.set("queued.max.messages.kbytes", "16384");
         for (key, value) in &config.kafka.0 {
             client.set(key, value);
@@ -748,8 +870,7 @@ impl KafkaSource {
         client.set("group.id", &config.source.group_id);
         client.set("enable.auto.commit", "false");
         client.set("enable.auto.offset.store", "false");
-        let metrics = factory.metrics.clone();
-        let meter = metrics.mailbox("partition_reader");
+        let metrics = factory.context.metrics.clone();
         let start_at_latest = matches!(
             config.kafka.0.get("auto.offset.reset").map(String::as_str),
             Some("latest" | "largest" | "end")
@@ -760,6 +881,10 @@ impl KafkaSource {
             redis_timeout: Duration::from_secs(config.redis.command_timeout_secs),
             keys: FenceKeys::new(&config.source.group_id, &config.source.topic),
             start_at_latest,
+            clock: factory.context.clock.clone(),
+            held: held.clone(),
+            warehouse_root: config.warehouse.root.clone().into(),
+            group: config.source.group_id.clone(),
             state: Mutex::new(SourceState {
                 factory,
                 slots: BTreeMap::new(),
@@ -770,7 +895,7 @@ impl KafkaSource {
                 next_checkpoint: 0,
                 completed: None,
                 watermark: None,
-                meter,
+                held: held.clone(),
             }),
             metrics,
             revoke_timeout: Duration::from_millis(config.pipeline.revoke_timeout_ms),
@@ -830,6 +955,9 @@ impl KafkaSource {
                 // Already handed on before a pause; librdkafka delivered it again.
                 continue;
             }
+            if message.offset() > slot.next_offset && slot.next_offset >= 0 {
+                context.on_gap(consumer, partition, slot.next_offset, message.offset());
+            }
             slot.building.push(message.offset(), message.payload());
             slot.next_offset = message.offset() + 1;
             if slot.building.records.len() >= max_records || slot.building.data.len() >= max_bytes {
@@ -857,7 +985,9 @@ impl KafkaSource {
         // runs while closing the consumer finds nothing left to checkpoint.
         {
             let mut state = context.lock();
-            state.slots.clear();
+            for partition in std::mem::take(&mut state.slots).into_keys() {
+                state.held.forget(partition);
+            }
             self.consumer.context().metrics.partitions_assigned.set(0);
         }
         consumer.unsubscribe();
@@ -871,7 +1001,7 @@ impl Actor for KafkaSource {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(SOURCE_MAILBOX);
+        ctx.set_mailbox_capacity(crate::mailbox::actix_capacity(SOURCE_MAILBOX));
         ctx.notify(Poll);
     }
 }
@@ -886,7 +1016,13 @@ impl Handler<Poll> for KafkaSource {
             return;
         }
         self.poll_burst();
-        ctx.notify(Poll);
+        // Yield to the runtime before the next burst: a notification handled in place
+        // keeps actix's context loop from ever returning, which starves every other
+        // task on this thread (such as the ones that give back the readers' room).
+        ctx.wait(
+            actix::fut::wrap_future::<_, Self>(tokio::task::yield_now())
+                .map(|(), _source, ctx: &mut Context<Self>| ctx.notify(Poll)),
+        );
     }
 }
 

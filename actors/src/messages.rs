@@ -52,6 +52,9 @@ pub struct Barrier {
     /// The partition's claim (epoch and fences at assignment): sinks start their first
     /// range of this assignment at their fence, and every commit carries the epoch.
     pub claim: Claim,
+    /// The largest event time of the partition before the barrier (set by its reader):
+    /// stored with the window state, it is where the watermark resumes after a restart.
+    pub max_event_ms: Option<i64>,
 }
 
 /// Raw records of one partition as read from Kafka. Payloads share one buffer so a
@@ -119,6 +122,8 @@ pub struct EventBatch {
 
 #[derive(Clone, Debug)]
 pub struct RoutedEvent {
+    /// The record's offset in its partition.
+    pub offset: i64,
     pub state: i32,
     pub business_id: i64,
     pub log_timestamp: i64,
@@ -143,8 +148,10 @@ impl EventBatch {
     }
 
     /// Appends one event, copying its strings into the shared buffer.
+    #[allow(clippy::too_many_arguments)]
     pub fn push<'a>(
         &mut self,
+        offset: i64,
         state: i32,
         business_id: i64,
         log_timestamp: i64,
@@ -159,6 +166,7 @@ impl EventBatch {
         let receivers = first..self.receivers.len() as u32;
         let message_id = message_id.map(|m| self.push_text(m));
         self.events.push(RoutedEvent {
+            offset,
             state,
             business_id,
             log_timestamp,
@@ -187,11 +195,13 @@ impl EventBatch {
 pub enum ShardInput {
     Events(EventBatch),
     Barrier(Barrier),
-    /// A newly claimed partition's open windows (this shard's part), sent by its
-    /// reader before the partition's first records; replaces what the shard held.
+    /// A newly claimed partition's open windows (this shard's part) and the unit fences
+    /// of its last, interrupted Redis commit, sent by its reader before the partition's
+    /// first records; replaces what the shard held.
     Restore {
         partition: i32,
         windows: PartitionWindows,
+        unit_fences: std::collections::BTreeMap<u16, i64>,
     },
 }
 
@@ -258,6 +268,12 @@ pub enum Table {
 }
 
 impl Table {
+    pub const ALL: [Table; 3] = [
+        Table::OdsAnchorLog,
+        Table::DeadLetter,
+        Table::DwsTemplateState,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Table::OdsAnchorLog => "ods_anchor_log",
@@ -353,8 +369,8 @@ mod tests {
     #[test]
     fn event_batch_keeps_strings_apart() {
         let mut batch = EventBatch::new(3);
-        batch.push(10, 7, 1, ["a", "bc"], Some("m1"));
-        batch.push(60, 7, 2, std::iter::empty(), None);
+        batch.push(0, 10, 7, 1, ["a", "bc"], Some("m1"));
+        batch.push(1, 60, 7, 2, std::iter::empty(), None);
         let first: Vec<_> = batch.receivers_of(&batch.events[0]).collect();
         assert_eq!(first, vec!["a", "bc"]);
         assert_eq!(

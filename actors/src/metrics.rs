@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -49,9 +49,40 @@ pub struct PartitionLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StateLabel {
-    pub state: i32,
+pub struct SkipLabel {
+    pub partition: i32,
+    pub reason: &'static str,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: StateCode,
+}
+
+/// An unknown state code as a label value: the code itself for the first
+/// [`UNKNOWN_STATE_LABELS`] distinct codes, `other` for the rest, so that hostile input
+/// cannot grow the metric without bound.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum StateCode {
+    Code(i32),
+    Other,
+}
+
+impl prometheus_client::encoding::EncodeLabelValue for StateCode {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        match self {
+            StateCode::Code(code) => write!(encoder, "{code}"),
+            StateCode::Other => encoder.write_str("other"),
+        }
+    }
+}
+
+/// Distinct unknown state codes that get a label of their own.
+pub const UNKNOWN_STATE_LABELS: usize = 32;
 
 type FloatCounter = Counter<f64, AtomicU64>;
 type FloatGauge = Gauge<f64, AtomicU64>;
@@ -63,11 +94,19 @@ pub struct Metrics {
     pub records_read: Counter,
     pub events_decoded: Counter,
     pub dead_letters: Family<ReasonLabel, Counter>,
+    /// Records the broker deleted before they were read (their fence was out of range).
+    pub records_skipped: Family<SkipLabel, Counter>,
     pub unknown_state_events: Family<StateLabel, Counter>,
     pub redis_commands: Counter,
     pub redis_errors: Counter,
     pub redis_script_operations: Counter,
     pub redis_commit_seconds: Histogram,
+    /// Duration of one commit script (a checkpoint's commit runs one or a few).
+    pub redis_script_seconds: Histogram,
+    /// Writes Redis refused (a key of another type, …), by reason; the rest applied.
+    pub redis_conflicts: Family<ReasonLabel, Counter>,
+    /// Redis's clock minus this host's, as last measured.
+    pub clock_skew_seconds: FloatGauge,
     pub sink_commits: Family<SinkLabel, Counter>,
     /// Commits a fence check refused (zombie, replay, or Redis lost its state).
     pub commits_rejected: Family<RejectionLabel, Counter>,
@@ -84,6 +123,8 @@ pub struct Metrics {
     /// The instance watermark (Unix seconds).
     pub watermark_timestamp_seconds: FloatGauge,
     pub idle_partitions: Gauge,
+    /// Assigned partitions with records not processed yet (never idle, see `held.rs`).
+    pub held_partitions: Gauge,
     /// Events whose window had already closed for their partition (series path).
     pub late_events: Counter,
     /// (window, businessId, state) results emitted to the series hash.
@@ -106,6 +147,8 @@ pub struct Metrics {
     /// Durations of the most recent checkpoints (at most [`RECENT_CHECKPOINTS`]), for
     /// the benchmark's percentiles.
     pub recent_checkpoints: Arc<Mutex<std::collections::VecDeque<Duration>>>,
+    /// The unknown state codes that have a label of their own.
+    unknown_states: Arc<Mutex<std::collections::BTreeSet<i32>>>,
 }
 
 /// How many checkpoint durations [`Metrics::recent_checkpoints`] keeps.
@@ -137,6 +180,12 @@ impl Metrics {
         for reason in crate::decode::DecodeError::REASONS {
             drop(dead_letters.get_or_create(&ReasonLabel { reason }));
         }
+        let records_skipped = Family::<SkipLabel, Counter>::default();
+        registry.register(
+            "records_skipped",
+            "Records the broker no longer held when they were due (retention, a trimmed log), by partition",
+            records_skipped.clone(),
+        );
         let unknown_state_events = Family::<StateLabel, Counter>::default();
         registry.register(
             "unknown_state_events",
@@ -166,6 +215,24 @@ impl Metrics {
             "redis_commit_seconds",
             "Duration of one Redis commit",
             redis_commit_seconds.clone(),
+        );
+        let redis_script_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "redis_script_seconds",
+            "Duration of one Redis commit script (bounded by redis.max_commit_ms)",
+            redis_script_seconds.clone(),
+        );
+        let redis_conflicts = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "redis_conflicts",
+            "Writes Redis refused (key of another type, non-numeric field, overflow, reserved key); the rest of the commit applied",
+            redis_conflicts.clone(),
+        );
+        let clock_skew_seconds = FloatGauge::default();
+        registry.register(
+            "clock_skew_seconds",
+            "Redis's clock minus this host's; anchorflow corrects its processing time by it",
+            clock_skew_seconds.clone(),
         );
         let sink_commits = Family::<SinkLabel, Counter>::default();
         registry.register(
@@ -239,6 +306,12 @@ impl Metrics {
             "Assigned partitions without records for time.idle_timeout_ms",
             idle_partitions.clone(),
         );
+        let held_partitions = Gauge::default();
+        registry.register(
+            "held_partitions",
+            "Assigned partitions with records not processed yet (paused by backpressure, behind the broker, or behind a silent broker): never idle",
+            held_partitions.clone(),
+        );
         let partitions_assigned = Gauge::default();
         registry.register(
             "partitions_assigned",
@@ -304,11 +377,15 @@ impl Metrics {
             records_read,
             events_decoded,
             dead_letters,
+            records_skipped,
             unknown_state_events,
             redis_commands,
             redis_errors,
             redis_script_operations,
             redis_commit_seconds,
+            redis_script_seconds,
+            redis_conflicts,
+            clock_skew_seconds,
             sink_commits,
             commits_rejected,
             redis_state_lost,
@@ -321,6 +398,7 @@ impl Metrics {
             watermark_lag_seconds,
             watermark_timestamp_seconds,
             idle_partitions,
+            held_partitions,
             late_events,
             windows_closed,
             partitions_committed,
@@ -334,7 +412,22 @@ impl Metrics {
             ready: Arc::new(AtomicBool::new(false)),
             committed_offsets: Arc::default(),
             recent_checkpoints: Arc::default(),
+            unknown_states: Arc::default(),
         }
+    }
+
+    /// Counts an event whose state code is not one of austin's.
+    pub fn unknown_state(&self, state: i32) {
+        let label = match self.unknown_states.lock() {
+            Ok(mut seen) if seen.contains(&state) || seen.len() < UNKNOWN_STATE_LABELS => {
+                seen.insert(state);
+                StateCode::Code(state)
+            }
+            _ => StateCode::Other,
+        };
+        self.unknown_state_events
+            .get_or_create(&StateLabel { state: label })
+            .inc();
     }
 
     /// The metrics in Prometheus text format.
@@ -419,35 +512,29 @@ impl MailboxMeter {
     }
 }
 
-/// Sends `msg` with `send().await` (which waits for room), recording depth and the time
-/// spent waiting. Returns an error only when the receiving actor is gone for good.
-pub async fn send_metered<A, M>(
-    addr: &actix::Addr<A>,
-    msg: M,
-    meter: &MailboxMeter,
-) -> Result<(), actix::MailboxError>
-where
-    A: actix::Actor<Context = actix::Context<A>> + actix::Handler<M>,
-    M: actix::Message<Result = ()> + Send + 'static,
-{
-    let started = Instant::now();
-    meter.sent();
-    let result = addr.send(msg).await;
-    let waited = started.elapsed();
-    // Only waits long enough to be backpressure are worth counting; a handoff into a
-    // mailbox with room returns in microseconds.
-    if waited > Duration::from_micros(200) {
-        meter.blocked_for(waited);
-    }
-    if result.is_err() {
-        meter.received();
-    }
-    result
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_state_labels_are_bounded() {
+        let metrics = Metrics::new();
+        for state in 0..1_000 {
+            metrics.unknown_state(1_000 + state);
+        }
+        metrics.unknown_state(1_000);
+        let text = metrics.encode();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("anchorflow_unknown_state_events_total{"))
+            .count();
+        assert_eq!(series, UNKNOWN_STATE_LABELS + 1, "{text}");
+        assert!(text.contains(r#"anchorflow_unknown_state_events_total{state="1000"} 2"#));
+        assert!(text.contains(&format!(
+            r#"anchorflow_unknown_state_events_total{{state="other"}} {}"#,
+            1_000 - UNKNOWN_STATE_LABELS
+        )));
+    }
 
     #[test]
     fn encodes_prometheus_names() {

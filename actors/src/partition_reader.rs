@@ -21,18 +21,18 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tracing::{debug, warn};
 
-use crate::aggregator::Aggregator;
+use crate::clock::Clock;
 use crate::config::DecodeConfig;
-use crate::decode::{decode, is_known_state};
+use crate::decode::{decode, is_known_state, TimeBounds};
 use crate::fences::{Claim, StoredWindows};
+use crate::mailbox::{actix_capacity, Mailbox};
 use crate::messages::{
     Barrier, DetailBatch, EventBatch, PartitionInput, RecordBatch, ShardInput, Table, TableRows,
     WarehouseInput,
 };
-use crate::metrics::{send_metered, MailboxMeter, Metrics, ReasonLabel, StateLabel};
+use crate::metrics::{Metrics, ReasonLabel};
 use crate::tables::{DeadLetterRows, Folders, OdsRows};
 use crate::timer::WatermarkUpdate;
-use crate::warehouse_sink::WarehouseSink;
 use crate::window::{Counts, WindowKey, WindowSpec};
 use rustc_hash::FxHashMap;
 
@@ -42,13 +42,14 @@ use rustc_hash::FxHashMap;
 /// one is processed: enough to hide the handoff, small enough for prompt backpressure.
 pub const READER_MAILBOX: usize = 2;
 
-/// Where a reader sends its output.
+/// Where a reader sends its output. Every reader holds clones of the same links, so
+/// each bound is shared by all the readers that send to one actor.
 #[derive(Clone)]
 pub struct ReaderLinks {
-    pub shards: Arc<[Addr<Aggregator>]>,
-    pub warehouse: Addr<WarehouseSink>,
+    pub shards: Arc<[Mailbox<ShardInput>]>,
+    pub warehouse: Mailbox<WarehouseInput>,
     /// Event-time reports (`try_send`: a dropped report is superseded by the next).
-    pub timer: Recipient<WatermarkUpdate>,
+    pub timer: Mailbox<WatermarkUpdate>,
 }
 
 /// Counters of one reader, for tests and logs.
@@ -64,52 +65,56 @@ pub struct ReaderCounters {
     pub barriers: u64,
 }
 
+/// What every reader of this process shares: where output goes and how records are
+/// read. Cheap to clone.
+#[derive(Clone)]
+pub struct ReaderContext {
+    pub topic: Arc<str>,
+    pub limits: DecodeConfig,
+    pub bounds: TimeBounds,
+    pub tz: chrono_tz::Tz,
+    pub windows: WindowSpec,
+    pub links: ReaderLinks,
+    pub metrics: Metrics,
+    /// Processing time, by Redis's clock.
+    pub clock: Clock,
+}
+
 pub struct PartitionReader {
     restart: crate::backoff::RestartBackoff,
-    topic: Arc<str>,
+    context: ReaderContext,
     partition: i32,
-    limits: DecodeConfig,
-    tz: chrono_tz::Tz,
-    windows: WindowSpec,
     claim: Claim,
     /// The claim's stored windows until they are handed over (once, even if the
     /// supervisor restarts this actor: the struct survives a restart).
     restore: Option<StoredWindows>,
-    links: ReaderLinks,
-    metrics: Metrics,
-    shard_meter: MailboxMeter,
-    warehouse_meter: MailboxMeter,
-    own_meter: MailboxMeter,
+    /// The largest event time seen, starting from the stored state's; barriers carry it
+    /// to the sinks, which store it with the windows.
+    max_event_ms: Option<i64>,
     counters: ReaderCounters,
 }
 
 impl PartitionReader {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        topic: Arc<str>,
+        context: ReaderContext,
         partition: i32,
-        limits: DecodeConfig,
-        tz: chrono_tz::Tz,
-        windows: WindowSpec,
         claim: Claim,
         restored: StoredWindows,
-        links: ReaderLinks,
-        metrics: Metrics,
     ) -> Self {
+        // Both sinks resume from their own state; the watermark from the one behind,
+        // so that neither sees its re-read records as late.
+        let max_event_ms = restored
+            .series
+            .max_event_ms()
+            .zip(restored.dws.max_event_ms())
+            .map(|(a, b)| a.min(b));
         PartitionReader {
-            windows,
-            restore: Some(restored),
             restart: Default::default(),
-            shard_meter: metrics.mailbox("aggregator"),
-            warehouse_meter: metrics.mailbox("warehouse_sink"),
-            own_meter: metrics.mailbox("partition_reader"),
-            topic,
+            context,
             partition,
-            limits,
-            tz,
             claim,
-            links,
-            metrics,
+            restore: Some(restored),
+            max_event_ms,
             counters: ReaderCounters::default(),
         }
     }
@@ -122,15 +127,16 @@ impl PartitionReader {
     /// and reports the batch's largest event time to the timer.
     fn process(&mut self, batch: &RecordBatch) -> (Vec<EventBatch>, DetailBatch) {
         let mut max_event_ms: Option<i64> = None;
-        let shards = self.links.shards.len();
+        let shards = self.context.links.shards.len();
         let mut routed: Vec<EventBatch> = (0..shards)
             .map(|_| EventBatch::new(self.partition))
             .collect();
         let mut ods: Vec<(String, OdsRows)> = Vec::new();
         let mut dead: Vec<(String, DeadLetterRows)> = Vec::new();
-        let mut folders = Folders::new(self.tz);
+        let mut folders = Folders::new(self.context.tz);
         let mut windows: FxHashMap<WindowKey, Counts> = FxHashMap::default();
-        let ingest_ms = chrono::Utc::now().timestamp_millis();
+        let now_ms = self.context.clock.now_ms();
+        let ingest_ms = now_ms;
         let ingest_day = folders
             .day_folder(ingest_ms)
             .unwrap_or_else(|| "dt=1970-01-01".into());
@@ -142,7 +148,8 @@ impl PartitionReader {
                 continue;
             }
             let payload = batch.payload(record);
-            let decoded = decode(payload, &self.limits).and_then(|event| {
+            let decoded = decode(payload, &self.context.limits).and_then(|event| {
+                self.context.bounds.check(event.log_timestamp, now_ms)?;
                 match folders.hour_folder(event.log_timestamp) {
                     Some(folder) => Ok((event, folder.to_string())),
                     None => Err(crate::decode::DecodeError::WrongType(format!(
@@ -158,10 +165,7 @@ impl PartitionReader {
                         max_event_ms.map_or(event.log_timestamp, |m| m.max(event.log_timestamp)),
                     );
                     if !is_known_state(event.state) {
-                        self.metrics
-                            .unknown_state_events
-                            .get_or_create(&StateLabel { state: event.state })
-                            .inc();
+                        self.context.metrics.unknown_state(event.state);
                     }
                     if to_warehouse {
                         let rows = match ods.iter_mut().position(|(f, _)| *f == folder) {
@@ -173,12 +177,12 @@ impl PartitionReader {
                         };
                         rows.append(
                             &event,
-                            &self.topic,
+                            &self.context.topic,
                             self.partition,
                             record.offset,
                             ingest_ms,
                         );
-                        let start = self.windows.start_of(event.log_timestamp);
+                        let start = self.context.windows.start_of(event.log_timestamp);
                         windows
                             .entry((start, event.business_id, event.state))
                             .or_default()
@@ -192,6 +196,7 @@ impl PartitionReader {
                     }
                     let shard = shard_of(event.business_id, shards);
                     routed[shard].push(
+                        record.offset,
                         event.state,
                         event.business_id,
                         event.log_timestamp,
@@ -203,7 +208,8 @@ impl PartitionReader {
                 Err(error) => {
                     self.counters.dead_letters += 1;
                     let reason = error.reason();
-                    self.metrics
+                    self.context
+                        .metrics
                         .dead_letters
                         .get_or_create(&ReasonLabel { reason })
                         .inc();
@@ -215,7 +221,7 @@ impl PartitionReader {
                         payload,
                         reason,
                         &error.to_string(),
-                        &self.topic,
+                        &self.context.topic,
                         self.partition,
                         record.offset,
                         ingest_ms,
@@ -223,14 +229,25 @@ impl PartitionReader {
                 }
             }
         }
+        if let Some(max) = max_event_ms {
+            self.max_event_ms = Some(self.max_event_ms.map_or(max, |m| m.max(max)));
+        }
         // Off the data path: a report that finds the timer busy is dropped; the next
         // batch's maximum supersedes it.
-        let _ = self.links.timer.try_send(WatermarkUpdate::Observed {
-            partition: self.partition,
-            max_event_ms,
-        });
-        self.metrics.records_read.inc_by(batch.records.len() as u64);
-        self.metrics
+        let _ = self
+            .context
+            .links
+            .timer
+            .try_send(WatermarkUpdate::Observed {
+                partition: self.partition,
+                max_event_ms,
+            });
+        self.context
+            .metrics
+            .records_read
+            .inc_by(batch.records.len() as u64);
+        self.context
+            .metrics
             .events_decoded
             .inc_by(ods.iter().map(|(_, r)| r.len() as u64).sum());
         let mut parts = Vec::with_capacity(ods.len() + dead.len());
@@ -277,35 +294,42 @@ impl Actor for PartitionReader {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.restart.started(ctx);
-        ctx.set_mailbox_capacity(READER_MAILBOX);
-        // Control messages, rare: one per assignment. `do_send` so none is lost.
-        self.links.timer.do_send(WatermarkUpdate::Assigned {
-            partition: self.partition,
-        });
-        if let Some(stored) = self.restore.take() {
-            // `wait` holds the mailbox: no batch is handled before the state is handed on.
-            let links = self.links.clone();
-            let partition = self.partition;
-            let shard_meter = self.shard_meter.clone();
-            let warehouse_meter = self.warehouse_meter.clone();
-            ctx.wait(
-                async move {
-                    if let Err(error) =
-                        forward_restore(&links, partition, stored, &shard_meter, &warehouse_meter)
-                            .await
-                    {
-                        warn!(partition, %error, "downstream actor is gone; open windows not restored during shutdown");
-                    }
+        ctx.set_mailbox_capacity(actix_capacity(READER_MAILBOX));
+        let links = self.context.links.clone();
+        let partition = self.partition;
+        let restored = self.max_event_ms;
+        let restore = self.restore.take();
+        // `wait` holds the mailbox: no batch is handled before the timer knows the
+        // partition and its stored state is handed on.
+        ctx.wait(
+            async move {
+                // Control message, one per assignment: waits for room so none is lost.
+                let assigned = links
+                    .timer
+                    .send(WatermarkUpdate::Assigned {
+                        partition,
+                        restored,
+                    })
+                    .await;
+                let restored = match restore {
+                    Some(stored) => forward_restore(&links, partition, stored).await,
+                    None => Ok(()),
+                };
+                if let Err(error) = assigned.and(restored) {
+                    warn!(partition, %error, "downstream actor is gone; state not handed on during shutdown");
                 }
-                .into_actor(self),
-            );
-        }
+            }
+            .into_actor(self),
+        );
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        // Off the data path, once per revocation; `do_send` so the timer always learns it.
-        self.links.timer.do_send(WatermarkUpdate::Revoked {
-            partition: self.partition,
+        // Off the data path, once per revocation: delivered by a task of its own,
+        // since the actor's context is gone.
+        let timer = self.context.links.timer.clone();
+        let partition = self.partition;
+        actix::spawn(async move {
+            let _ = timer.send(WatermarkUpdate::Revoked { partition }).await;
         });
     }
 }
@@ -314,7 +338,8 @@ impl Supervised for PartitionReader {
     fn restarting(&mut self, _ctx: &mut Self::Context) {
         self.restart.restarting();
         // A reader holds no state between batches; a restart only needs counting.
-        self.metrics
+        self.context
+            .metrics
             .actor_restarts
             .get_or_create(&crate::metrics::ActorLabel {
                 actor: "partition_reader",
@@ -328,28 +353,24 @@ impl Handler<PartitionInput> for PartitionReader {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, input: PartitionInput, _ctx: &mut Self::Context) -> Self::Result {
-        self.own_meter.received();
-        let links = self.links.clone();
-        let shard_meter = self.shard_meter.clone();
-        let warehouse_meter = self.warehouse_meter.clone();
+        let links = self.context.links.clone();
         let partition = self.partition;
         let work = match input {
             PartitionInput::Records(batch) => {
                 let (routed, detail) = self.process(&batch);
                 Work::Data(routed, detail)
             }
-            PartitionInput::Barrier(barrier) => {
+            PartitionInput::Barrier(mut barrier) => {
                 self.counters.barriers += 1;
+                barrier.max_event_ms = self.max_event_ms;
                 Work::Barrier(barrier)
             }
         };
         AtomicResponse::new(Box::pin(
             async move {
                 let result = match work {
-                    Work::Data(routed, detail) => {
-                        forward_data(&links, routed, detail, &shard_meter, &warehouse_meter).await
-                    }
-                    Work::Barrier(barrier) => forward_barrier(&links, barrier, &shard_meter, &warehouse_meter).await,
+                    Work::Data(routed, detail) => forward_data(&links, routed, detail).await,
+                    Work::Barrier(barrier) => forward_barrier(&links, barrier).await,
                 };
                 if let Err(error) = result {
                     // Downstream actors are supervised and never stop while the pipeline
@@ -371,26 +392,14 @@ async fn forward_data(
     links: &ReaderLinks,
     routed: Vec<EventBatch>,
     detail: DetailBatch,
-    shard_meter: &MailboxMeter,
-    warehouse_meter: &MailboxMeter,
 ) -> Result<(), MailboxError> {
     for (shard, events) in routed.into_iter().enumerate() {
         if !events.events.is_empty() {
-            send_metered(
-                &links.shards[shard],
-                ShardInput::Events(events),
-                shard_meter,
-            )
-            .await?;
+            links.shards[shard].send(ShardInput::Events(events)).await?;
         }
     }
     if !detail.parts.is_empty() {
-        send_metered(
-            &links.warehouse,
-            WarehouseInput::Rows(detail),
-            warehouse_meter,
-        )
-        .await?;
+        links.warehouse.send(WarehouseInput::Rows(detail)).await?;
     }
     Ok(())
 }
@@ -401,46 +410,34 @@ async fn forward_restore(
     links: &ReaderLinks,
     partition: i32,
     stored: StoredWindows,
-    shard_meter: &MailboxMeter,
-    warehouse_meter: &MailboxMeter,
 ) -> Result<(), MailboxError> {
     let shards = links.shards.len();
     for (index, shard) in links.shards.iter().enumerate() {
         let mut windows = stored.series.clone();
         windows.retain(|business_id| shard_of(business_id, shards) == index);
-        send_metered(
-            shard,
-            ShardInput::Restore { partition, windows },
-            shard_meter,
-        )
-        .await?;
+        let unit_fences = stored.unit_fences.clone();
+        shard
+            .send(ShardInput::Restore {
+                partition,
+                windows,
+                unit_fences,
+            })
+            .await?;
     }
-    send_metered(
-        &links.warehouse,
-        WarehouseInput::Restore {
+    links
+        .warehouse
+        .send(WarehouseInput::Restore {
             partition,
             windows: stored.dws,
-        },
-        warehouse_meter,
-    )
-    .await
+        })
+        .await
 }
 
-async fn forward_barrier(
-    links: &ReaderLinks,
-    barrier: Barrier,
-    shard_meter: &MailboxMeter,
-    warehouse_meter: &MailboxMeter,
-) -> Result<(), MailboxError> {
+async fn forward_barrier(links: &ReaderLinks, barrier: Barrier) -> Result<(), MailboxError> {
     for shard in links.shards.iter() {
-        send_metered(shard, ShardInput::Barrier(barrier.clone()), shard_meter).await?;
+        shard.send(ShardInput::Barrier(barrier.clone())).await?;
     }
-    send_metered(
-        &links.warehouse,
-        WarehouseInput::Barrier(barrier),
-        warehouse_meter,
-    )
-    .await
+    links.warehouse.send(WarehouseInput::Barrier(barrier)).await
 }
 
 #[cfg(test)]

@@ -1,111 +1,102 @@
 //! `RedisSink`: writes the austin-compatible keys (DESIGN §3.1).
 //!
 //! It waits until every aggregator shard has handed over its flush for a checkpoint,
-//! merges them, and applies the whole checkpoint with **one** `EVALSHA` of
-//! [`COMMIT_BODY`]: per distinct receiver one `LPUSH` of all its values plus one
-//! `PEXPIREAT` (end of the current day in the configured zone), per message id one
-//! `LPUSH` plus `PEXPIRE`, per template one `HINCRBY` per state plus `PEXPIRE`. The
-//! network sees one command per checkpoint instead of austin's `2 + 2·len(ids)` per
-//! event. A failed commit is retried with capped backoff until it succeeds: an outage
-//! pauses progress (the shards, then the readers, then Kafka wait) and loses nothing.
-//! Only after success does the sink report its fences to the source.
+//! then commits the checkpoint ([`crate::redis_commit`] plans it): per distinct
+//! receiver one `LPUSH` of all its values plus one `PEXPIRE` (until the end of the
+//! current day in the configured zone, relative, by Redis's clock), per message id one
+//! `LPUSH` plus `PEXPIRE`, per template one `HINCRBY` per state plus `PEXPIRE`. A
+//! checkpoint that fits `redis.max_commit_ms` is **one** `EVALSHA`; a bigger one is split
+//! by key-hash unit into several, each atomic and carrying its own unit fences, so that
+//! no single script holds Redis (which austin-web reads too) for long.
 //!
-//! The script starts with the fence check ([`crate::fences::FENCE_CHECK`]): for every
+//! A failed commit is retried with capped backoff until it succeeds: an outage pauses
+//! progress (the shards, then the readers, then Kafka wait) and loses nothing. A retry
+//! of a script that Redis applied but whose reply was lost is recognised by the fence
+//! check and not applied twice. Only after success does the sink report its fences to
+//! the source.
+//!
+//! Every script starts with the fence check ([`crate::fences::FENCE_CHECK`]): for every
 //! partition the commit covers the records `from..to`, where `from` is where this
 //! sink's last accepted commit ended (or the claim's fence), and Redis applies the
 //! commit, fences included, only if every `from` is the stored fence under the same
 //! epoch. A stale epoch or a gap means another instance owns the partition now or our
-//! state is behind Redis: the process exits ([`fences::EXIT_FENCED`]) and a restart resumes
-//! from the stored fences. Missing fences mean Redis lost its data: the sink holds the
-//! commit, reports it (log, `anchorflow_redis_state_lost`, not ready) and retries.
+//! state is behind Redis: the process exits ([`fences::EXIT_FENCED`]) and a restart
+//! resumes from the stored fences. Missing fences mean Redis lost its data: the sink
+//! holds the commit, reports it (log, `anchorflow_redis_state_lost`, not ready) and
+//! retries.
+//!
+//! A key Redis refuses to write (it holds another type, a hash field is not a number,
+//! or it would land on anchorflow's own `anchorflow:` keys) does not fail the commit:
+//! the rest applies, and the refusal is counted in
+//! `anchorflow_redis_conflicts_total{reason}`, logged with the key, and recorded in the
+//! conflicts hash (`anchorflow fences show` lists it).
 
 use std::collections::BTreeMap;
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use redis::aio::MultiplexedConnection;
-use rustc_hash::FxHashMap;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
+use crate::clock::{self, Clock};
 use crate::config::RedisConfig;
 use crate::fault;
-use crate::fences::{self, on_rejection, range_for, FenceKeys, FenceRange, Rejection};
-use crate::messages::{
-    CheckpointSpec, PartitionDelta, ShardFlush, SinkKind, SourceNotice, TraceValue,
-};
-use crate::metrics::{ActorLabel, MailboxMeter, Metrics, SinkLabel};
+use crate::fences::{self, on_rejection, Conflict, FenceKeys, Reply};
+use crate::messages::{ShardFlush, SinkKind, SourceNotice};
+use crate::metrics::{ActorLabel, Metrics, ReasonLabel, SinkLabel};
+use crate::redis_commit::{self, CommitInput, CommitPlan, KeyLayout, OpsBudget, Script, Ttls};
 use crate::tables::end_of_day_ms;
+
+pub use crate::redis_commit::SERIES_KEY_PREFIX;
 
 /// Mailbox capacity: one flush per shard per checkpoint is all that is ever queued,
 /// because a shard waits for its flush to be taken before it handles anything else.
 pub const REDIS_SINK_MAILBOX: usize = 64;
 
-/// Prefix of the window series hashes: field `{windowStartMs}:{state}`, value events.
-pub const SERIES_KEY_PREFIX: &str = "anchorflow:series:";
-
-/// Applies one checkpoint, after [`fences::FENCE_CHECK`] (which consumed the ranges).
-/// Remaining ARGV layout, all counts explicit so the script needs no
-/// parsing: `L`, then per list `key, pexpireat_ms, pexpire_ms, n, v1..vn` (one of the
-/// two expiries is 0); then `H`, then per hash `key, pexpire_ms, m, (field, delta)×m`.
-/// `LPUSH` is called with at most 1000 values at a time (Lua's `unpack` limit). Last,
-/// `W` and per partition `field, state` for the window-state hash `KEYS[3]` (the open
-/// series windows, stored in the same commit that moves the fence).
-pub const COMMIT_BODY: &str = r#"
-local lists = tonumber(ARGV[i]); i = i + 1
-local ops = 0
-for _ = 1, lists do
-  local key = ARGV[i]
-  local at = tonumber(ARGV[i + 1])
-  local ttl = tonumber(ARGV[i + 2])
-  local n = tonumber(ARGV[i + 3])
-  i = i + 4
-  local last = i + n - 1
-  local j = i
-  while j <= last do
-    local upto = math.min(j + 999, last)
-    redis.call('LPUSH', key, unpack(ARGV, j, upto))
-    ops = ops + 1
-    j = upto + 1
-  end
-  i = last + 1
-  if at > 0 then redis.call('PEXPIREAT', key, at) else redis.call('PEXPIRE', key, ttl) end
-  ops = ops + 1
-end
-local hashes = tonumber(ARGV[i]); i = i + 1
-for _ = 1, hashes do
-  local key = ARGV[i]
-  local ttl = tonumber(ARGV[i + 1])
-  local m = tonumber(ARGV[i + 2])
-  i = i + 3
-  for _ = 1, m do
-    redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1])
-    i = i + 2
-  end
-  redis.call('PEXPIRE', key, ttl)
-  ops = ops + m + 1
-end
-local states = tonumber(ARGV[i]); i = i + 1
-for _ = 1, states do
-  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
-  i = i + 2
-  ops = ops + 1
-end
-return {0, ops}
-"#;
-
-/// The whole commit script: fence check, then the body.
+/// The commit script: fence check, then the body (`scripts/redis_commit.lua`).
 pub fn commit_script() -> redis::Script {
-    redis::Script::new(&format!("{}{COMMIT_BODY}", fences::FENCE_CHECK))
+    redis::Script::new(&format!(
+        "{}{}",
+        fences::FENCE_CHECK,
+        include_str!("scripts/redis_commit.lua")
+    ))
 }
+
+/// The commit script's invocation with its keys and `args` (one [`Script`] of a plan).
+pub fn commit_invocation<'a>(
+    script: &'a redis::Script,
+    keys: &FenceKeys,
+    args: &[Vec<u8>],
+) -> redis::ScriptInvocation<'a> {
+    let mut invocation = script.key(&keys.fences);
+    invocation
+        .key(&keys.lost)
+        .key(&keys.windows)
+        .key(&keys.conflicts);
+    for arg in args {
+        invocation.arg(arg.as_slice());
+    }
+    invocation
+}
+
+/// How often Redis's clock is read again (it is also read on every new connection).
+const CLOCK_CHECK: Duration = Duration::from_secs(60);
+
+/// Conflicts logged per commit with their key; the rest are counted.
+const LOGGED_CONFLICTS: usize = 10;
+
+/// How long the conflicts hash keeps a key it has not seen again.
+const CONFLICTS_TTL_MS: i64 = 30 * 86_400_000;
 
 /// Counters of the sink, for tests and logs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RedisSinkCounters {
     /// Checkpoints applied.
     pub commits: u64,
+    /// Scripts run for them (more than one for a split checkpoint).
+    pub scripts: u64,
     /// Failed attempts (each retried).
     pub errors: u64,
 }
@@ -116,15 +107,23 @@ pub struct RedisSink {
     tz: chrono_tz::Tz,
     shards: usize,
     metrics: Metrics,
-    own_meter: MailboxMeter,
     notices: Sender<SourceNotice>,
-    conn: Option<MultiplexedConnection>,
-    script: redis::Script,
+    link: Link,
+    layout: KeyLayout,
     keys: FenceKeys,
+    budget: OpsBudget,
     /// Per partition: the epoch and where our last accepted commit ended.
     fences: BTreeMap<i32, (i64, i64)>,
     pending: BTreeMap<u64, Vec<ShardFlush>>,
     counters: RedisSinkCounters,
+}
+
+/// The connection and what lives with it; handed to each commit and back.
+struct Link {
+    conn: Option<MultiplexedConnection>,
+    script: redis::Script,
+    clock: Clock,
+    clock_read: Option<Instant>,
 }
 
 impl RedisSink {
@@ -135,17 +134,23 @@ impl RedisSink {
         metrics: Metrics,
         notices: Sender<SourceNotice>,
         keys: FenceKeys,
+        clock: Clock,
     ) -> Self {
         RedisSink {
             restart: Default::default(),
+            layout: KeyLayout::new(&config),
+            budget: OpsBudget::new(config.max_commit_ms),
             config,
             tz,
             shards,
-            own_meter: metrics.mailbox("redis_sink"),
             metrics,
             notices,
-            conn: None,
-            script: commit_script(),
+            link: Link {
+                conn: None,
+                script: commit_script(),
+                clock,
+                clock_read: None,
+            },
             keys,
             fences: BTreeMap::new(),
             pending: BTreeMap::new(),
@@ -156,179 +161,76 @@ impl RedisSink {
     pub fn counters(&self) -> RedisSinkCounters {
         self.counters
     }
+
+    fn ttls(&self) -> Ttls {
+        let now = self.link.clock.now();
+        let secs = |s: u64| (s * 1000).min(i64::MAX as u64) as i64;
+        Ttls {
+            receiver_ms: (end_of_day_ms(self.tz, now) - now.timestamp_millis()).max(1),
+            message_ms: secs(self.config.message_ttl_secs),
+            template_ms: secs(self.config.template_ttl_secs),
+            series_ms: secs(self.config.series_ttl_secs),
+            conflicts_ms: CONFLICTS_TTL_MS,
+        }
+    }
 }
 
-/// A merged checkpoint, ready to send.
-struct Commit {
-    spec: Arc<CheckpointSpec>,
-    args: Vec<Vec<u8>>,
-    ranges: Vec<FenceRange>,
-}
-
-/// Merges the shards' flushes of one checkpoint into the script's arguments. Shards own
-/// disjoint templates but share receivers and message ids, so lists are merged by key.
-fn build_commit(
-    config: &RedisConfig,
-    tz: chrono_tz::Tz,
-    tracked: &BTreeMap<i32, (i64, i64)>,
-    flushes: Vec<ShardFlush>,
-) -> Option<Commit> {
-    let spec = flushes.first()?.spec.clone();
-    let mut ranges: BTreeMap<i32, FenceRange> = BTreeMap::new();
-    let mut receivers: FxHashMap<String, Vec<TraceValue>> = FxHashMap::default();
-    let mut messages: FxHashMap<String, Vec<TraceValue>> = FxHashMap::default();
-    let mut templates: BTreeMap<i64, BTreeMap<i32, i64>> = BTreeMap::new();
-    let mut series: BTreeMap<i64, BTreeMap<(i64, i32), i64>> = BTreeMap::new();
-    let mut windows: BTreeMap<i32, String> = BTreeMap::new();
-    for flush in flushes {
-        for delta in flush.partitions {
-            let PartitionDelta {
-                partition,
-                next_offset,
-                claim,
-                template_counts,
-                receiver_lists,
-                message_lists,
-                series: closed,
-                windows: open,
-            } = delta;
-            for ((start, business_id, state), counts) in closed {
-                *series
-                    .entry(business_id)
-                    .or_default()
-                    .entry((start, state))
-                    .or_insert(0) += counts.events;
-            }
-            windows.entry(partition).or_default().push_str(&open);
-            ranges.insert(
-                partition,
-                range_for(
-                    tracked.get(&partition).copied(),
-                    SinkKind::Redis,
-                    partition,
-                    claim,
-                    next_offset,
-                ),
-            );
-            for (business_id, state, n) in template_counts {
-                *templates
-                    .entry(business_id)
-                    .or_default()
-                    .entry(state)
-                    .or_insert(0) += n;
-            }
-            for push in receiver_lists {
-                receivers.entry(push.key).or_default().extend(push.values);
-            }
-            for push in message_lists {
-                messages.entry(push.key).or_default().extend(push.values);
+impl Link {
+    /// One attempt at one script: (re)connect if needed, then run it.
+    async fn apply(
+        &mut self,
+        client: &redis::Client,
+        keys: &FenceKeys,
+        args: &[Vec<u8>],
+        timeout: Duration,
+    ) -> anyhow::Result<Reply> {
+        use anyhow::Context as _;
+        if self.conn.is_none() {
+            // The client's own response timeout defaults to 500 ms, shorter than a large
+            // commit script runs; one deadline, ours, governs.
+            let config = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout));
+            let fresh = tokio::time::timeout(
+                timeout,
+                client.get_multiplexed_async_connection_with_config(&config),
+            )
+            .await
+            .context("timed out connecting to redis")?
+            .context("connecting to redis")?;
+            self.conn = Some(fresh);
+            self.clock_read = None;
+        }
+        let conn = self.conn.as_mut().context("no redis connection")?;
+        if self.clock_read.is_none_or(|at| at.elapsed() >= CLOCK_CHECK) {
+            let measured =
+                tokio::time::timeout(timeout, clock::measure_async(&self.clock, conn)).await;
+            match measured {
+                Ok(Ok(())) => self.clock_read = Some(Instant::now()),
+                Ok(Err(error)) => {
+                    self.conn = None;
+                    return Err(error);
+                }
+                Err(_) => {
+                    self.conn = None;
+                    anyhow::bail!("redis did not answer within {timeout:?}");
+                }
             }
         }
-    }
-    let day_end = end_of_day_ms(tz, chrono::Utc::now());
-    let message_ttl_ms = (config.message_ttl_secs * 1000).to_string();
-    let template_ttl_ms = (config.template_ttl_secs * 1000).to_string();
-    let ranges: Vec<FenceRange> = ranges.into_values().collect();
-    let mut args: Vec<Vec<u8>> = Vec::new();
-    fences::push_ranges(&mut args, SinkKind::Redis, &ranges);
-    args.push((receivers.len() + messages.len()).to_string().into_bytes());
-    let push_list =
-        |args: &mut Vec<Vec<u8>>, key: String, at: String, ttl: &str, values: Vec<TraceValue>| {
-            args.push(key.into_bytes());
-            args.push(at.into_bytes());
-            args.push(ttl.as_bytes().to_vec());
-            args.push(values.len().to_string().into_bytes());
-            args.extend(values.iter().map(|v| v.to_json().into_bytes()));
-        };
-    for (key, values) in receivers {
-        push_list(
-            &mut args,
-            format!("{}{key}", config.receiver_key_prefix),
-            day_end.to_string(),
-            "0",
-            values,
-        );
-    }
-    for (key, values) in messages {
-        push_list(
-            &mut args,
-            format!("{}{key}", config.message_key_prefix),
-            "0".into(),
-            &message_ttl_ms,
-            values,
-        );
-    }
-    args.push((templates.len() + series.len()).to_string().into_bytes());
-    let series_ttl_ms = (config.series_ttl_secs * 1000).to_string();
-    for (business_id, fields) in series {
-        args.push(format!("{SERIES_KEY_PREFIX}{business_id}").into_bytes());
-        args.push(series_ttl_ms.clone().into_bytes());
-        args.push(fields.len().to_string().into_bytes());
-        for ((start, state), n) in fields {
-            args.push(format!("{start}:{state}").into_bytes());
-            args.push(n.to_string().into_bytes());
-        }
-    }
-    for (business_id, states) in templates {
-        args.push(format!("{}{business_id}", config.template_key_prefix).into_bytes());
-        args.push(template_ttl_ms.clone().into_bytes());
-        args.push(states.len().to_string().into_bytes());
-        for (state, n) in states {
-            args.push(state.to_string().into_bytes());
-            args.push(n.to_string().into_bytes());
-        }
-    }
-    args.push(windows.len().to_string().into_bytes());
-    for (partition, state) in windows {
-        args.push(fences::series_field(partition).into_bytes());
-        args.push(state.into_bytes());
-    }
-    Some(Commit { spec, args, ranges })
-}
-
-/// One attempt: (re)connect if needed, then run the script.
-async fn apply(
-    client: &redis::Client,
-    conn: &mut Option<MultiplexedConnection>,
-    script: &redis::Script,
-    keys: &FenceKeys,
-    args: &[Vec<u8>],
-    timeout: Duration,
-) -> anyhow::Result<Result<i64, Rejection>> {
-    use anyhow::Context as _;
-    if conn.is_none() {
-        // The client's own response timeout defaults to 500 ms, shorter than a large
-        // commit script runs; on expiry the script has usually been applied already, and
-        // retrying it would apply it twice. One deadline, ours, governs.
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout));
-        let fresh = tokio::time::timeout(
-            timeout,
-            client.get_multiplexed_async_connection_with_config(&config),
-        )
-        .await
-        .context("timed out connecting to redis")?
-        .context("connecting to redis")?;
-        *conn = Some(fresh);
-    }
-    let connection = conn.as_mut().context("no redis connection")?;
-    let mut invocation = script.key(&keys.fences);
-    invocation.key(&keys.lost).key(&keys.windows);
-    for arg in args {
-        invocation.arg(arg.as_slice());
-    }
-    let result =
-        tokio::time::timeout(timeout, invocation.invoke_async::<Vec<i64>>(connection)).await;
-    match result {
-        Ok(Ok(reply)) => fences::outcome(&reply),
-        Ok(Err(error)) => {
-            *conn = None;
-            Err(error).context("running the commit script")
-        }
-        Err(_) => {
-            *conn = None;
-            anyhow::bail!("redis did not answer within {timeout:?}")
+        let conn = self.conn.as_mut().context("no redis connection")?;
+        let invocation = commit_invocation(&self.script, keys, args);
+        let result =
+            tokio::time::timeout(timeout, invocation.invoke_async::<redis::Value>(conn)).await;
+        match result {
+            Ok(Ok(reply)) => fences::reply(&reply),
+            Ok(Err(error)) => {
+                self.conn = None;
+                Err(error).context("running the commit script")
+            }
+            Err(_) => {
+                self.conn = None;
+                anyhow::bail!("redis did not answer within {timeout:?}")
+            }
         }
     }
 }
@@ -338,7 +240,7 @@ impl Actor for RedisSink {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.restart.started(ctx);
-        ctx.set_mailbox_capacity(REDIS_SINK_MAILBOX);
+        ctx.set_mailbox_capacity(crate::mailbox::actix_capacity(REDIS_SINK_MAILBOX));
     }
 }
 
@@ -351,7 +253,7 @@ impl Supervised for RedisSink {
                 actor: "redis_sink",
             })
             .inc();
-        self.conn = None;
+        self.link.conn = None;
     }
 }
 
@@ -362,11 +264,181 @@ enum Settled {
     Rejected,
 }
 
+/// What one commit learned, handed back to the actor.
+struct Outcome {
+    settled: Settled,
+    errors: u64,
+    scripts: u64,
+    budget: OpsBudget,
+}
+
+/// Everything a commit needs that is not the actor's.
+struct Committer {
+    client: redis::Client,
+    keys: FenceKeys,
+    metrics: Metrics,
+    timeout: Duration,
+    slowdown: u32,
+}
+
+impl Committer {
+    /// Runs every script of a checkpoint in order, each retried until it applies.
+    async fn commit(&self, link: &mut Link, plan: &CommitPlan, mut budget: OpsBudget) -> Outcome {
+        let started = Instant::now();
+        let mut errors = 0;
+        let mut scripts = 0;
+        for script in &plan.scripts {
+            match self.run(link, plan, script, &mut budget, &mut errors).await {
+                Settled::Applied => scripts += 1,
+                Settled::Rejected => {
+                    return Outcome {
+                        settled: Settled::Rejected,
+                        errors,
+                        scripts,
+                        budget,
+                    }
+                }
+            }
+        }
+        let took = started.elapsed();
+        self.metrics
+            .redis_commit_seconds
+            .observe(took.as_secs_f64());
+        self.metrics
+            .sink_commits
+            .get_or_create(&SinkLabel { sink: "redis" })
+            .inc();
+        self.metrics.redis_state_lost.set(0);
+        fault::point(fault::AFTER_REDIS_COMMIT);
+        if self.slowdown > 0 {
+            tokio::time::sleep(took * self.slowdown).await;
+        }
+        Outcome {
+            settled: Settled::Applied,
+            errors,
+            scripts,
+            budget,
+        }
+    }
+
+    async fn run(
+        &self,
+        link: &mut Link,
+        plan: &CommitPlan,
+        script: &Script,
+        budget: &mut OpsBudget,
+        errors: &mut u64,
+    ) -> Settled {
+        let checkpoint = plan.spec.id;
+        let mut attempt = 0u32;
+        loop {
+            let started = Instant::now();
+            let failure = match link
+                .apply(&self.client, &self.keys, &script.args, self.timeout)
+                .await
+            {
+                Ok(Reply::Applied {
+                    ops,
+                    conflicts,
+                    first,
+                }) => {
+                    let took = started.elapsed();
+                    budget.observe(script.ops, took);
+                    self.metrics.redis_commands.inc();
+                    self.metrics
+                        .redis_script_seconds
+                        .observe(took.as_secs_f64());
+                    self.metrics
+                        .redis_script_operations
+                        .inc_by(ops.max(0) as u64);
+                    self.report_conflicts(checkpoint, conflicts, &first);
+                    debug!(checkpoint, ops, took_ms = took.as_millis() as u64, mode = ?script.mode, "redis script applied");
+                    if attempt > 0 {
+                        info!(
+                            checkpoint,
+                            attempts = attempt + 1,
+                            "redis commit succeeded after retries"
+                        );
+                    }
+                    return Settled::Applied;
+                }
+                Ok(Reply::AppliedBefore) => {
+                    self.metrics.redis_commands.inc();
+                    info!(checkpoint, attempts = attempt + 1, "redis commit had been applied before its reply was lost; not applied again");
+                    return Settled::Applied;
+                }
+                Ok(Reply::Rejected(rejection)) => {
+                    self.metrics.redis_commands.inc();
+                    if !on_rejection(&self.metrics, SinkKind::Redis, checkpoint, &rejection) {
+                        return Settled::Rejected;
+                    }
+                    format!("{rejection}")
+                }
+                Err(error) => {
+                    self.metrics.redis_errors.inc();
+                    format!("{error:#}")
+                }
+            };
+            *errors += 1;
+            self.metrics.set_ready(false);
+            let delay = Backoff::DEFAULT.delay(attempt);
+            warn!(
+                checkpoint,
+                attempt,
+                retry_in_ms = delay.as_millis() as u64,
+                error = failure,
+                "redis commit failed; retrying"
+            );
+            tokio::time::sleep(delay).await;
+            attempt = attempt.saturating_add(1);
+        }
+    }
+
+    fn report_conflicts(&self, checkpoint: u64, total: i64, first: &[Conflict]) {
+        if total <= 0 {
+            return;
+        }
+        for conflict in first {
+            let reason = conflict_reason(&conflict.reason);
+            self.metrics
+                .redis_conflicts
+                .get_or_create(&ReasonLabel { reason })
+                .inc();
+        }
+        let unlisted = (total as usize).saturating_sub(first.len());
+        if unlisted > 0 {
+            self.metrics
+                .redis_conflicts
+                .get_or_create(&ReasonLabel { reason: "other" })
+                .inc_by(unlisted as u64);
+        }
+        for conflict in first.iter().take(LOGGED_CONFLICTS) {
+            warn!(
+                checkpoint,
+                key = conflict.key,
+                reason = conflict.reason,
+                lost = conflict.lost,
+                "redis refused a write; the rest of the commit applied (anchorflow fences show lists these)"
+            );
+        }
+    }
+}
+
+/// The metric label of a conflict reason the script reported (a fixed set).
+fn conflict_reason(reason: &str) -> &'static str {
+    match reason {
+        "wrong_type" => "wrong_type",
+        "not_an_integer" => "not_an_integer",
+        "overflow" => "overflow",
+        "reserved_key" => "reserved_key",
+        _ => "other",
+    }
+}
+
 impl Handler<ShardFlush> for RedisSink {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, flush: ShardFlush, _ctx: &mut Self::Context) -> Self::Result {
-        self.own_meter.received();
         let id = flush.spec.id;
         let arrived = self.pending.entry(id).or_default();
         arrived.push(flush);
@@ -374,7 +446,14 @@ impl Handler<ShardFlush> for RedisSink {
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         }
         let flushes = self.pending.remove(&id).unwrap_or_default();
-        let Some(commit) = build_commit(&self.config, self.tz, &self.fences, flushes) else {
+        let input = CommitInput {
+            layout: &self.layout,
+            ttls: self.ttls(),
+            tracked: &self.fences,
+            units_prefix: &self.keys.units_prefix,
+            budget_ops: self.budget.ops(),
+        };
+        let Some(plan) = redis_commit::plan(&input, flushes) else {
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         };
         let client = match redis::Client::open(self.config.url.as_str()) {
@@ -385,244 +464,47 @@ impl Handler<ShardFlush> for RedisSink {
                 return AtomicResponse::new(Box::pin(actix::fut::ready(())));
             }
         };
-        let mut conn = self.conn.take();
-        let script = self.script.clone();
-        let keys = self.keys.clone();
-        let metrics = self.metrics.clone();
-        let timeout = Duration::from_secs(self.config.command_timeout_secs);
-        let slowdown = self.config.slowdown_factor;
+        let committer = Committer {
+            client,
+            keys: self.keys.clone(),
+            metrics: self.metrics.clone(),
+            timeout: Duration::from_secs(self.config.command_timeout_secs),
+            slowdown: self.config.slowdown_factor,
+        };
+        let mut link = Link {
+            conn: self.link.conn.take(),
+            script: self.link.script.clone(),
+            clock: self.link.clock.clone(),
+            clock_read: self.link.clock_read,
+        };
+        let budget = self.budget;
         AtomicResponse::new(Box::pin(
             async move {
-                let mut attempt = 0u32;
-                let mut errors = 0u64;
-                let settled =
-                    loop {
-                        let started = Instant::now();
-                        let failure =
-                            match apply(&client, &mut conn, &script, &keys, &commit.args, timeout)
-                                .await
-                            {
-                                Ok(Ok(ops)) => {
-                                    fault::point(fault::AFTER_REDIS_COMMIT);
-                                    let took = started.elapsed();
-                                    metrics.redis_commands.inc();
-                                    metrics.redis_script_operations.inc_by(ops.max(0) as u64);
-                                    metrics.redis_commit_seconds.observe(took.as_secs_f64());
-                                    metrics.redis_state_lost.set(0);
-                                    metrics
-                                        .sink_commits
-                                        .get_or_create(&SinkLabel { sink: "redis" })
-                                        .inc();
-                                    tracing::debug!(
-                                        checkpoint = commit.spec.id,
-                                        ops,
-                                        took_ms = took.as_millis() as u64,
-                                        "redis commit"
-                                    );
-                                    if attempt > 0 {
-                                        info!(
-                                            checkpoint = commit.spec.id,
-                                            attempts = attempt + 1,
-                                            "redis commit succeeded after retries"
-                                        );
-                                    }
-                                    if slowdown > 0 {
-                                        tokio::time::sleep(took * slowdown).await;
-                                    }
-                                    break Settled::Applied;
-                                }
-                                Ok(Err(rejection)) => {
-                                    metrics.redis_commands.inc();
-                                    if !on_rejection(
-                                        &metrics,
-                                        SinkKind::Redis,
-                                        commit.spec.id,
-                                        &rejection,
-                                    ) {
-                                        break Settled::Rejected;
-                                    }
-                                    format!("{rejection}")
-                                }
-                                Err(error) => {
-                                    metrics.redis_errors.inc();
-                                    format!("{error:#}")
-                                }
-                            };
-                        errors += 1;
-                        metrics.set_ready(false);
-                        let delay = Backoff::DEFAULT.delay(attempt);
-                        warn!(
-                            checkpoint = commit.spec.id,
-                            attempt,
-                            retry_in_ms = delay.as_millis() as u64,
-                            error = failure,
-                            "redis commit failed; retrying"
-                        );
-                        tokio::time::sleep(delay).await;
-                        attempt = attempt.saturating_add(1);
-                    };
-                (conn, errors, settled, commit)
+                let outcome = committer.commit(&mut link, &plan, budget).await;
+                (link, outcome, plan)
             }
             .into_actor(self)
-            .map(|(conn, errors, settled, commit), sink, _ctx| {
-                sink.conn = conn;
-                sink.counters.errors += errors;
-                if let Settled::Applied = settled {
+            .map(|(link, outcome, plan), sink, _ctx| {
+                sink.link = link;
+                sink.metrics
+                    .clock_skew_seconds
+                    .set(sink.link.clock.skew_ms() as f64 / 1000.0);
+                sink.budget = outcome.budget;
+                sink.counters.errors += outcome.errors;
+                sink.counters.scripts += outcome.scripts;
+                if let Settled::Applied = outcome.settled {
                     sink.counters.commits += 1;
-                    for range in &commit.ranges {
+                    for range in &plan.ranges {
                         sink.fences.insert(range.partition, (range.epoch, range.to));
                     }
                     // The source may already be gone during teardown; nothing to do then.
                     let _ = sink.notices.send(SourceNotice::SinkCommitted {
                         sink: SinkKind::Redis,
-                        checkpoint: commit.spec.id,
-                        fences: commit.ranges.iter().map(|r| (r.partition, r.to)).collect(),
+                        checkpoint: plan.spec.id,
+                        fences: plan.ranges.iter().map(|r| (r.partition, r.to)).collect(),
                     });
                 }
             }),
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::fences::Claim;
-    use crate::messages::{CheckpointKind, ListPush};
-    use crate::window::Counts;
-
-    fn flush(shard: usize, spec: &Arc<CheckpointSpec>, deltas: Vec<PartitionDelta>) -> ShardFlush {
-        ShardFlush {
-            shard,
-            spec: spec.clone(),
-            partitions: deltas,
-        }
-    }
-
-    #[test]
-    fn merges_shards_into_one_script_call() {
-        let spec = Arc::new(CheckpointSpec {
-            id: 3,
-            partitions: vec![0, 1],
-            kind: CheckpointKind::Periodic,
-            watermark: None,
-        });
-        let v = |s| TraceValue {
-            state: s,
-            business_id: 9,
-            timestamp: 1,
-        };
-        let claim = Claim {
-            epoch: 4,
-            redis: 0,
-            warehouse: 0,
-        };
-        let a = PartitionDelta {
-            partition: 0,
-            next_offset: 10,
-            claim,
-            template_counts: vec![(9, 10, 2)],
-            receiver_lists: vec![ListPush {
-                key: "u1".into(),
-                values: vec![v(10)],
-            }],
-            message_lists: vec![],
-            series: vec![(
-                (60_000, 9, 10),
-                Counts {
-                    events: 2,
-                    receivers: 3,
-                },
-            )],
-            windows: "c 60000\n".into(),
-        };
-        let b = PartitionDelta {
-            partition: 1,
-            next_offset: 5,
-            claim,
-            template_counts: vec![(9, 10, 1), (9, 60, 1)],
-            receiver_lists: vec![ListPush {
-                key: "u1".into(),
-                values: vec![v(60)],
-            }],
-            message_lists: vec![ListPush {
-                key: "m".into(),
-                values: vec![v(60)],
-            }],
-            series: vec![(
-                (60_000, 9, 10),
-                Counts {
-                    events: 1,
-                    receivers: 1,
-                },
-            )],
-            windows: "c 60000\nw 120000 9 10 1 1\n".into(),
-        };
-        // Partition 0 committed up to 3 under this epoch already; 1 starts at its claim.
-        let tracked = BTreeMap::from([(0, (4, 3))]);
-        let commit = build_commit(
-            &RedisConfig::default(),
-            chrono_tz::UTC,
-            &tracked,
-            vec![flush(0, &spec, vec![a]), flush(1, &spec, vec![b])],
-        )
-        .unwrap();
-        assert_eq!(
-            commit.ranges,
-            vec![
-                FenceRange {
-                    partition: 0,
-                    epoch: 4,
-                    from: 3,
-                    to: 10
-                },
-                FenceRange {
-                    partition: 1,
-                    epoch: 4,
-                    from: 0,
-                    to: 5
-                }
-            ]
-        );
-        let args: Vec<String> = commit
-            .args
-            .iter()
-            .map(|a| String::from_utf8(a.clone()).unwrap())
-            .collect();
-        assert_eq!(
-            &args[..10],
-            &["redis", "2", "0", "4", "3", "10", "1", "4", "0", "5"]
-        );
-        assert_eq!(args[10], "2", "one receiver list and one message list");
-        // The series hash (events of the closed window, summed over partitions), the
-        // template hash, then each partition's open windows.
-        let hash_at = args
-            .iter()
-            .position(|a| a == "anchorflow:series:9")
-            .unwrap();
-        assert_eq!(
-            &args[hash_at - 1..],
-            &[
-                "2",
-                "anchorflow:series:9",
-                "2592000000",
-                "1",
-                "60000:10",
-                "3",
-                "9",
-                "2592000000",
-                "2",
-                "10",
-                "3",
-                "60",
-                "1",
-                "2",
-                "series:0",
-                "c 60000\n",
-                "series:1",
-                "c 60000\nw 120000 9 10 1 1\n"
-            ]
-        );
-        assert!(args.contains(&"Austin:MessageId:m".to_string()));
     }
 }

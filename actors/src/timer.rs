@@ -19,7 +19,10 @@ use actix::prelude::*;
 use tokio::time::Instant;
 use tracing::debug;
 
+use crate::clock::Clock;
+use crate::held::Held;
 use crate::kafka_source::TriggerCheckpoint;
+use crate::mailbox::Mailbox;
 use crate::metrics::{Metrics, PartitionLabel};
 use crate::watermark::Watermarks;
 use crate::window::WindowSpec;
@@ -43,8 +46,12 @@ pub enum Deadline {
 #[derive(Clone, Copy, Debug, Message)]
 #[rtype(result = "()")]
 pub enum WatermarkUpdate {
-    /// The reader of this partition started (the partition was assigned).
-    Assigned { partition: i32 },
+    /// The reader of this partition started (the partition was assigned); `restored`
+    /// is the largest event time of its stored state, where its watermark resumes.
+    Assigned {
+        partition: i32,
+        restored: Option<i64>,
+    },
     /// A batch was read; `max_event_ms` is its largest decoded event time.
     Observed {
         partition: i32,
@@ -66,7 +73,7 @@ pub struct TimerCounters {
 }
 
 pub struct Timer {
-    checkpoints: Recipient<TriggerCheckpoint>,
+    checkpoints: Mailbox<TriggerCheckpoint>,
     interval: Duration,
     watermarks: Option<(Watermarks, Metrics)>,
     windows: Option<WindowSpec>,
@@ -74,11 +81,15 @@ pub struct Timer {
     next_close: Option<i64>,
     deadlines: BTreeMap<(Instant, Deadline), ()>,
     generation: u64,
+    /// Processing time, which no watermark passes.
+    clock: Clock,
+    /// Partitions with records still to read (never idle).
+    held: Held,
     counters: TimerCounters,
 }
 
 impl Timer {
-    pub fn new(checkpoints: Recipient<TriggerCheckpoint>, interval: Duration) -> Self {
+    pub fn new(checkpoints: Mailbox<TriggerCheckpoint>, interval: Duration) -> Self {
         Timer {
             checkpoints,
             interval,
@@ -87,6 +98,8 @@ impl Timer {
             next_close: None,
             deadlines: BTreeMap::new(),
             generation: 0,
+            clock: Clock::default(),
+            held: Held::default(),
             counters: TimerCounters::default(),
         }
     }
@@ -101,15 +114,38 @@ impl Timer {
         self
     }
 
+    /// Reads processing time from `clock` (Redis's time; the default is this host's).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Never lets the partitions `held` marks turn idle.
+    pub fn with_held(mut self, held: Held) -> Self {
+        self.held = held;
+        self
+    }
+
     /// Triggers a checkpoint as soon as the watermark passes a window close.
     pub fn with_windows(mut self, windows: WindowSpec) -> Self {
         self.windows = Some(windows);
         self
     }
 
-    fn watermark(&self) -> Option<i64> {
+    /// Marks held partitions active: a partition with records waiting is not idle.
+    fn touch_held(&mut self, now: Instant) {
+        if let Some((watermarks, _)) = self.watermarks.as_mut() {
+            for partition in self.held.partitions() {
+                watermarks.touch(partition, now);
+            }
+        }
+    }
+
+    fn watermark(&mut self) -> Option<i64> {
+        let now = Instant::now();
+        self.touch_held(now);
         let (watermarks, _) = self.watermarks.as_ref()?;
-        watermarks.instance(Instant::now())
+        watermarks.instance(now, self.clock.now_ms())
     }
 
     fn trigger(&mut self) -> bool {
@@ -143,22 +179,26 @@ impl Timer {
         }
     }
 
-    fn export_watermarks(&self) {
+    fn export_watermarks(&mut self) {
+        let now = Instant::now();
+        self.touch_held(now);
         let Some((watermarks, metrics)) = &self.watermarks else {
             return;
         };
-        let now = Instant::now();
-        let wall_ms = chrono::Utc::now().timestamp_millis();
+        let wall_ms = self.clock.now_ms();
         metrics
             .idle_partitions
             .set(watermarks.idle_partitions(now) as i64);
-        if let Some(instance) = watermarks.instance(now) {
+        metrics
+            .held_partitions
+            .set(self.held.partitions().len() as i64);
+        if let Some(instance) = watermarks.instance(now, wall_ms) {
             metrics
                 .watermark_timestamp_seconds
                 .set(instance as f64 / 1000.0);
         }
         for partition in watermarks.partitions() {
-            if let Some(mark) = watermarks.partition(partition) {
+            if let Some(mark) = watermarks.partition(partition, wall_ms) {
                 metrics
                     .watermark_lag_seconds
                     .get_or_create(&PartitionLabel { partition })
@@ -213,7 +253,7 @@ impl Actor for Timer {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(TIMER_MAILBOX);
+        ctx.set_mailbox_capacity(crate::mailbox::actix_capacity(TIMER_MAILBOX));
         let now = Instant::now();
         self.deadlines
             .insert((now + self.interval, Deadline::Checkpoint), ());
@@ -234,7 +274,10 @@ impl Handler<WatermarkUpdate> for Timer {
         };
         let now = Instant::now();
         match update {
-            WatermarkUpdate::Assigned { partition } => watermarks.assign(partition, now),
+            WatermarkUpdate::Assigned {
+                partition,
+                restored,
+            } => watermarks.assign(partition, now, restored),
             WatermarkUpdate::Observed {
                 partition,
                 max_event_ms,
@@ -269,6 +312,10 @@ mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
 
+    fn triggers(recipient: Recipient<TriggerCheckpoint>) -> Mailbox<TriggerCheckpoint> {
+        Mailbox::for_recipient(recipient, 4, Metrics::new().mailbox("source"))
+    }
+
     struct Capture(Arc<AtomicU64>);
     impl Actor for Capture {
         type Context = Context<Self>;
@@ -302,7 +349,7 @@ mod tests {
         let recorder = Recorder(seen.clone()).start();
         let watermarks = Watermarks::new(Duration::from_secs(5), Duration::from_secs(30));
         // Periodic ticks far apart, so every trigger seen here is a window close.
-        let timer = Timer::new(recorder.recipient(), Duration::from_secs(3_600))
+        let timer = Timer::new(triggers(recorder.recipient()), Duration::from_secs(3_600))
             .with_watermarks(watermarks, Metrics::new())
             .with_windows(WindowSpec::new(60_000, 0, chrono_tz::UTC))
             .start();
@@ -312,7 +359,10 @@ mod tests {
         };
         for partition in [0, 1] {
             timer
-                .send(WatermarkUpdate::Assigned { partition })
+                .send(WatermarkUpdate::Assigned {
+                    partition,
+                    restored: None,
+                })
                 .await
                 .unwrap();
         }
@@ -358,7 +408,7 @@ mod tests {
         tokio::time::pause();
         let seen = Arc::new(AtomicU64::new(0));
         let capture = Capture(seen.clone()).start();
-        let timer = Timer::new(capture.recipient(), Duration::from_secs(1)).start();
+        let timer = Timer::new(triggers(capture.recipient()), Duration::from_secs(1)).start();
         tokio::time::sleep(Duration::from_millis(999)).await;
         assert_eq!(seen.load(Ordering::SeqCst), 0);
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -382,13 +432,16 @@ mod tests {
         let capture = Capture(Arc::default()).start();
         let metrics = Metrics::new();
         let watermarks = Watermarks::new(Duration::from_secs(5), Duration::from_secs(30));
-        let timer = Timer::new(capture.recipient(), Duration::from_secs(1))
+        let timer = Timer::new(triggers(capture.recipient()), Duration::from_secs(1))
             .with_watermarks(watermarks, metrics.clone())
             .start();
         let now_ms = chrono::Utc::now().timestamp_millis();
         for partition in [0, 1] {
             timer
-                .send(WatermarkUpdate::Assigned { partition })
+                .send(WatermarkUpdate::Assigned {
+                    partition,
+                    restored: None,
+                })
                 .await
                 .unwrap();
         }

@@ -36,17 +36,14 @@
 //! File I/O errors stop the process with exit code 74: a half-written Parquet writer
 //! cannot be trusted, and a restart resumes from the stored fences.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::{self, File};
-use std::path::{Path, PathBuf};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::prelude::*;
 use anyhow::Context as _;
-use arrow_array::RecordBatch as ArrowBatch;
-use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use tracing::{error, info, warn};
@@ -54,46 +51,23 @@ use tracing::{error, info, warn};
 use crate::backoff::Backoff;
 use crate::config::{RedisConfig, WarehouseConfig};
 use crate::fault;
-use crate::fences::{self, on_rejection, range_for, Claim, FenceKeys, FenceRange, PublishRecord};
+use crate::fences::{
+    self, on_rejection, range_for, Claim, FenceKeys, FenceRange, PublishRecord, Reply,
+};
+use crate::mailbox::Mailbox;
 use crate::messages::{
     Barrier, CheckpointKind, CheckpointSpec, DetailBatch, SinkKind, SourceNotice, Table, TableRows,
     WarehouseInput,
 };
-use crate::metrics::{ActorLabel, MailboxMeter, Metrics, SinkLabel, TableLabel};
-use crate::tables::{self, DwsRows, Folders};
+use crate::metrics::{ActorLabel, Metrics, SinkLabel, TableLabel};
+use crate::partition_committer::{commit_deadline, CommitDue};
+use crate::tables::{DwsRows, Folders};
+use crate::warehouse_files::{
+    complete_recorded, new_run_id, remove_orphans, roll_forward, FileNames, Generation, NewFile,
+    PublishedMarks,
+};
 use crate::window::{Counts, PartitionWindows, WindowKey, WindowSpec};
 use rustc_hash::FxHashMap;
-
-/// Records a warehouse commit after [`fences::FENCE_CHECK`]. Remaining ARGV: the
-/// record's id and file list (stored in the publish hash `KEYS[3]` unless empty); the
-/// folders that received rows (added to the pending set `KEYS[5]` unless already
-/// committed, `KEYS[6]`); the checkpoint's watermark (`-` if unknown) and the
-/// partitions it now covers (raised in `KEYS[7]`); per partition the open
-/// `dws_template_state_1m` windows (`KEYS[4]`).
-const RECORD_BODY: &str = r#"
-if ARGV[i + 1] ~= '' then redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1]) end
-i = i + 2
-local folders = tonumber(ARGV[i]); i = i + 1
-for _ = 1, folders do
-  if redis.call('SISMEMBER', KEYS[6], ARGV[i]) == 0 then redis.call('SADD', KEYS[5], ARGV[i]) end
-  i = i + 1
-end
-local mark = ARGV[i]; i = i + 1
-local partitions = tonumber(ARGV[i]); i = i + 1
-for _ = 1, partitions do
-  if mark ~= '-' then
-    local old = redis.call('HGET', KEYS[7], ARGV[i])
-    if not old or tonumber(old) < tonumber(mark) then redis.call('HSET', KEYS[7], ARGV[i], mark) end
-  end
-  i = i + 1
-end
-local states = tonumber(ARGV[i]); i = i + 1
-for _ = 1, states do
-  redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
-  i = i + 2
-end
-return {0, 1}
-"#;
 
 /// In a quiet stream (nothing open), how far the watermark must move before a
 /// checkpoint records it without files, so partition commits follow processing time.
@@ -126,26 +100,6 @@ pub struct WarehouseCounters {
     pub rolls: u64,
 }
 
-struct OpenFile {
-    table: Table,
-    writer: ArrowWriter<File>,
-    hidden: PathBuf,
-    visible: PathBuf,
-    opened: Instant,
-    rows: u64,
-}
-
-impl OpenFile {
-    fn size(&self) -> u64 {
-        (self.writer.bytes_written() + self.writer.in_progress_size()) as u64
-    }
-}
-
-#[derive(Default)]
-struct Generation {
-    files: HashMap<(Table, String), OpenFile>,
-}
-
 /// A completed checkpoint: its id and the sink's fences per partition.
 type Completed = (u64, Vec<(i32, i64)>);
 
@@ -161,23 +115,12 @@ struct Roll {
     states: BTreeMap<i32, String>,
 }
 
-/// A closed, synced file waiting to be renamed.
-struct Closed {
-    table: Table,
-    rows: u64,
-    bytes: u64,
-    hidden: PathBuf,
-    visible: PathBuf,
-}
-
 pub struct WarehouseSink {
     restart: crate::backoff::RestartBackoff,
     config: WarehouseConfig,
-    instance: String,
-    run: String,
+    names: FileNames,
     seq: u64,
     metrics: Metrics,
-    own_meter: MailboxMeter,
     notices: Sender<SourceNotice>,
     current: Generation,
     next: Generation,
@@ -194,6 +137,10 @@ pub struct WarehouseSink {
     dws: FxHashMap<i32, PartitionWindows>,
     /// The watermark this sink last stored for its partitions (partition commit).
     recorded_watermark: Option<i64>,
+    /// Writes `_SUCCESS` and runs the hook, on a thread of its own.
+    committer: Option<Mailbox<CommitDue>>,
+    /// What this instance published, kept in the warehouse (see `warehouse_files.rs`).
+    marks: Option<PublishedMarks>,
     counters: WarehouseCounters,
 }
 
@@ -207,14 +154,14 @@ impl WarehouseSink {
         metrics: Metrics,
         notices: Sender<SourceNotice>,
     ) -> Self {
-        let run = format!("{:x}", chrono::Utc::now().timestamp_millis());
         WarehouseSink {
             restart: Default::default(),
             config,
-            instance,
-            run,
+            names: FileNames {
+                instance,
+                run: new_run_id(),
+            },
             seq: 0,
-            own_meter: metrics.mailbox("warehouse_sink"),
             metrics,
             notices,
             current: Generation::default(),
@@ -225,12 +172,30 @@ impl WarehouseSink {
             redis_timeout: Duration::from_secs(redis.command_timeout_secs),
             keys,
             conn: None,
-            record_script: redis::Script::new(&format!("{}{RECORD_BODY}", fences::FENCE_CHECK)),
+            record_script: redis::Script::new(&format!(
+                "{}{}",
+                fences::FENCE_CHECK,
+                include_str!("scripts/warehouse_record.lua")
+            )),
             window_spec,
             dws: FxHashMap::default(),
             recorded_watermark: None,
+            committer: None,
+            marks: None,
             counters: WarehouseCounters::default(),
         }
+    }
+
+    /// Keeps `marks` up to date with every published commit.
+    pub fn with_marks(mut self, marks: PublishedMarks) -> Self {
+        self.marks = Some(marks);
+        self
+    }
+
+    /// Nudges `committer` after every record that moved the watermark.
+    pub fn with_committer(mut self, committer: Mailbox<CommitDue>) -> Self {
+        self.committer = Some(committer);
+        self
     }
 
     /// Runs `f` on the Redis connection, connecting first if needed, and retries with
@@ -277,22 +242,13 @@ impl WarehouseSink {
     /// hidden files that no record names.
     fn recover(&mut self) -> anyhow::Result<()> {
         let keys = self.keys.clone();
-        let records = self.with_redis("reading recorded commits", |conn| {
-            fences::pending_publishes(conn, &keys)
-        });
-        for record in &records {
-            roll_forward(record)?;
-            info!(
-                record = record.id,
-                files = record.files.len(),
-                "rolled a recorded commit forward"
-            );
-            let id = record.id.clone();
-            self.with_redis("clearing a publish record", |conn| {
-                fences::publish_done(conn, &keys, &id)
-            });
+        let completed = self.with_redis("completing recorded commits", |conn| {
+            complete_recorded(conn, &keys)
+        })?;
+        if completed > 0 {
+            info!(records = completed, "rolled recorded commits forward");
         }
-        let removed = remove_orphans(&self.config.root, &self.instance)?;
+        let removed = remove_orphans(Path::new(&self.config.root), &self.names)?;
         if removed > 0 {
             info!(removed, "removed in-progress files left by an earlier run");
         }
@@ -328,45 +284,30 @@ impl WarehouseSink {
 
     /// Appends rows to the open file of their (table, folder) in one generation.
     fn append(&mut self, into_next: bool, part: TableRows) -> anyhow::Result<()> {
-        let key = (part.table, part.folder);
-        let exists = if into_next {
-            self.next.files.contains_key(&key)
-        } else {
-            self.current.files.contains_key(&key)
-        };
-        if !exists {
-            self.seq += 1;
-            let file = open_file(
-                &self.config.root,
-                &self.instance,
-                &self.run,
-                self.seq,
-                key.0,
-                &key.1,
-                self.properties(),
-                &part.rows,
-            )?;
-            let generation = if into_next {
-                &mut self.next
-            } else {
-                &mut self.current
-            };
-            generation.files.insert(key.clone(), file);
-        }
+        let rows = part.rows.num_rows() as u64;
+        let properties = self.properties();
+        let (root, names, seq) = (Path::new(&self.config.root), &self.names, &mut self.seq);
         let generation = if into_next {
             &mut self.next
         } else {
             &mut self.current
         };
-        let file = generation
-            .files
-            .get_mut(&key)
-            .context("open file vanished")?;
-        file.writer
-            .write(&part.rows)
-            .with_context(|| format!("writing {}", file.hidden.display()))?;
-        file.rows += part.rows.num_rows() as u64;
-        self.counters.rows += part.rows.num_rows() as u64;
+        generation.append(
+            part.table,
+            part.folder,
+            &part.rows,
+            self.config.max_open_files,
+            || {
+                *seq += 1;
+                NewFile {
+                    root,
+                    names,
+                    seq: *seq,
+                    properties,
+                }
+            },
+        )?;
+        self.counters.rows += rows;
         Ok(())
     }
 
@@ -405,10 +346,18 @@ impl WarehouseSink {
         Ok(())
     }
 
+    /// Tells the partition committer that folders may be complete now. A nudge that
+    /// finds one queued is dropped: that one will look.
+    fn nudge_committer(&self) {
+        if let Some(committer) = &self.committer {
+            let _ = committer.try_send(CommitDue);
+        }
+    }
+
     /// With nothing open, a checkpoint still records (no files) when the watermark
     /// moved: stored watermarks drive partition commits of quiet streams.
     fn quiet_progress(&self, watermark: Option<i64>) -> bool {
-        self.current.files.is_empty()
+        self.current.is_empty()
             && watermark.is_some_and(|mark| {
                 self.recorded_watermark
                     .is_none_or(|stored| mark >= stored + QUIET_RECORD_STEP_MS)
@@ -421,28 +370,21 @@ impl WarehouseSink {
     fn due(&self, kind: CheckpointKind, watermark: Option<i64>) -> bool {
         let age = Duration::from_secs(self.config.roll_interval_secs);
         kind == CheckpointKind::Final
-            || self.current.files.iter().any(|((table, folder), f)| {
+            || self.current.open_files().any(|((table, folder), f)| {
                 f.size() >= self.config.target_file_bytes
                     || f.opened.elapsed() >= age
                     // A folder due for its partition commit publishes now, not at the
                     // next roll.
                     || watermark.is_some_and(|mark| {
-                        self.commit_deadline(*table, folder)
-                            .is_some_and(|due| due <= mark)
+                        commit_deadline(
+                            &self.window_spec,
+                            self.config.partition_commit_delay_ms,
+                            *table,
+                            folder,
+                        )
+                        .is_some_and(|due| due <= mark)
                     })
             })
-    }
-
-    /// The watermark at which a folder is complete: the end of its hour (ods) or day
-    /// (dws, plus the allowed lateness: its last windows close then) plus the delay.
-    fn commit_deadline(&self, table: Table, folder: &str) -> Option<i64> {
-        let end = tables::folder_end(self.window_spec.tz, folder)?;
-        let delay = self.config.partition_commit_delay_ms as i64;
-        match table {
-            Table::OdsAnchorLog => Some(end + delay),
-            Table::DwsTemplateState => Some(end + self.window_spec.lateness_ms + delay),
-            Table::DeadLetter => None,
-        }
     }
 
     /// Handles a barrier; returns the fences to report once the checkpoint is complete.
@@ -472,6 +414,7 @@ impl WarehouseSink {
         roll.seen
             .insert(barrier.partition, (barrier.next_offset, barrier.claim));
         let windows = self.dws.entry(barrier.partition).or_default();
+        windows.note_max_event(barrier.max_event_ms);
         let emitted = windows.close(&self.window_spec, barrier.spec.watermark);
         for (late, results) in [(false, emitted.closed), (true, emitted.late)] {
             for (key, counts) in results {
@@ -515,7 +458,7 @@ impl WarehouseSink {
                 self.fences.insert(range.partition, (range.epoch, range.to));
             }
             if watermark.is_some() {
-                self.commit_partitions()?;
+                self.nudge_committer();
             }
         } else {
             // Nothing recorded: fences stay where they are, or start at a new claim's.
@@ -539,128 +482,6 @@ impl WarehouseSink {
         Ok(Some((roll.spec.id, fences)))
     }
 
-    /// Commits every pending folder whose deadline the slowest partition of the topic
-    /// has passed: its stored watermark (each owner stores it with its records) covers
-    /// every partition, whichever instance owns it.
-    fn commit_partitions(&mut self) -> anyhow::Result<()> {
-        let keys = self.keys.clone();
-        let (pending, marks, fences) =
-            self.with_redis("reading pending partition commits", |conn| {
-                let pending: Vec<String> = redis::cmd("SMEMBERS")
-                    .arg(&keys.folders)
-                    .query(conn)
-                    .context("reading pending folders")?;
-                if pending.is_empty() {
-                    return Ok((pending, BTreeMap::new(), BTreeMap::new()));
-                }
-                let marks: BTreeMap<String, i64> = redis::cmd("HGETALL")
-                    .arg(&keys.watermarks)
-                    .query(conn)
-                    .context("reading stored watermarks")?;
-                let fences: BTreeMap<String, String> = redis::cmd("HGETALL")
-                    .arg(&keys.fences)
-                    .query(conn)
-                    .context("reading fences")?;
-                Ok((pending, marks, fences))
-            });
-        // A claimed partition that never stored a watermark holds every commit back.
-        let slowest = fences
-            .keys()
-            .filter_map(|k| k.strip_prefix("epoch:"))
-            .map(|p| marks.get(p).copied())
-            .collect::<Option<Vec<i64>>>()
-            .and_then(|marks| marks.into_iter().min());
-        let Some(slowest) = slowest else {
-            return Ok(());
-        };
-        for folder in pending {
-            let Some((table, below)) = folder.split_once('/') else {
-                continue;
-            };
-            let table = match table {
-                "ods_anchor_log" => Table::OdsAnchorLog,
-                "dws_template_state_1m" => Table::DwsTemplateState,
-                _ => continue,
-            };
-            if self
-                .commit_deadline(table, below)
-                .is_some_and(|due| due <= slowest)
-            {
-                self.commit_partition(&folder, table, below)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Writes `_SUCCESS`, runs the hook, and marks the folder committed, under a lock
-    /// so that two instances do not commit one folder at once. A failed hook leaves the
-    /// folder pending; a later checkpoint tries again.
-    fn commit_partition(&mut self, folder: &str, table: Table, below: &str) -> anyhow::Result<()> {
-        let keys = self.keys.clone();
-        let lock = format!("{}:lock:{folder}", keys.committed);
-        let hold_ms = (self.config.partition_commit_hook_timeout_secs * 1000 + 30_000) as i64;
-        let instance = self.instance.clone();
-        let locked = self.with_redis("locking a partition commit", |conn| {
-            let reply: Option<String> = redis::cmd("SET")
-                .arg(&lock)
-                .arg(&instance)
-                .arg("NX")
-                .arg("PX")
-                .arg(hold_ms)
-                .query(conn)
-                .context("locking a partition commit")?;
-            let done: bool = redis::cmd("SISMEMBER")
-                .arg(&keys.committed)
-                .arg(folder)
-                .query(conn)
-                .context("checking a partition commit")?;
-            Ok(reply.is_some() && !done)
-        });
-        if !locked {
-            return Ok(());
-        }
-        let path = Path::new(&self.config.root).join(folder);
-        let marker = path.join("_SUCCESS");
-        File::create(&marker)
-            .and_then(|f| f.sync_all())
-            .with_context(|| format!("writing {}", marker.display()))?;
-        sync_folders(std::iter::once(marker.as_path()))?;
-        let hook = run_hook(&self.config, table, &path, below);
-        if let Err(error) = &hook {
-            self.metrics.partition_commit_hook_failures.inc();
-            warn!(
-                folder,
-                error = format!("{error:#}"),
-                "partition commit hook failed; retrying at a later checkpoint"
-            );
-        }
-        let committed = hook.is_ok();
-        self.with_redis("finishing a partition commit", |conn| {
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            if committed {
-                pipe.cmd("SMOVE")
-                    .arg(&keys.folders)
-                    .arg(&keys.committed)
-                    .arg(folder)
-                    .ignore();
-            }
-            pipe.cmd("DEL").arg(&lock).ignore();
-            pipe.query::<()>(conn)
-                .context("marking a partition committed")
-        });
-        if committed {
-            info!(folder, "partition committed");
-            self.metrics
-                .partitions_committed
-                .get_or_create(&TableLabel {
-                    table: table.name(),
-                })
-                .inc();
-        }
-        Ok(())
-    }
-
     /// Closes, records and renames one generation of files. Returns false when the
     /// record was refused for good (the process is stopping; the files stay hidden).
     fn publish(
@@ -669,32 +490,14 @@ impl WarehouseSink {
         commit: Commit<'_>,
         checkpoint: u64,
     ) -> anyhow::Result<bool> {
-        let mut closed = Vec::new();
-        for (_, file) in generation.files {
-            let handle = file
-                .writer
-                .into_inner()
-                .with_context(|| format!("closing {}", file.hidden.display()))?;
-            handle
-                .sync_all()
-                .with_context(|| format!("fsync {}", file.hidden.display()))?;
-            let bytes = handle.metadata().map(|m| m.len()).unwrap_or(0);
-            closed.push(Closed {
-                table: file.table,
-                rows: file.rows,
-                bytes,
-                hidden: file.hidden,
-                visible: file.visible,
-            });
-        }
-        // The hidden files must survive a power cut once the record names them.
-        sync_folders(closed.iter().map(|c| c.hidden.as_path()))?;
+        let closed = generation.close()?;
         let record = PublishRecord {
-            id: format!("{}-{}-{checkpoint}", self.instance, self.run),
+            id: format!("{}.{}.{checkpoint}", self.names.instance, self.names.run),
             files: closed
                 .iter()
                 .map(|c| (c.hidden.clone(), c.visible.clone()))
                 .collect(),
+            ranges: commit.ranges.to_vec(),
         };
         let mut args = Vec::new();
         fences::push_ranges(&mut args, SinkKind::Warehouse, commit.ranges);
@@ -744,14 +547,21 @@ impl WarehouseSink {
                 for arg in &args {
                     invocation.arg(arg.as_slice());
                 }
-                let reply: Vec<i64> = invocation
+                let reply: redis::Value = invocation
                     .invoke(conn)
                     .context("running the record script")?;
-                fences::outcome(&reply)
+                fences::reply(&reply)
             });
             match reply {
-                Ok(_) => break,
-                Err(rejection) => {
+                Reply::Applied { .. } => break,
+                Reply::AppliedBefore => {
+                    info!(
+                        checkpoint,
+                        "warehouse commit had been recorded before its reply was lost"
+                    );
+                    break;
+                }
+                Reply::Rejected(rejection) => {
                     if !on_rejection(&self.metrics, SinkKind::Warehouse, checkpoint, &rejection) {
                         return Ok(false);
                     }
@@ -761,6 +571,9 @@ impl WarehouseSink {
             }
         }
         self.metrics.redis_state_lost.set(0);
+        if let Some(marks) = &mut self.marks {
+            marks.record(commit.ranges.iter().map(|r| (r.partition, r.to)))?;
+        }
         if let Some(mark) = commit.watermark {
             self.recorded_watermark = Some(self.recorded_watermark.map_or(mark, |r| r.max(mark)));
         }
@@ -792,139 +605,6 @@ impl WarehouseSink {
     }
 }
 
-/// Runs the partition-commit hook, if one is configured, with the folder in its
-/// environment; kills it after the configured timeout.
-fn run_hook(
-    config: &WarehouseConfig,
-    table: Table,
-    path: &Path,
-    below: &str,
-) -> anyhow::Result<()> {
-    if config.partition_commit_hook.trim().is_empty() {
-        return Ok(());
-    }
-    let (date, hour) = tables::parse_folder(below).context("not a dt/hour folder")?;
-    let mut child = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(&config.partition_commit_hook)
-        .env("ANCHORFLOW_TABLE", table.name())
-        .env("ANCHORFLOW_PARTITION_PATH", path)
-        .env("ANCHORFLOW_DT", date.format("%Y-%m-%d").to_string())
-        .env(
-            "ANCHORFLOW_HOUR",
-            hour.map(|h| format!("{h:02}")).unwrap_or_default(),
-        )
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .context("starting the partition commit hook")?;
-    let deadline = Instant::now() + Duration::from_secs(config.partition_commit_hook_timeout_secs);
-    loop {
-        if let Some(status) = child.try_wait().context("waiting for the hook")? {
-            anyhow::ensure!(status.success(), "the hook exited with {status}");
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            anyhow::bail!(
-                "the hook ran longer than {} s and was killed",
-                config.partition_commit_hook_timeout_secs
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Moves a recorded commit's files into place. Idempotent: a file already moved (by an
-/// earlier attempt, or by another instance rolling the same record forward) is fine.
-pub fn roll_forward(record: &PublishRecord) -> anyhow::Result<()> {
-    for (hidden, visible) in &record.files {
-        match fs::rename(hidden, visible) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && visible.exists() => {}
-            Err(e) => {
-                return Err(e).with_context(|| {
-                    format!(
-                        "publishing {} as {} (commit {})",
-                        hidden.display(),
-                        visible.display(),
-                        record.id
-                    )
-                })
-            }
-        }
-    }
-    // The renames are durable only once their folders are synced.
-    sync_folders(record.files.iter().map(|(_, v)| v.as_path()))
-}
-
-/// Fsyncs the distinct folders holding `files`.
-fn sync_folders<'a>(files: impl Iterator<Item = &'a Path>) -> anyhow::Result<()> {
-    let folders: BTreeSet<&Path> = files.filter_map(|f| f.parent()).collect();
-    for folder in folders {
-        File::open(folder)
-            .and_then(|dir| dir.sync_all())
-            .with_context(|| format!("fsync folder {}", folder.display()))?;
-    }
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn open_file(
-    root: &str,
-    instance: &str,
-    run: &str,
-    seq: u64,
-    table: Table,
-    folder: &str,
-    properties: WriterProperties,
-    sample: &ArrowBatch,
-) -> anyhow::Result<OpenFile> {
-    let dir = Path::new(root).join(table.name()).join(folder);
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let hidden = dir.join(format!(".{instance}-{run}-{seq:06}.parquet.inprogress"));
-    let visible = dir.join(format!("part-{instance}-{run}-{seq:06}.parquet"));
-    let file = File::create(&hidden).with_context(|| format!("creating {}", hidden.display()))?;
-    let writer = ArrowWriter::try_new(file, sample.schema(), Some(properties))
-        .with_context(|| format!("starting parquet writer for {}", hidden.display()))?;
-    Ok(OpenFile {
-        table,
-        writer,
-        hidden,
-        visible,
-        opened: Instant::now(),
-        rows: 0,
-    })
-}
-
-/// Deletes this instance's in-progress files left by a crash. Their rows were never
-/// published and their offsets never stored, so they will be read again.
-pub fn remove_orphans(root: &str, instance: &str) -> anyhow::Result<usize> {
-    let prefix = format!(".{instance}-");
-    let mut removed = 0;
-    let mut stack = vec![PathBuf::from(root)];
-    while let Some(dir) = stack.pop() {
-        let entries = match fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
-        };
-        for entry in entries {
-            let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
-            let path = entry.path();
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                stack.push(path);
-            } else if name.starts_with(&prefix) && name.ends_with(".inprogress") {
-                fs::remove_file(&path)
-                    .with_context(|| format!("removing orphan {}", path.display()))?;
-                removed += 1;
-            }
-        }
-    }
-    Ok(removed)
-}
-
 fn fail_hard(error: anyhow::Error) {
     error!(
         error = format!("{error:#}"),
@@ -938,7 +618,7 @@ impl Actor for WarehouseSink {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.restart.started(ctx);
-        ctx.set_mailbox_capacity(WAREHOUSE_SINK_MAILBOX);
+        ctx.set_mailbox_capacity(crate::mailbox::actix_capacity(WAREHOUSE_SINK_MAILBOX));
         // Only on the first start: after a supervised restart the hidden files are this
         // run's own open files, not orphans.
         if self.restart.restarts() > 0 {
@@ -966,7 +646,6 @@ impl Handler<WarehouseInput> for WarehouseSink {
     type Result = ();
 
     fn handle(&mut self, input: WarehouseInput, _ctx: &mut Self::Context) {
-        self.own_meter.received();
         match input {
             WarehouseInput::Rows(batch) => {
                 if let Err(e) = self.write_rows(batch) {
@@ -996,7 +675,9 @@ impl Handler<WarehouseInput> for WarehouseSink {
 mod tests {
     use super::*;
     use crate::messages::TableRows;
+    use crate::partition_committer::PartitionCommitter;
     use crate::tables::OdsRows;
+    use std::fs::{self, File};
 
     fn rows(partition: i32, offsets: std::ops::Range<i64>) -> DetailBatch {
         let mut ods = OdsRows::default();
@@ -1030,13 +711,14 @@ mod tests {
         spec: &Arc<CheckpointSpec>,
         partition: i32,
         next_offset: i64,
-        claims: &BTreeMap<i32, Claim>,
+        claims: &BTreeMap<i32, fences::Claimed>,
     ) -> Barrier {
         Barrier {
             spec: spec.clone(),
             partition,
             next_offset,
-            claim: claims[&partition],
+            claim: claims[&partition].claim,
+            max_event_ms: None,
         }
     }
 
@@ -1115,6 +797,19 @@ mod tests {
                 tx,
             )
         };
+        // The committer's work, run in place after each checkpoint (in the pipeline it
+        // runs on its own thread when the sink nudges it).
+        let committer = || {
+            PartitionCommitter::new(
+                config.clone(),
+                minute_windows(),
+                keys.clone(),
+                &redis,
+                "t1".into(),
+                Metrics::new(),
+            )
+        };
+        let mut committer_of_first = committer();
         let mut first = sink(&config);
         let checkpoint = |id, watermark| {
             Arc::new(CheckpointSpec {
@@ -1144,6 +839,11 @@ mod tests {
             .unwrap();
         assert_eq!(fences, vec![(0, 4)]);
         assert_eq!(
+            committer_of_first.commit_due().unwrap(),
+            None,
+            "nothing to retry"
+        );
+        assert_eq!(
             dws_rows(&root),
             vec![
                 (0, 60_000, 3, 10, 1, 1, true),
@@ -1165,10 +865,11 @@ mod tests {
             root.join("ods_anchor_log/dt=1970-01-01/hour=08").display()
         );
         assert_eq!(log, expected);
-        // A restarted sink on the same Redis does not commit the folder again.
+        // A restarted instance on the same Redis does not commit the folder again.
         drop(first);
         let mut second = sink(&config);
-        second.commit_partitions().unwrap();
+        let mut committer_of_second = committer();
+        committer_of_second.commit_due().unwrap();
         assert_eq!(fs::read_to_string(&hook_log).unwrap(), expected);
         // The day folder commits once the watermark passes local midnight (16:00 UTC),
         // even in a quiet stream: with nothing open, a periodic checkpoint records the
@@ -1180,6 +881,7 @@ mod tests {
             .unwrap();
         assert_eq!(fences, vec![(0, 4)]);
         assert_eq!(second.counters().files, 0, "a record without files");
+        committer_of_second.commit_due().unwrap();
         assert!(root
             .join("dws_template_state_1m/dt=1970-01-01/_SUCCESS")
             .exists());
@@ -1323,13 +1025,11 @@ mod tests {
         assert_eq!(sink.counters().files, 1);
         // The hidden file is invisible to readers and removed as an orphan after a crash.
         drop(sink);
-        assert_eq!(
-            remove_orphans(&dir.path().to_string_lossy(), "t1").unwrap(),
-            1
-        );
-        assert_eq!(
-            remove_orphans(&dir.path().to_string_lossy(), "t1").unwrap(),
-            0
-        );
+        let later = FileNames {
+            instance: "t1".into(),
+            run: new_run_id(),
+        };
+        assert_eq!(remove_orphans(dir.path(), &later).unwrap(), 1);
+        assert_eq!(remove_orphans(dir.path(), &later).unwrap(), 0);
     }
 }

@@ -124,11 +124,14 @@ pub struct Emitted {
     pub late: Vec<(WindowKey, Counts)>,
 }
 
-/// Open windows of one source partition, and the watermark its windows closed at.
+/// Open windows of one source partition, the watermark its windows closed at, and
+/// the largest event time the partition had delivered (where its watermark resumes
+/// after a restart).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PartitionWindows {
     /// Windows with `closes_at <= closed_through` have been emitted.
     closed_through: Option<i64>,
+    max_event_ms: Option<i64>,
     open: BTreeMap<i64, FxHashMap<(i64, i32), Counts>>,
     late: FxHashMap<WindowKey, Counts>,
 }
@@ -193,6 +196,17 @@ impl PartitionWindows {
         self.closed_through
     }
 
+    /// Records the largest event time the partition delivered up to a barrier.
+    pub fn note_max_event(&mut self, max_event_ms: Option<i64>) {
+        if let Some(ms) = max_event_ms {
+            self.max_event_ms = Some(self.max_event_ms.map_or(ms, |m| m.max(ms)));
+        }
+    }
+
+    pub fn max_event_ms(&self) -> Option<i64> {
+        self.max_event_ms
+    }
+
     /// Number of open (window, businessId, state) entries.
     pub fn open_entries(&self) -> usize {
         self.open.values().map(|m| m.len()).sum()
@@ -208,7 +222,8 @@ impl PartitionWindows {
         self.late.retain(|(_, b, _), _| keep(*b));
     }
 
-    /// The state as text: a line `c <closed_through|->`, then one line
+    /// The state as text: a line `c <closed_through|->`, a line `m <max event time>`
+    /// once known, then one line
     /// `w <start> <businessId> <state> <events> <receivers>` per open entry. Late
     /// amendments are never encoded: a barrier emits them before the state is taken.
     /// Concatenated encodings decode to their union (shards' parts of one partition).
@@ -220,6 +235,9 @@ impl PartitionWindows {
                 let _ = writeln!(out, "c {c}");
             }
             None => out.push_str("c -\n"),
+        }
+        if let Some(m) = self.max_event_ms {
+            let _ = writeln!(out, "m {m}");
         }
         for (start, window) in &self.open {
             let mut entries: Vec<_> = window.iter().collect();
@@ -252,6 +270,7 @@ impl PartitionWindows {
                     let c = number(1)?;
                     state.closed_through = Some(state.closed_through.map_or(c, |old| old.max(c)));
                 }
+                Some(&"m") => state.note_max_event(Some(number(1)?)),
                 Some(&"w") => {
                     let state_code = i32::try_from(number(3)?)
                         .with_context(|| format!("window state line {line:?}"))?;
@@ -353,6 +372,7 @@ mod tests {
         state.add(&spec, 0, 7, 10, one(1, 2));
         state.add(&spec, MINUTE, 8, 60, one(4, 4));
         state.close(&spec, Some(-5));
+        state.note_max_event(Some(61_000));
         let decoded = PartitionWindows::decode(&state.encode()).unwrap();
         assert_eq!(decoded, state);
         let (mut a, mut b) = (decoded.clone(), decoded.clone());

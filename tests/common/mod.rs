@@ -5,6 +5,9 @@
 
 #![allow(dead_code)]
 
+pub mod child;
+pub mod servers;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -54,8 +57,12 @@ pub fn unique(name: &str) -> String {
 }
 
 pub fn create_topic(topic: &str, partitions: i32) {
+    create_topic_on(&brokers(), topic, partitions)
+}
+
+pub fn create_topic_on(brokers: &str, topic: &str, partitions: i32) {
     let admin: AdminClient<_> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .create()
         .expect("admin client");
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -179,6 +186,10 @@ fn text(v: &Value) -> Option<String> {
     }
 }
 
+/// Events further than this ahead of the clock are dead letters
+/// (`time.max_future_ms`, one hour by default, as Kafka bounds its record timestamps).
+pub const MAX_FUTURE_MS: i64 = 3_600_000;
+
 /// The oracle's reading of a record: `Some(event)` if valid.
 pub fn oracle_parse(value: &Option<Vec<u8>>, max_ids: usize) -> Option<Event> {
     let object = serde_json::from_slice::<Value>(value.as_ref()?).ok()?;
@@ -200,13 +211,17 @@ pub fn oracle_parse(value: &Option<Vec<u8>>, max_ids: usize) -> Option<Event> {
             Some(v) => text(v).map(Some),
         }
     };
+    let log_timestamp = int(object.get("logTimestamp")?)?;
+    if log_timestamp > chrono::Utc::now().timestamp_millis() + MAX_FUTURE_MS {
+        return None;
+    }
     Some(Event {
         biz_id: optional("bizId")?,
         message_id: optional("messageId")?,
         ids,
         state,
         business_id: int(object.get("businessId")?)?,
-        log_timestamp: int(object.get("logTimestamp")?)?,
+        log_timestamp,
     })
 }
 
@@ -251,8 +266,14 @@ pub fn expected_redis(produced: &Produced, max_ids: usize) -> RedisContents {
 
 /// Everything in the Redis db, with each key's remaining TTL in ms.
 pub fn read_redis(url: &str) -> (RedisContents, BTreeMap<String, i64>) {
+    read_redis_except(url, &[])
+}
+
+/// [`read_redis`] without the `foreign` keys (written by someone else).
+pub fn read_redis_except(url: &str, foreign: &[String]) -> (RedisContents, BTreeMap<String, i64>) {
     let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
+    let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
+    keys.retain(|k| !foreign.contains(k));
     let mut out = RedisContents::default();
     let mut ttls = BTreeMap::new();
     // anchorflow's own bookkeeping (fences, publish records) is checked separately.
@@ -289,9 +310,26 @@ pub fn read_redis(url: &str) -> (RedisContents, BTreeMap<String, i64>) {
 /// days, template hashes 30 days). `since_ms` is when the test began writing: keys
 /// written early have less TTL left by the time a long test checks them.
 pub fn check_redis(url: &str, produced: &Produced, max_ids: usize, since_ms: i64) {
-    let expected = expected_redis(produced, max_ids);
-    let (actual, ttls) = read_redis(url);
-    assert_eq!(actual.hashes, expected.hashes, "template hashes");
+    check_redis_except(url, produced, max_ids, since_ms, &[])
+}
+
+/// [`check_redis`] for a Redis where the `foreign` keys belong to someone else: they
+/// must keep their content, and nothing anchorflow would have written to them is
+/// expected there.
+pub fn check_redis_except(
+    url: &str,
+    produced: &Produced,
+    max_ids: usize,
+    since_ms: i64,
+    foreign: &[String],
+) {
+    let mut expected = expected_redis(produced, max_ids);
+    for key in foreign {
+        expected.lists.remove(key);
+        expected.hashes.remove(key);
+    }
+    let (actual, ttls) = read_redis_except(url, foreign);
+    assert_same("template hashes", &actual.hashes, &expected.hashes);
     assert_eq!(
         actual.lists.len(),
         expected.lists.len(),
@@ -535,15 +573,53 @@ pub fn minute_of(ts: i64) -> i64 {
     ts - ts.rem_euclid(60_000)
 }
 
-/// The oracle's window counts: `(events, receivers)` per one-minute window,
-/// businessId and state, over every valid record produced.
-pub fn expected_windows(produced: &Produced, max_ids: usize) -> BTreeMap<WindowKey, (i64, i64)> {
+/// Compares two maps and, when they differ, fails with only the differing entries
+/// (a whole-map dump of thousands of keys hides the few that matter).
+pub fn assert_same<K: Ord + std::fmt::Debug, V: PartialEq + std::fmt::Debug>(
+    what: &str,
+    actual: &BTreeMap<K, V>,
+    expected: &BTreeMap<K, V>,
+) {
+    let mut differing: Vec<String> = Vec::new();
+    for (key, want) in expected {
+        match actual.get(key) {
+            Some(got) if got == want => {}
+            got => differing.push(format!("{key:?}: got {got:?}, expected {want:?}")),
+        }
+    }
+    for (key, got) in actual {
+        if !expected.contains_key(key) {
+            differing.push(format!("{key:?}: got {got:?}, expected nothing"));
+        }
+    }
+    assert!(
+        differing.is_empty(),
+        "{what}: {} of {} keys differ, first 20:\n{}",
+        differing.len(),
+        expected.len(),
+        differing
+            .iter()
+            .take(20)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// The oracle's window counts: `(events, receivers)` per tumbling window of
+/// `window_ms` (aligned on the epoch), businessId and state, over every valid record
+/// produced.
+pub fn expected_windows(
+    produced: &Produced,
+    max_ids: usize,
+    window_ms: i64,
+) -> BTreeMap<WindowKey, (i64, i64)> {
     let mut out: BTreeMap<WindowKey, (i64, i64)> = BTreeMap::new();
     for records in produced.values() {
         for event in records.iter().filter_map(|r| oracle_parse(r, max_ids)) {
             let entry = out
                 .entry((
-                    minute_of(event.log_timestamp),
+                    event.log_timestamp - event.log_timestamp.rem_euclid(window_ms),
                     event.business_id,
                     event.state,
                 ))
@@ -605,7 +681,7 @@ pub fn read_series(url: &str, group: &str, topic: &str) -> SeriesSnapshot {
 
 /// Sums the open windows stored for one owner (`series` or `dws`) over partitions,
 /// with each partition's closed-through watermark. Decoded by hand: lines
-/// `c <ms|->` and `w <start> <businessId> <state> <events> <receivers>`.
+/// `c <ms|->`, `m <ms>` (ignored) and `w <start> <businessId> <state> <events> <receivers>`.
 pub fn stored_open_windows(
     windows: &BTreeMap<String, String>,
     owner: &str,
@@ -625,6 +701,7 @@ pub fn stored_open_windows(
                     let entry = closed.entry(p).or_insert(c);
                     *entry = (*entry).max(c);
                 }
+                "m" => {}
                 "w" => {
                     let n = |i: usize| f[i].parse::<i64>().unwrap();
                     let entry = open.entry((n(1), n(2), n(3))).or_default();
@@ -703,6 +780,19 @@ pub enum Dws {
     NoMoreThanOracle,
 }
 
+/// The window size the children ran with, and what to expect of the dws side.
+#[derive(Clone, Copy, Debug)]
+pub struct WindowRules {
+    pub window_ms: i64,
+    pub dws: Dws,
+}
+
+/// The shipped defaults: one-minute windows, every dws share present.
+pub const MINUTE_WINDOWS: WindowRules = WindowRules {
+    window_ms: 60_000,
+    dws: Dws::Complete,
+};
+
 /// What the window outputs hold once every partition is fenced at its end.
 pub struct WindowOutputs {
     pub series: SeriesSnapshot,
@@ -725,9 +815,13 @@ pub fn check_windows(
     topic: &str,
     produced: &Produced,
     max_ids: usize,
-    dws_expectation: Dws,
+    rules: WindowRules,
 ) -> WindowOutputs {
-    let expected = expected_windows(produced, max_ids);
+    let WindowRules {
+        window_ms,
+        dws: dws_expectation,
+    } = rules;
+    let expected = expected_windows(produced, max_ids, window_ms);
     let series = read_series(url, group, topic);
     let (open_series, series_closed) = stored_open_windows(&series.windows, "series");
     let (open_dws, dws_closed) = stored_open_windows(&series.windows, "dws");
@@ -737,9 +831,10 @@ pub fn check_windows(
     }
     let expected_events: BTreeMap<WindowKey, i64> =
         expected.iter().map(|(k, (e, _))| (*k, *e)).collect();
-    assert_eq!(
-        from_series, expected_events,
-        "series hash + open series windows = the oracle's events"
+    assert_same(
+        "series hash + open series windows = the oracle's events",
+        &from_series,
+        &expected_events,
     );
     let dws = read_dws(root);
     let mut from_dws: BTreeMap<WindowKey, (i64, i64)> = open_dws;
@@ -747,7 +842,11 @@ pub fn check_windows(
         let entry = from_dws.entry(row.key).or_default();
         entry.0 += row.events;
         entry.1 += row.receivers;
-        assert_eq!(row.window_end, row.key.0 + 60_000, "window end of {row:?}");
+        assert_eq!(
+            row.window_end,
+            row.key.0 + window_ms,
+            "window end of {row:?}"
+        );
         let local = chrono::DateTime::from_timestamp_millis(row.key.0 + 8 * 3_600_000).unwrap();
         assert_eq!(
             row.folder,
@@ -756,9 +855,10 @@ pub fn check_windows(
         );
     }
     if dws_expectation == Dws::Complete {
-        assert_eq!(
-            from_dws, expected,
-            "dws rows + open dws windows = the oracle's events and receivers"
+        assert_same(
+            "dws rows + open dws windows = the oracle's events and receivers",
+            &from_dws,
+            &expected,
         );
     } else {
         for (key, (events, receivers)) in &from_dws {
@@ -781,4 +881,66 @@ pub fn check_windows(
         series_closed,
         dws_closed,
     }
+}
+
+/// Files published into a folder after its `_SUCCESS` marker was written: a folder
+/// committed too early. A rename (or link) into place changes a file's ctime, so a
+/// part file whose ctime is later than the marker's arrived after the commit.
+pub fn published_after_success(root: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ctime = |path: &Path| {
+        let meta = std::fs::metadata(path).unwrap();
+        (meta.ctime(), meta.ctime_nsec())
+    };
+    let mut late = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        let marker = dir.join("_SUCCESS");
+        let committed = marker.exists().then(|| ctime(&marker));
+        for path in entries {
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Some(committed) = committed {
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                if name.starts_with("part-") && ctime(&path) > committed {
+                    late.push(path);
+                }
+            }
+        }
+    }
+    late
+}
+
+/// Every `_SUCCESS` file below the warehouse root, as folders relative to it.
+pub fn success_markers(root: &Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if entry.file_name() == "_SUCCESS" {
+                let folder = path.parent().unwrap().strip_prefix(root).unwrap();
+                out.insert(folder.to_string_lossy().into_owned());
+            }
+        }
+    }
+    out
+}
+
+/// The value of one series in a Prometheus text exposition (`name{labels}`), if any.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }

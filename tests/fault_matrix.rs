@@ -1,0 +1,783 @@
+//! The fault matrix (issue 9): every row runs the `anchorflow` binary under a restart
+//! loop, as systemd does, against a real Redis and a real Kafka-protocol broker, injects
+//! one production fault, and then compares Redis and the warehouse with the oracle:
+//! lists as multisets, hashes, TTLs, every Parquet row and (partition, offset) exactly
+//! once, the window series and `dws_template_state_1m`. `docs/exactly-once.md` lists
+//! the rows with what anchorflow does about each fault.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::child::*;
+use common::servers::*;
+use common::*;
+
+/// 2023-11-21 00:00 in Asia/Shanghai, an hour (and day) boundary in event time.
+const SHANGHAI_MIDNIGHT: i64 = 1_700_496_000_000;
+
+/// In-order events (every partition's event times only grow, apart from the
+/// generator's sub-second funnel jitter) from `start_ms`, `step_ms` apart per send.
+fn in_order(seed: u64, count: usize, start_ms: i64, step_ms: i64) -> Vec<Option<Vec<u8>>> {
+    generate_spread(seed, count, MAX_IDS, start_ms, step_ms)
+}
+
+/// What every row checks at the end: the oracle, and for in-order data that nothing
+/// was closed early (no correction rows, nothing published into a committed folder).
+fn check_in_order(setup: &Setup, produced: &Produced) {
+    setup.check(produced);
+    let corrections: Vec<DwsRow> = read_dws(setup.warehouse.path())
+        .into_iter()
+        .filter(|r| r.is_correction)
+        .collect();
+    assert!(
+        corrections.is_empty(),
+        "in-order data made correction rows: a window closed early: {corrections:?}"
+    );
+    let late = published_after_success(setup.warehouse.path());
+    assert!(
+        late.is_empty(),
+        "files published into folders after their _SUCCESS: {late:?}"
+    );
+}
+
+/// When to inject a fault, as a percentage of the backlog committed: `default` in CI,
+/// drawn from `ANCHORFLOW_SOAK_SEED` (and the row's name) when `scripts/soak.sh` runs
+/// the matrix in a loop.
+fn fault_moment(row: &str, default: i64) -> i64 {
+    let Ok(seed) = std::env::var("ANCHORFLOW_SOAK_SEED") else {
+        return default;
+    };
+    let mut state = row
+        .bytes()
+        .fold(seed.parse::<u64>().unwrap_or(1) | 1, |h, b| {
+            h.rotate_left(5) ^ u64::from(b)
+        });
+    let percent = 5 + (next_random(&mut state) % 56) as i64;
+    println!("{row}: fault at {percent} % of the backlog (ANCHORFLOW_SOAK_SEED={seed})");
+    percent
+}
+
+/// Short timeouts so that a fault of a few seconds outlasts every one of them.
+fn short_timeouts(setup: &mut Setup) {
+    setup
+        .set("redis.command_timeout_secs=2")
+        .set("time.idle_timeout_ms=3000")
+        .set("time.window_size_ms=5000");
+}
+
+/// The instance watermark the child exports, in Unix milliseconds.
+fn watermark(metrics: &str) -> Option<i64> {
+    let (_, text) = http_get(metrics, "/metrics")?;
+    metric(&text, "anchorflow_watermark_timestamp_seconds").map(|s| (s * 1000.0).round() as i64)
+}
+
+/// Redis fails (`fault`) for longer than every timeout while a backlog of in-order
+/// events around an hour boundary is read, then recovers (`heal`). The partitions
+/// blocked behind it are held, not idle: the watermark stands still for the whole
+/// outage (before, it ran on with processing time and closed windows and hours early),
+/// and afterwards the oracle finds everything exactly once, no correction row and no
+/// file published into a folder after its `_SUCCESS`.
+fn redis_outage(name: &str, fault: impl FnOnce(&mut TestRedis), heal: impl FnOnce(&mut TestRedis)) {
+    let mut redis = TestRedis::start();
+    let mut setup = Setup::new(name, 4, redis.url(1));
+    short_timeouts(&mut setup);
+    setup.set("time.idle_timeout_ms=5000");
+    // 150,000 events over 150 s of event time around an hour boundary: more than the
+    // pipeline holds in flight, so the outage blocks reading mid-backlog.
+    let produced = setup.produce_records(in_order(901, 150_000, SHANGHAI_MIDNIGHT - 60_000, 4));
+    let total: i64 = produced.values().map(|r| r.len() as i64).sum();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let run = setup.supervise(name, &[], &metrics);
+    let moment = fault_moment(name, 10);
+    setup.wait_until("the fault moment", Duration::from_secs(120), || {
+        setup.progress() > total * moment / 100
+    });
+    fault(&mut redis);
+    // The readers drain what they hold and stop: from then on the watermark must stand
+    // (the idle timeout, 5 s here, passes long before the outage ends).
+    let read = |text: &str| metric(text, "anchorflow_records_read_total");
+    let mut last = None;
+    let mut since = std::time::Instant::now();
+    setup.wait_until("reading stopped", Duration::from_secs(60), || {
+        let now = http_get(&metrics, "/metrics").and_then(|(_, text)| read(&text));
+        if now != last {
+            (last, since) = (now, std::time::Instant::now());
+        }
+        since.elapsed() >= Duration::from_millis(1500)
+    });
+    let blocked = watermark(&metrics);
+    let before = http_get(&metrics, "/metrics")
+        .map(|r| r.1)
+        .unwrap_or_default();
+    std::thread::sleep(Duration::from_secs(16));
+    let later = watermark(&metrics);
+    let after = http_get(&metrics, "/metrics")
+        .map(|r| r.1)
+        .unwrap_or_default();
+    heal(&mut redis);
+    assert!(
+        blocked.is_some(),
+        "the watermark was known before the outage"
+    );
+    let watermarks = |text: &str| -> String {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("anchorflow_watermark")
+                    || l.starts_with("anchorflow_idle")
+                    || l.starts_with("anchorflow_partition_pauses")
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        later, blocked,
+        "the watermark moved while every partition was blocked behind Redis; before:\n{}\nafter:\n{}",
+        watermarks(&before),
+        watermarks(&after)
+    );
+    setup.wait_drained(&produced);
+    let exits = run.stop();
+    println!("runs: {exits:?}");
+    check_in_order(&setup, &produced);
+}
+
+#[test]
+fn redis_paused_mid_backlog_loses_nothing_and_closes_nothing_early() {
+    redis_outage("redis-pause", |redis| redis.pause(), |redis| redis.resume());
+}
+
+#[test]
+fn redis_refusing_connections_mid_backlog_loses_nothing_and_closes_nothing_early() {
+    redis_outage("redis-down", |redis| redis.stop(), |redis| redis.restart());
+}
+
+/// Issue 9, item 2: a receiver key that already holds a string (a shared Redis, or a
+/// receiver id equal to another key). Before, the commit script failed halfway with
+/// its fences moved, every retry was refused as not contiguous, and every restart
+/// resumed from fences whose output was only partly written.
+#[test]
+fn a_key_of_another_type_is_reported_and_the_rest_applies_exactly() {
+    let mut setup = Setup::new("wrongtype", 2, redis_url(20));
+    let produced = setup.produce(2_000, 3_000);
+    let taken = produced
+        .values()
+        .flat_map(|records| records.iter().filter_map(|r| oracle_parse(r, MAX_IDS)))
+        .map(|e| e.ids[0].clone())
+        .next()
+        .expect("a receiver");
+    let mut conn = redis::Client::open(setup.url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    redis::cmd("SET")
+        .arg(&taken)
+        .arg("someone else's")
+        .query::<()>(&mut conn)
+        .unwrap();
+    setup.foreign.push(taken.clone());
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let run = setup.supervise("wrongtype", &[], &metrics);
+    setup.wait_drained(&produced);
+    let (_, text) = http_get(&metrics, "/metrics").expect("metrics");
+    let exits = run.stop();
+    assert_eq!(exits.len(), 1, "no restart was needed: {exits:?}");
+    assert!(
+        metric(
+            &text,
+            r#"anchorflow_redis_conflicts_total{reason="wrong_type"}"#
+        ) >= Some(1.0),
+        "the conflict is counted"
+    );
+    setup.check(&produced);
+    let kept: String = redis::cmd("GET").arg(&taken).query(&mut conn).unwrap();
+    assert_eq!(kept, "someone else's");
+    let conflicts: BTreeMap<String, i64> = redis::cmd("HGETALL")
+        .arg(anchorflow_actors::fences::FenceKeys::new(&setup.group, &setup.topic).conflicts)
+        .query(&mut conn)
+        .unwrap();
+    assert!(
+        conflicts.contains_key(&format!("wrong_type {taken}")),
+        "recorded for the operator: {conflicts:?}"
+    );
+}
+
+/// Issue 9, item 3: two instances on one warehouse root, `anchorflow` and
+/// `anchorflow-2`. Before, restarting the first deleted the second's in-progress files
+/// as its own orphans, and rows the fences had passed were never published.
+#[test]
+fn instance_ids_sharing_a_prefix_keep_their_files_apart() {
+    let mut setup = Setup::on_mock_cluster("prefix", 4, redis_url(21));
+    // Files stay in progress for seconds, so the second always has some.
+    setup.set("warehouse.roll_interval_secs=3");
+    let producer = setup.producer(2_100, 100, Duration::from_millis(100), 100_000);
+    let first = setup.supervise("anchorflow", &[], "");
+    setup.wait_until(
+        "the first claimed everything",
+        Duration::from_secs(60),
+        || setup.epochs() >= 4,
+    );
+    let second = setup.supervise("anchorflow-2", &[], "");
+    setup.wait_until(
+        "the group rebalanced onto both",
+        Duration::from_secs(90),
+        || setup.epochs() >= 8,
+    );
+    let root = setup.warehouse.path().to_path_buf();
+    setup.wait_until(
+        "the second has files in progress",
+        Duration::from_secs(60),
+        || {
+            hidden_files(&root).iter().any(|f| {
+                f.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(".anchorflow-2")
+            })
+        },
+    );
+    // The first restarts (as after a crash) while the second's files are open.
+    kill9(first.pid());
+    let epochs = setup.epochs();
+    setup.wait_until("the first is back", Duration::from_secs(90), || {
+        setup.epochs() > epochs
+    });
+    let progress = setup.progress();
+    setup.wait_until("both make progress", Duration::from_secs(60), || {
+        setup.progress() > progress + 300
+    });
+    let produced = producer.finish();
+    setup.wait_drained(&produced);
+    let (a, b) = (first.stop(), second.stop());
+    assert!(
+        b.iter().all(|exit| exit.code == Some(0)),
+        "the second never failed: {b:?}"
+    );
+    println!("first: {a:?}");
+    setup.check(&produced);
+}
+
+/// Issue 9, item 4: one valid record ten years ahead (a producer with a broken clock)
+/// on a one-partition topic. Before, the watermark jumped with it and `_SUCCESS` and
+/// the hook fired for an hour the data had not left.
+#[test]
+fn a_timestamp_years_ahead_is_dead_lettered_and_commits_nothing_early() {
+    let setup = Setup::new("poison", 1, redis_url(22));
+    // 23:30 to 23:40 local, then the poison, then more of the same hour.
+    let mut records = in_order(2_200, 2_000, SHANGHAI_MIDNIGHT - 30 * 60_000, 300);
+    let ahead = chrono::Utc::now().timestamp_millis() + 10 * 365 * 86_400_000;
+    let poison = format!(
+        r#"{{"ids":["p1"],"state":10,"businessId":1000001220231120,"logTimestamp":{ahead}}}"#
+    );
+    records.insert(1_000, Some(poison.into_bytes()));
+    let produced = setup.produce_records(records);
+    let run = setup.supervise("poison", &[], "");
+    setup.wait_drained(&produced);
+    run.stop();
+    setup.check(&produced);
+    let markers = success_markers(setup.warehouse.path());
+    assert!(markers.is_empty(), "no folder is complete yet: {markers:?}");
+    let poisoned = read_warehouse(setup.warehouse.path())
+        .into_iter()
+        .find(|row| row.offset == 1_000)
+        .expect("the poison's row");
+    assert!(
+        matches!(&poisoned.content, Err((reason, _)) if reason == "timestamp_in_future"),
+        "{poisoned:?}"
+    );
+}
+
+/// Issue 9, item 5: after a restart with no new records, the windows restored from the
+/// fences must still close. Before, restored partitions had no watermark, so quiet
+/// streams closed their windows only in an uninterrupted process.
+#[test]
+fn windows_restored_after_a_restart_close_without_new_records() {
+    let mut setup = Setup::new("restore-close", 2, redis_url(23));
+    setup
+        .set("time.idle_timeout_ms=2000")
+        .set("time.window_size_ms=5000");
+    let produced = setup.produce_records(in_order(2_300, 1_000, SHANGHAI_MIDNIGHT - 60_000, 50));
+    let first = setup.supervise("restore", &[], "");
+    setup.wait_drained(&produced);
+    first.stop();
+    let open = |setup: &Setup| {
+        let windows = read_series(&setup.url, &setup.group, &setup.topic).windows;
+        stored_open_windows(&windows, "series").0.len()
+            + stored_open_windows(&windows, "dws").0.len()
+    };
+    assert!(open(&setup) > 0, "the first run stopped with windows open");
+    let second = setup.supervise("restore", &[], "");
+    setup.wait_until(
+        "every restored window closed",
+        Duration::from_secs(60),
+        || open(&setup) == 0,
+    );
+    second.stop();
+    setup.check(&produced);
+}
+
+/// Issue 9, item 6: the broker no longer holds the offset a fence points at (retention
+/// trimmed the log while the instance was down). The skipped range must be counted,
+/// logged and shown by `fences show`, not only be a librdkafka warning.
+#[test]
+fn records_the_broker_dropped_before_they_were_read_are_counted_and_shown() {
+    let setup = Setup::on_mock_cluster("trimmed", 1, redis_url(24));
+    let mut produced = setup.produce(2_400, 200);
+    let run = setup.supervise("trimmed", &[], "");
+    setup.wait_drained(&produced);
+    run.stop();
+    // While it is down, far more than the mock cluster keeps per partition (~5 MB)
+    // arrives: the log start moves past the fence.
+    let big: Vec<Option<Vec<u8>>> = (0..60)
+        .map(|n| Some(vec![b'a' + (n % 26) as u8; 200_000]))
+        .collect();
+    extend(&mut produced, setup.produce_records(big));
+    let low = log_start(&setup.brokers, &setup.topic, 0);
+    assert!(low > 200, "the broker trimmed the log (log start {low})");
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let run = setup.supervise("trimmed", &[], &metrics);
+    setup.wait_drained(&produced);
+    let (_, text) = http_get(&metrics, "/metrics").expect("metrics");
+    let (status, shown) = setup.fences_command(&["show"]);
+    run.stop();
+    assert_eq!(
+        metric(
+            &text,
+            r#"anchorflow_records_skipped_total{partition="0",reason="offset_out_of_range"}"#
+        ),
+        Some((low - 200) as f64),
+        "{text}"
+    );
+    assert!(status.success(), "{shown}");
+    assert!(shown.contains(&format!("skipped {}", low - 200)), "{shown}");
+    // Everything the broker still held arrived exactly once.
+    let offsets: Vec<i64> = read_warehouse(setup.warehouse.path())
+        .iter()
+        .map(|r| r.offset)
+        .collect();
+    let expected: Vec<i64> = (0..200).chain(low..produced[&0].len() as i64).collect();
+    let mut sorted = offsets.clone();
+    sorted.sort();
+    assert_eq!(sorted, expected);
+}
+
+fn kill9(pid: u32) {
+    assert!(pid != 0, "the instance is running");
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// The first offset a broker still holds for a partition.
+fn log_start(brokers: &str, topic: &str, partition: i32) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .unwrap()
+        .0
+}
+
+/// Redis restarted from an older snapshot (an RDB taken earlier, a stale replica
+/// promoted): its fences are behind what the warehouse already published. The running
+/// instance's next commit is refused, the restart's claim finds the fences behind the
+/// warehouse's own record of what it published, marks the loss (not ready, exit 76),
+/// and waits; `fences recover --redis-from keep` keeps the snapshot's Redis counts
+/// (consistent with its fences) and takes the warehouse fences from the warehouse.
+/// No row is ever published twice.
+#[test]
+fn redis_restored_from_an_older_snapshot_is_detected_and_recovered_exactly() {
+    let mut redis = TestRedis::start();
+    let setup = Setup::new("snapshot", 2, redis.url(1));
+    let mut produced = setup.produce(3_000, 1_500);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let run = setup.supervise("snapshot", &[], &metrics);
+    setup.wait_drained(&produced);
+    let snapshot = redis.snapshot();
+    extend(&mut produced, setup.produce(3_001, 1_500));
+    setup.wait_drained(&produced);
+    redis.restore(&snapshot);
+    extend(&mut produced, setup.produce(3_002, 500));
+    setup.wait_until("the loss is reported", Duration::from_secs(90), || {
+        http_get(&metrics, "/metrics")
+            .is_some_and(|(_, text)| metric(&text, "anchorflow_redis_state_lost") == Some(1.0))
+    });
+    assert_eq!(http_get(&metrics, "/readyz").map(|r| r.0), Some(503));
+    let duplicates = check_no_duplicates(setup.warehouse.path());
+    assert_eq!(
+        duplicates, 0,
+        "no row was published twice while Redis was behind"
+    );
+    let (status, out) = setup.fences_command(&["recover", "--redis-from", "keep"]);
+    assert!(status.success(), "{out}");
+    setup.wait_drained(&produced);
+    let exits = run.stop();
+    assert!(
+        exits.iter().any(|e| e.code == Some(76)),
+        "a claim found the loss: {exits:?}"
+    );
+    // The dws windows open at the snapshot's fence are dropped with it (docs).
+    setup.check_with(&produced, Dws::NoMoreThanOracle);
+}
+
+/// How many warehouse rows repeat a (partition, offset) another row has.
+fn check_no_duplicates(root: &std::path::Path) -> usize {
+    let mut seen = std::collections::BTreeMap::<(i32, i64), usize>::new();
+    for row in read_warehouse(root) {
+        *seen.entry((row.partition, row.offset)).or_default() += 1;
+    }
+    seen.values().map(|n| n - 1).sum()
+}
+
+/// The broker freezes for a minute mid-backlog (SIGSTOP: connections stay open,
+/// nothing answers). Its partitions are not idle meanwhile; afterwards everything
+/// arrives exactly once and nothing closed early.
+#[test]
+fn a_broker_paused_for_a_minute_loses_nothing_and_closes_nothing_early() {
+    let broker = TestBroker::start();
+    let mut setup = Setup::on_brokers("broker-pause", &broker.brokers(), 4, redis_url(25));
+    short_timeouts(&mut setup);
+    let produced = setup.produce_records(in_order(3_100, 60_000, SHANGHAI_MIDNIGHT - 30_000, 4));
+    let total: i64 = produced.values().map(|r| r.len() as i64).sum();
+    let run = setup.supervise("broker-pause", &[], "");
+    let moment = fault_moment("broker-pause", 20);
+    setup.wait_until("the fault moment", Duration::from_secs(120), || {
+        setup.progress() > total * moment / 100
+    });
+    broker.pause();
+    std::thread::sleep(Duration::from_secs(60));
+    broker.resume();
+    setup.wait_drained(&produced);
+    let exits = run.stop();
+    println!("runs: {exits:?}");
+    check_in_order(&setup, &produced);
+}
+
+/// Fetch and metadata requests fail for a while (librdkafka's mock cluster injects
+/// the errors): the consumer retries, nothing is lost or doubled.
+#[test]
+fn fetch_and_metadata_errors_lose_nothing() {
+    use rdkafka::types::RDKafkaApiKey;
+    use rdkafka::types::RDKafkaRespErr;
+    let setup = Setup::on_mock_cluster("broker-errors", 3, redis_url(26));
+    let producer = setup.producer(3_200, 100, Duration::from_millis(100), 100_000);
+    let run = setup.supervise("broker-errors", &[], "");
+    setup.wait_until("progress", Duration::from_secs(60), || {
+        setup.progress() > 300
+    });
+    let cluster = setup.mock().expect("a mock cluster");
+    let errors = [
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_BROKER_NOT_AVAILABLE,
+    ];
+    let burst: Vec<RDKafkaRespErr> = errors.iter().copied().cycle().take(60).collect();
+    cluster.request_errors(RDKafkaApiKey::Fetch, &burst);
+    cluster.request_errors(RDKafkaApiKey::Metadata, &burst[..12]);
+    let progress = setup.progress();
+    setup.wait_until("progress after the errors", Duration::from_secs(90), || {
+        setup.progress() > progress + 600
+    });
+    let produced = producer.finish();
+    setup.wait_drained(&produced);
+    run.stop();
+    setup.check(&produced);
+}
+
+/// Runs a child as `nobody` (file permissions then count) on a warehouse `prepare`d
+/// with a fault; checks that it fails loudly (exit 74, `evidence` in its log) while
+/// the fault lasts, that nothing is published meanwhile that the oracle would not
+/// accept, and that once `clear` removes the fault everything arrives exactly once.
+fn warehouse_fault(
+    name: &str,
+    db: u32,
+    prepare: impl FnOnce(&std::path::Path),
+    evidence: &str,
+    clear: impl FnOnce(&std::path::Path),
+) {
+    let setup = Setup::new(name, 2, redis_url(db));
+    let root = setup.warehouse.path().to_path_buf();
+    prepare(&root);
+    let produced = setup.produce(3_300, 2_000);
+    let run = Supervised::start(setup.launcher(name, &[], "").wrapped(&AS_NOBODY));
+    setup.wait_until(
+        "the fault stopped it loudly",
+        Duration::from_secs(90),
+        || {
+            run.exits().iter().any(|e| {
+                e.code == Some(74)
+                    && std::fs::read_to_string(&e.log).is_ok_and(|log| log.contains(evidence))
+            })
+        },
+    );
+    assert_eq!(
+        check_no_duplicates(&root),
+        0,
+        "nothing published twice while failing"
+    );
+    clear(&root);
+    setup.wait_drained(&produced);
+    let exits = run.stop();
+    println!("{name}: {} runs", exits.len());
+    setup.check(&produced);
+}
+
+#[test]
+fn a_full_disk_stops_loudly_and_loses_nothing() {
+    let disk = std::cell::OnceCell::new();
+    warehouse_fault(
+        "disk-full",
+        28,
+        |root| {
+            let _ = disk.set(Tmpfs::mount(root, "40k", 10_000));
+            give_to_nobody(root);
+        },
+        "No space left on device",
+        |_| disk.get().unwrap().remount("256m", 10_000),
+    );
+}
+
+#[test]
+fn too_few_inodes_stop_loudly_and_lose_nothing() {
+    let disk = std::cell::OnceCell::new();
+    warehouse_fault(
+        "inodes",
+        29,
+        |root| {
+            let _ = disk.set(Tmpfs::mount(root, "256m", 4));
+            give_to_nobody(root);
+        },
+        "No space left on device",
+        |_| disk.get().unwrap().remount("256m", 100_000),
+    );
+}
+
+#[test]
+fn a_read_only_table_folder_stops_loudly_and_loses_nothing() {
+    warehouse_fault(
+        "read-only",
+        30,
+        |root| {
+            let table = root.join("ods_anchor_log");
+            std::fs::create_dir(&table).unwrap();
+            give_to_nobody(root);
+            chmod(&table, 0o555);
+        },
+        "Permission denied",
+        |root| chmod(&root.join("ods_anchor_log"), 0o755),
+    );
+}
+
+#[test]
+fn an_unreadable_entry_at_start_stops_loudly_and_loses_nothing() {
+    warehouse_fault(
+        "unreadable",
+        31,
+        |root| {
+            give_to_nobody(root);
+            // Root's, mode 700: `nobody` cannot look inside.
+            let hidden = root.join("dead_letter/dt=2023-01-01");
+            std::fs::create_dir_all(&hidden).unwrap();
+            give_to_nobody(&root.join("dead_letter"));
+            let status = std::process::Command::new("chown")
+                .args(["0:0"])
+                .arg(&hidden)
+                .status()
+                .unwrap();
+            assert!(status.success());
+            chmod(&hidden, 0o700);
+        },
+        "dt=2023-01-01",
+        |root| {
+            give_to_nobody(&root.join("dead_letter/dt=2023-01-01"));
+        },
+    );
+}
+
+/// A partition-commit hook that hangs every time (and whose children would hang too):
+/// data keeps flowing to the end while the hook times out, is killed with its whole
+/// process group and is retried; it never sees anchorflow's secrets.
+#[test]
+fn a_hook_that_hangs_every_time_holds_nothing_up_and_leaves_nothing_behind() {
+    let mut setup = Setup::new("hook-hangs", 2, redis_url(36));
+    let dir = tempfile::tempdir().unwrap();
+    let env_file = dir.path().join("hook.env");
+    setup
+        .set("time.idle_timeout_ms=2000")
+        .set("warehouse.partition_commit_hook_timeout_secs=1")
+        .set(format!(
+            "warehouse.partition_commit_hook=env > {}; sleep 987654 & sleep 987654",
+            env_file.display()
+        ));
+    let produced = setup.produce_records(in_order(3_600, 3_000, SHANGHAI_MIDNIGHT - 120_000, 100));
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let run = setup.supervise(
+        "hook-hangs",
+        &[("ANCHORFLOW_KAFKA__SASL_PASSWORD", "hunter2")],
+        &metrics,
+    );
+    setup.wait_drained(&produced);
+    setup.wait_until("the hook failed twice", Duration::from_secs(60), || {
+        http_get(&metrics, "/metrics").is_some_and(|(_, text)| {
+            metric(&text, "anchorflow_partition_commit_hook_failures_total") >= Some(2.0)
+        })
+    });
+    let exits = run.stop();
+    assert_eq!(exits.len(), 1, "no restart: {exits:?}");
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", "sleep 987654"])
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "the hook's processes are gone: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+    let env = std::fs::read_to_string(&env_file).expect("the hook ran");
+    assert!(env.contains("ANCHORFLOW_PARTITION_PATH="), "{env}");
+    assert!(
+        !env.contains("hunter2"),
+        "a secret reached the hook:\n{env}"
+    );
+    setup.check(&produced);
+}
+
+/// anchorflow's host clock wrong against Redis's (a fault point shifts every wall
+/// clock read of the binary; libfaketime does not work with librdkafka's and Redis's
+/// own timing): receiver lists expire at the end of the day by Redis's clock, neither
+/// early nor late. Before, their TTL was an absolute end of day by the host's clock: a
+/// host a day behind made them expire at once.
+fn skewed_host_clock(name: &str, db: u32, offset_ms: i64) {
+    let setup = Setup::new(name, 2, redis_url(db));
+    let produced = setup.produce(3_700, 1_500);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let offset = offset_ms.to_string();
+    let run = setup.supervise(
+        name,
+        &[("ANCHORFLOW_FAULT_CLOCK_OFFSET_MS", offset.as_str())],
+        &metrics,
+    );
+    setup.wait_drained(&produced);
+    let (_, text) = http_get(&metrics, "/metrics").expect("metrics");
+    run.stop();
+    let skew = metric(&text, "anchorflow_clock_skew_seconds").unwrap_or_default();
+    let expected = -(offset_ms as f64) / 1000.0;
+    assert!(
+        (skew - expected).abs() < 5.0,
+        "measured skew {skew} s, expected {expected}"
+    );
+    setup.check(&produced);
+    // Exactly until the next local midnight (Asia/Shanghai), by the real clock.
+    let now = chrono::Utc::now().timestamp_millis();
+    let to_midnight = 86_400_000 - (now + 8 * 3_600_000).rem_euclid(86_400_000);
+    if to_midnight > 600_000 {
+        let (contents, ttls) = read_redis(&setup.url);
+        for key in contents.lists.keys().filter(|k| !k.starts_with("Austin:")) {
+            let ttl = ttls[key];
+            assert!(
+                (to_midnight - 180_000..=to_midnight + 1_000).contains(&ttl),
+                "{key} expires in {ttl} ms, the day ends in {to_midnight} ms"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_host_clock_a_day_behind_does_not_expire_receiver_lists_early() {
+    skewed_host_clock("clock-behind", 37, -86_400_000);
+}
+
+#[test]
+fn a_host_clock_hours_ahead_does_not_expire_receiver_lists_early() {
+    skewed_host_clock("clock-ahead", 39, 5 * 3_600_000);
+}
+
+/// A backlog of events with 10,000 receivers each: commits are split so that no
+/// single Redis script runs long (austin-web reads the same Redis). Redis's own slow
+/// log (threshold four times the configured bound) must not list one.
+#[test]
+fn huge_checkpoints_commit_in_scripts_that_stay_short() {
+    let redis = TestRedis::start_with(&["--slowlog-log-slower-than", "100000"]);
+    let mut setup = Setup::new("huge", 2, redis.url(1));
+    setup
+        .set("decode.max_ids=10000")
+        .set("redis.max_commit_ms=25");
+    let receivers: Vec<String> = (0..10_000).map(|n| format!("\"r{n}\"")).collect();
+    let ids = receivers.join(",");
+    let records: Vec<Option<Vec<u8>>> = (0..60)
+        .map(|n| {
+            Some(
+                format!(
+                    r#"{{"ids":[{ids}],"state":10,"businessId":1000001220231120,"logTimestamp":{},"messageId":"m{n}"}}"#,
+                    SHANGHAI_MIDNIGHT + n * 1_000
+                )
+                .into_bytes(),
+            )
+        })
+        .collect();
+    let produced = setup.produce_records(records);
+    let run = setup.supervise("huge", &[], "");
+    setup.wait_drained(&produced);
+    run.stop();
+    let mut conn = redis::Client::open(redis.url(1).as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let slow: Vec<redis::Value> = redis::cmd("SLOWLOG")
+        .arg("GET")
+        .arg(100)
+        .query(&mut conn)
+        .unwrap();
+    let scripts: Vec<String> = slow
+        .iter()
+        .map(|entry| format!("{entry:?}"))
+        .filter(|e| e.contains("EVAL"))
+        .map(|e| e.chars().take(200).collect())
+        .collect();
+    assert!(scripts.is_empty(), "slow commit scripts: {scripts:?}");
+    setup.check(&produced);
+}
+
+/// Hostile input with hundreds of distinct unknown state codes: every event still
+/// counts, and the metric of unknown states keeps a bounded number of labels.
+#[test]
+fn unknown_states_keep_metric_labels_bounded() {
+    let setup = Setup::new("states", 2, redis_url(38));
+    let records: Vec<Option<Vec<u8>>> = (0..600)
+        .map(|n| {
+            Some(
+                format!(
+                    r#"{{"ids":["u{n}"],"state":{},"businessId":1000001220231120,"logTimestamp":{}}}"#,
+                    1_000 + n,
+                    SHANGHAI_MIDNIGHT + n
+                )
+                .into_bytes(),
+            )
+        })
+        .collect();
+    let produced = setup.produce_records(records);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let run = setup.supervise("states", &[], &metrics);
+    setup.wait_drained(&produced);
+    let (_, text) = http_get(&metrics, "/metrics").expect("metrics");
+    run.stop();
+    let series = text
+        .lines()
+        .filter(|l| l.starts_with("anchorflow_unknown_state_events_total{"))
+        .count();
+    assert_eq!(series, 33, "32 codes and `other`");
+    assert_eq!(
+        metric(
+            &text,
+            r#"anchorflow_unknown_state_events_total{state="other"}"#
+        ),
+        Some(600.0 - 32.0)
+    );
+    setup.check(&produced);
+}
