@@ -384,3 +384,38 @@ fn lost_fences_are_refused_and_marked() {
     let claim = fences::claim(&mut conn, &keys, &[0], |_| panic!("fences exist")).unwrap();
     assert_eq!((claim[&0].claim.redis, claim[&0].claim.warehouse), (0, 0));
 }
+
+/// Issue 9, item 3: a second process started with the same instance id must not take
+/// the lease (and so delete the first one's in-progress files); a holder of this host
+/// that is gone (kill -9) is taken over at once.
+#[test]
+fn one_live_run_holds_an_instance_lease() {
+    use anchorflow_actors::instance_lease::InstanceLease;
+    let (mut conn, keys) = fresh_db(12);
+    let mut first = InstanceLease::new(&keys, "a", "run1");
+    let mut second = InstanceLease::new(&keys, "a", "run2");
+    let mut other = InstanceLease::new(&keys, "ab", "run3");
+    assert!(first.refresh(&mut conn).unwrap());
+    assert!(!second.refresh(&mut conn).unwrap(), "the first is alive");
+    assert!(
+        other.refresh(&mut conn).unwrap(),
+        "another id, even a longer one"
+    );
+    assert!(first.refresh(&mut conn).unwrap(), "renewal");
+
+    // A holder on this host whose process is gone.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let lease_key = format!("{}a", keys.instances_prefix);
+    redis::cmd("SET")
+        .arg(&lease_key)
+        .arg(format!("{}:4194303:dead", host.trim()))
+        .query::<()>(&mut conn)
+        .unwrap();
+    assert!(second.refresh(&mut conn).unwrap(), "taken over");
+    assert!(
+        !first.refresh(&mut conn).unwrap(),
+        "the second holds it now"
+    );
+    let ttl: i64 = redis::cmd("PTTL").arg(&lease_key).query(&mut conn).unwrap();
+    assert!(ttl > 0 && ttl <= 30_000, "{ttl}");
+}

@@ -14,6 +14,7 @@
 //! | `…:units:{p}` | hash | unit → fence: the units of a split Redis commit applied beyond `redis:{p}` (see [`crate::redis_commit`]) |
 //! | `…:conflicts` | hash | `{reason} {key}` → values Redis refused to store (a key of another type…) |
 //! | `…:skipped` | hash | `{p}`: records the broker no longer held when they were due; `range:{p}`: the last such range |
+//! | `…:instance:{id}` | string | the live run of an instance id (`host:pid:run`), a 30 s lease |
 //!
 //! Claiming a partition (on assignment) bumps its epoch and returns its fences; every
 //! later write for it carries that epoch and the offset range it covers, and the
@@ -53,6 +54,8 @@ pub struct FenceKeys {
     pub units_prefix: String,
     pub conflicts: String,
     pub skipped: String,
+    /// Prefix of the instance leases (`{prefix}{instance id}`, see `instance_lease.rs`).
+    pub instances_prefix: String,
 }
 
 impl FenceKeys {
@@ -69,6 +72,7 @@ impl FenceKeys {
             units_prefix: format!("{base}:units:"),
             conflicts: format!("{base}:conflicts"),
             skipped: format!("{base}:skipped"),
+            instances_prefix: format!("{base}:instance:"),
         }
     }
 }

@@ -24,6 +24,7 @@
 //!   complete folders, off the data path.
 //! - [`fences`]: ownership epochs and fences in Redis, the commit-check Lua prologue,
 //!   claims on assignment, recorded warehouse publishes. [`fault`]: test-only crash points.
+//! - [`instance_lease`]: one live run per instance id, before cleaning up files.
 //! - [`skipped`]: records the broker deleted before they were read, counted and kept.
 //! - [`decode`]: the lenient austin `AnchorInfo` decoder and its rejection reasons.
 //! - [`tables`]: warehouse schemas, column builders and Hive folders.
@@ -41,6 +42,7 @@ pub mod decode;
 pub mod fault;
 pub mod fences;
 pub mod held;
+pub mod instance_lease;
 pub mod kafka_source;
 pub mod mailbox;
 pub mod messages;

@@ -579,6 +579,17 @@ mod tests {
             reason: "stale_epoch",
         };
         metrics.commits_rejected.get_or_create(&rejection).inc();
+        let reason = ReasonLabel {
+            reason: "wrongtype",
+        };
+        metrics.redis_conflicts.get_or_create(&reason).inc();
+        metrics.dead_letters.get_or_create(&reason).inc();
+        let skip = SkipLabel {
+            partition: 0,
+            reason: "offset_out_of_range",
+        };
+        metrics.records_skipped.get_or_create(&skip).inc();
+        metrics.unknown_state(9);
         let declared: Vec<String> = metrics
             .encode()
             .lines()

@@ -54,6 +54,7 @@ use crate::fault;
 use crate::fences::{
     self, on_rejection, range_for, Claim, FenceKeys, FenceRange, PublishRecord, Reply,
 };
+use crate::instance_lease::InstanceLease;
 use crate::mailbox::Mailbox;
 use crate::messages::{
     Barrier, CheckpointKind, CheckpointSpec, DetailBatch, SinkKind, SourceNotice, Table, TableRows,
@@ -141,6 +142,11 @@ pub struct WarehouseSink {
     committer: Option<Mailbox<CommitDue>>,
     /// What this instance published, kept in the warehouse (see `warehouse_files.rs`).
     marks: Option<PublishedMarks>,
+    /// This run's claim on its instance id; in-progress files of earlier runs are
+    /// deleted only while it is held.
+    lease: InstanceLease,
+    /// Whether earlier runs' in-progress files still wait for the lease.
+    orphans_pending: bool,
     counters: WarehouseCounters,
 }
 
@@ -154,12 +160,14 @@ impl WarehouseSink {
         metrics: Metrics,
         notices: Sender<SourceNotice>,
     ) -> Self {
+        let run = new_run_id();
+        let (keys_for_lease, instance_for_lease) = (keys.clone(), instance.clone());
         WarehouseSink {
             restart: Default::default(),
             config,
             names: FileNames {
                 instance,
-                run: new_run_id(),
+                run: run.clone(),
             },
             seq: 0,
             metrics,
@@ -182,6 +190,8 @@ impl WarehouseSink {
             recorded_watermark: None,
             committer: None,
             marks: None,
+            lease: InstanceLease::new(&keys_for_lease, &instance_for_lease, &run),
+            orphans_pending: true,
             counters: WarehouseCounters::default(),
         }
     }
@@ -248,9 +258,27 @@ impl WarehouseSink {
         if completed > 0 {
             info!(records = completed, "rolled recorded commits forward");
         }
-        let removed = remove_orphans(Path::new(&self.config.root), &self.names)?;
-        if removed > 0 {
-            info!(removed, "removed in-progress files left by an earlier run");
+        self.clean_up_orphans()
+    }
+
+    /// Deletes earlier runs' in-progress files once this run holds the instance lease
+    /// (renewing it when due): never while another run of the same id may be writing.
+    fn clean_up_orphans(&mut self) -> anyhow::Result<()> {
+        if !self.lease.due() {
+            return Ok(());
+        }
+        let mut lease = std::mem::replace(
+            &mut self.lease,
+            InstanceLease::new(&self.keys, &self.names.instance, &self.names.run),
+        );
+        let held = self.with_redis("refreshing the instance lease", |conn| lease.refresh(conn));
+        self.lease = lease;
+        if held && self.orphans_pending {
+            self.orphans_pending = false;
+            let removed = remove_orphans(Path::new(&self.config.root), &self.names)?;
+            if removed > 0 {
+                info!(removed, "removed in-progress files left by an earlier run");
+            }
         }
         Ok(())
     }
@@ -389,6 +417,7 @@ impl WarehouseSink {
 
     /// Handles a barrier; returns the fences to report once the checkpoint is complete.
     fn on_barrier(&mut self, barrier: Barrier) -> anyhow::Result<Option<Completed>> {
+        self.clean_up_orphans()?;
         if self
             .roll
             .as_ref()
