@@ -1,4 +1,4 @@
-//! `anchorflow bench`: the figures of DESIGN §8, measured in one run.
+//! `anchorflow bench`: the figures of `docs/benchmarks.md`, measured in one run.
 //!
 //! 1. Preload N generated events into a broker (`--brokers`, e.g. the tansu that
 //!    `scripts/bench.sh` starts; without it, librdkafka's in-process mock cluster).
@@ -19,10 +19,9 @@ use std::time::{Duration, Instant};
 
 use anchorflow_actors::aggregator::PartitionState;
 use anchorflow_actors::config::Config;
-use anchorflow_actors::decode::decode;
+use anchorflow_actors::logic::decode::decode;
 use anchorflow_actors::messages::EventBatch;
-use anchorflow_actors::metrics::Metrics;
-use anchorflow_actors::partition_reader::shard_of;
+use anchorflow_actors::reader::links::shard_of;
 use anyhow::{bail, Context as _};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -31,7 +30,7 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 use crate::demo::{produce, start_throwaway_redis, ThrowawayRedis};
 use crate::generator::{Generator, GeneratorConfig};
-use crate::pipeline::PipelineHandle;
+use crate::pipeline::{PipelineHandle, Telemetry};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchOptions {
@@ -166,6 +165,136 @@ fn cpu_rate(payloads: &[Option<Vec<u8>>], events: usize, config: &Config) -> f64
     done as f64 / started.elapsed().as_secs_f64()
 }
 
+/// Generates the benchmark's records and preloads them into the topic.
+fn preload(
+    config: &Config,
+    options: &BenchOptions,
+    brokers: &str,
+    topic: &str,
+) -> anyhow::Result<Vec<Option<Vec<u8>>>> {
+    let generator = GeneratorConfig {
+        bad_per_mille: 1,
+        max_ids: config.decode.max_ids,
+        ..Default::default()
+    };
+    let payloads: Vec<Option<Vec<u8>>> = Generator::new(generator)
+        .take(options.events)
+        .map(|g| g.value)
+        .collect();
+    let bytes: usize = payloads
+        .iter()
+        .map(|p| p.as_ref().map_or(0, Vec::len))
+        .sum();
+    let started = Instant::now();
+    produce(
+        brokers,
+        topic,
+        options.partitions,
+        payloads.iter().cloned(),
+        // A real broker (tansu) gets one record per batch; see `demo::produce`.
+        options.brokers.is_some(),
+    )?;
+    println!(
+        "preloaded: {} events, {:.1} MiB, {} partitions, in {:.1} s",
+        options.events,
+        mib(bytes as u64),
+        options.partitions,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(payloads)
+}
+
+/// When the pipeline run reached its milestones, and the RSS it sampled.
+struct Timeline {
+    begin: Instant,
+    assigned_at: Instant,
+    processed_at: Instant,
+    committed_at: Instant,
+    rss_samples: Vec<u64>,
+    exit_code: i32,
+}
+
+/// Runs the pipeline until every record is committed.
+fn run_pipeline(config: &Config, telemetry: &Telemetry, total: i64) -> anyhow::Result<Timeline> {
+    let metrics = &telemetry.metrics;
+    let handle = PipelineHandle::spawn(config.clone(), telemetry.clone());
+    let begin = Instant::now();
+    let (mut assigned_at, mut processed_at) = (None, None);
+    let mut rss_samples = Vec::new();
+    let mut last_sample = Instant::now() - Duration::from_secs(1);
+    while telemetry.health.committed_total() < total {
+        if handle.is_finished() {
+            bail!("pipeline stopped early");
+        }
+        if begin.elapsed() > Duration::from_secs(600) {
+            bail!("pipeline did not finish within 600 s");
+        }
+        let now = Instant::now();
+        if assigned_at.is_none() && metrics.partitions_assigned.get() > 0 {
+            assigned_at = Some(now);
+        }
+        if processed_at.is_none() && metrics.records_read.get() as i64 >= total {
+            processed_at = Some(now);
+        }
+        if now.duration_since(last_sample) >= Duration::from_millis(500) {
+            rss_samples.push(rss().0);
+            last_sample = now;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let committed_at = Instant::now();
+    let exit_code = handle.stop()?;
+    Ok(Timeline {
+        begin,
+        assigned_at: assigned_at.unwrap_or(begin),
+        processed_at: processed_at.unwrap_or(committed_at),
+        committed_at,
+        rss_samples,
+        exit_code,
+    })
+}
+
+fn report(options: &BenchOptions, telemetry: &Telemetry, timeline: &Timeline, bare: f64) {
+    let metrics = &telemetry.metrics;
+    let events = options.events as f64;
+    let pipeline_rate = events
+        / timeline
+            .processed_at
+            .duration_since(timeline.assigned_at)
+            .as_secs_f64();
+    println!("pipeline_end_to_end_events_per_sec: {pipeline_rate:.0}");
+    println!("pipeline_to_bare_ratio: {:.2}", pipeline_rate / bare);
+    println!(
+        "pipeline_time_to_last_commit_sec: {:.2} (group join {:.2} s not included; waits for the next checkpoint)",
+        timeline.committed_at.duration_since(timeline.assigned_at).as_secs_f64(),
+        timeline.assigned_at.duration_since(timeline.begin).as_secs_f64()
+    );
+    let commands = metrics.redis_commands.get() as f64;
+    let operations = metrics.redis_script_operations.get() as f64;
+    println!("redis_network_commands_per_event: {:.6}", commands / events);
+    println!(
+        "redis_operations_per_event_inside_scripts: {:.3}",
+        operations / events
+    );
+    println!("partition_pauses: {}", metrics.partition_pauses.get());
+    let mut durations: Vec<Duration> = telemetry.health.recent_checkpoints();
+    durations.sort();
+    let quantile = |q: f64| {
+        durations
+            .get(((durations.len() as f64 * q).ceil() as usize).saturating_sub(1))
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+    };
+    println!(
+        "checkpoint_duration_ms: p50 {:.1} p99 {:.1} max {:.1} over {} checkpoints (interval {} ms)",
+        quantile(0.5),
+        quantile(0.99),
+        quantile(1.0),
+        durations.len(),
+        options.checkpoint_interval_ms
+    );
+    println!("pipeline_exit_code: {}", timeline.exit_code);
+}
+
 pub fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<()> {
     let mut _redis: Option<ThrowawayRedis> = None;
     let redis_url = match &options.redis_url {
@@ -193,131 +322,31 @@ pub fn run(mut config: Config, options: BenchOptions) -> anyhow::Result<()> {
         Some(cluster) => cluster.create_topic(&topic, options.partitions, 1)?,
         None => create_topic(&brokers, &topic, options.partitions)?,
     }
-    let generator = GeneratorConfig {
-        bad_per_mille: 1,
-        max_ids: config.decode.max_ids,
-        ..Default::default()
-    };
-    let payloads: Vec<Option<Vec<u8>>> = Generator::new(generator)
-        .take(options.events)
-        .map(|g| g.value)
-        .collect();
-    let bytes: usize = payloads
-        .iter()
-        .map(|p| p.as_ref().map_or(0, Vec::len))
-        .sum();
-    let started = Instant::now();
-    produce(
-        &brokers,
-        &topic,
-        options.partitions,
-        payloads.iter().cloned(),
-        // A real broker (tansu) gets one record per batch; see `demo::produce`.
-        options.brokers.is_some(),
-    )?;
-    println!(
-        "preloaded: {} events, {:.1} MiB, {} partitions, in {:.1} s",
-        options.events,
-        mib(bytes as u64),
-        options.partitions,
-        started.elapsed().as_secs_f64()
-    );
-
+    let payloads = preload(&config, &options, &brokers, &topic)?;
     let bare = bare_read(&brokers, &topic, options.partitions, options.events)?;
     println!("bare_librdkafka_read_events_per_sec: {bare:.0}");
 
     let warehouse = tempfile::tempdir()?;
-    config
-        .kafka
-        .0
-        .insert("bootstrap.servers".into(), brokers.clone());
+    config.kafka.0.insert("bootstrap.servers".into(), brokers);
     config.source.topic = topic.clone();
     config.source.group_id = format!("{topic}-pipeline");
-    config.redis.url = redis_url.clone();
+    config.redis.url = redis_url;
     config.redis.slowdown_factor = options.slow_sink_factor;
     config.warehouse.root = warehouse.path().to_string_lossy().into_owned();
     config.warehouse.roll_interval_secs = 1;
     config.pipeline.checkpoint_interval_ms = options.checkpoint_interval_ms;
-    let metrics = Metrics::new();
-    let handle = PipelineHandle::spawn(config.clone(), metrics.clone());
-    let begin = Instant::now();
-    let mut assigned_at = None;
-    let mut processed_at = None;
-    let mut samples = Vec::new();
-    let mut last_sample = Instant::now() - Duration::from_secs(1);
-    let total = options.events as i64;
-    loop {
-        if handle.is_finished() {
-            bail!("pipeline stopped early");
-        }
-        if begin.elapsed() > Duration::from_secs(600) {
-            bail!("pipeline did not finish within 600 s");
-        }
-        let now = Instant::now();
-        if assigned_at.is_none() && metrics.partitions_assigned.get() > 0 {
-            assigned_at = Some(now);
-        }
-        if processed_at.is_none() && metrics.records_read.get() as i64 >= total {
-            processed_at = Some(now);
-        }
-        if now.duration_since(last_sample) >= Duration::from_millis(500) {
-            samples.push(rss().0);
-            last_sample = now;
-        }
-        if metrics.committed_total() >= total {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let committed_at = Instant::now();
-    let code = handle.stop()?;
-    let assigned_at = assigned_at.unwrap_or(begin);
-    let processed_at = processed_at.unwrap_or(committed_at);
-    let pipeline_rate =
-        options.events as f64 / processed_at.duration_since(assigned_at).as_secs_f64();
-    println!("pipeline_end_to_end_events_per_sec: {pipeline_rate:.0}");
-    println!("pipeline_to_bare_ratio: {:.2}", pipeline_rate / bare);
-    println!(
-        "pipeline_time_to_last_commit_sec: {:.2} (group join {:.2} s not included; waits for the next checkpoint)",
-        committed_at.duration_since(assigned_at).as_secs_f64(),
-        assigned_at.duration_since(begin).as_secs_f64()
-    );
-    let commands = metrics.redis_commands.get();
-    let operations = metrics.redis_script_operations.get();
-    println!(
-        "redis_network_commands_per_event: {:.6}",
-        commands as f64 / options.events as f64
-    );
-    println!(
-        "redis_operations_per_event_inside_scripts: {:.3}",
-        operations as f64 / options.events as f64
-    );
-    println!("partition_pauses: {}", metrics.partition_pauses.get());
-    let mut durations: Vec<Duration> = metrics
-        .recent_checkpoints
-        .lock()
-        .map(|r| r.iter().copied().collect())
-        .unwrap_or_default();
-    durations.sort();
-    let quantile = |q: f64| {
-        durations
-            .get(((durations.len() as f64 * q).ceil() as usize).saturating_sub(1))
-            .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
-    };
-    println!(
-        "checkpoint_duration_ms: p50 {:.1} p99 {:.1} max {:.1} over {} checkpoints (interval {} ms)",
-        quantile(0.5),
-        quantile(0.99),
-        quantile(1.0),
-        durations.len(),
-        options.checkpoint_interval_ms
-    );
-    println!("pipeline_exit_code: {code}");
+    let telemetry = Telemetry::default();
+    let timeline = run_pipeline(&config, &telemetry, options.events as i64)?;
+    report(&options, &telemetry, &timeline, bare);
 
     let cpu = cpu_rate(&payloads, options.cpu_events, &config);
     println!("decode_route_aggregate_events_per_sec_per_core: {cpu:.0}");
     let (_, peak) = rss();
-    let shown: Vec<String> = samples.iter().map(|b| format!("{:.0}", mib(*b))).collect();
+    let shown: Vec<String> = timeline
+        .rss_samples
+        .iter()
+        .map(|b| format!("{:.0}", mib(*b)))
+        .collect();
     println!("rss_samples_mib_every_500ms: [{}]", shown.join(", "));
     println!("peak_rss_mib: {:.1}", mib(peak));
     Ok(())

@@ -13,15 +13,15 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anchorflow_actors::config::Config;
-use anchorflow_actors::fences::{self, FenceKeys};
-use anchorflow_actors::metrics::Metrics;
+use anchorflow_actors::protocol::fences;
+use anchorflow_actors::protocol::keys::FenceKeys;
 use anyhow::{bail, Context as _};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 
 use crate::generator::{Generator, GeneratorConfig};
-use crate::pipeline::PipelineHandle;
+use crate::pipeline::{PipelineHandle, Telemetry};
 
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
@@ -159,7 +159,7 @@ pub fn wait_for_commits(
 ) -> anyhow::Result<Duration> {
     let started = Instant::now();
     loop {
-        let committed = handle.metrics.committed_total();
+        let committed = handle.telemetry.health.committed_total();
         if committed >= total {
             return Ok(started.elapsed());
         }
@@ -167,45 +167,80 @@ pub fn wait_for_commits(
             bail!("the pipeline stopped before committing all records ({committed} of {total})");
         }
         if started.elapsed() > limit {
-            let by_partition = handle
-                .metrics
-                .committed_offsets
-                .lock()
-                .map(|c| format!("{c:?}"))
-                .unwrap_or_default();
+            let by_partition = format!("{:?}", handle.telemetry.health.committed_offsets());
             bail!(
                 "only {committed} of {total} records committed after {limit:?} (by partition: {by_partition}; pauses: {})",
-                handle.metrics.partition_pauses.get()
+                handle.telemetry.metrics.partition_pauses.get()
             );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
-pub fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<i32> {
-    let _throwaway;
-    let redis_url = if redis_answers(&options.redis_url) {
+/// Redis for the demo: the URL given if it answers, else a throwaway server.
+fn demo_redis(options: &DemoOptions) -> anyhow::Result<(String, Option<ThrowawayRedis>)> {
+    if redis_answers(&options.redis_url) {
         println!(
             "redis: using {}",
             anchorflow_actors::config::redact_url_password(&options.redis_url)
         );
-        options.redis_url.clone()
-    } else {
-        match start_throwaway_redis() {
-            Ok(redis) => {
-                println!("redis: nothing answers at {}; started a throwaway redis-server at {}", options.redis_url, redis.url);
-                let url = redis.url.clone();
-                _throwaway = redis;
-                url
-            }
-            Err(e) => bail!(
-                "no Redis answers at {} and no redis-server could be started ({e:#}).\n\
-                 Install one (`sudo apt-get install redis-server`) or pass --redis-url redis://HOST:PORT/DB",
-                options.redis_url
-            ),
+        return Ok((options.redis_url.clone(), None));
+    }
+    match start_throwaway_redis() {
+        Ok(redis) => {
+            println!("redis: nothing answers at {}; started a throwaway redis-server at {}", options.redis_url, redis.url);
+            Ok((redis.url.clone(), Some(redis)))
         }
-    };
+        Err(e) => bail!(
+            "no Redis answers at {} and no redis-server could be started ({e:#}).\n\
+             Install one (`sudo apt-get install redis-server`) or pass --redis-url redis://HOST:PORT/DB",
+            options.redis_url
+        ),
+    }
+}
 
+/// Generates and produces the demo's records; returns how many were produced.
+fn produce_demo_records(
+    config: &Config,
+    brokers: &str,
+    options: &DemoOptions,
+) -> anyhow::Result<usize> {
+    let generator = GeneratorConfig {
+        max_ids: config.decode.max_ids,
+        ..Default::default()
+    };
+    let records: Vec<_> = Generator::new(generator).take(options.events).collect();
+    let malformed = records.iter().filter(|r| r.bad.is_some()).count();
+    let produced = produce(
+        brokers,
+        &config.source.topic,
+        options.partitions,
+        records.into_iter().map(|r| r.value),
+        false,
+    )?;
+    let total: usize = produced.values().map(Vec::len).sum();
+    println!("produced {total} records ({malformed} malformed on purpose)");
+    Ok(total)
+}
+
+/// The topic was just created on a throwaway cluster: fences and published marks of an
+/// earlier demo run describe a topic that no longer exists.
+fn forget_earlier_runs(config: &Config, redis_url: &str, warehouse: &Path) -> anyhow::Result<()> {
+    let keys = FenceKeys::new(&config.source.group_id, &config.source.topic);
+    fences::connect(redis_url, Duration::from_secs(5))
+        .and_then(|mut conn| fences::forget(&mut conn, &keys))
+        .context("clearing an earlier demo run's fences")?;
+    anchorflow_actors::sinks::warehouse::marks::forget_published(
+        &anchorflow_actors::sinks::warehouse::storage::LocalFs,
+        warehouse,
+        &config.source.group_id,
+        &config.source.topic,
+    )
+    .context("clearing an earlier demo run's published marks")
+}
+
+pub fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<i32> {
+    let (redis_url, _throwaway) = demo_redis(&options)?;
     let cluster = MockCluster::new(1).context("starting the mock Kafka cluster")?;
     let topic = config.source.topic.clone();
     cluster
@@ -216,55 +251,20 @@ pub fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<i32> {
         "kafka: librdkafka mock cluster at {brokers}, topic {topic} with {} partitions",
         options.partitions
     );
-
-    let generator = GeneratorConfig {
-        max_ids: config.decode.max_ids,
-        ..Default::default()
-    };
-    let records: Vec<_> = Generator::new(generator).take(options.events).collect();
-    let mut bad: BTreeMap<&str, usize> = BTreeMap::new();
-    for record in &records {
-        if let Some(reason) = record.bad {
-            *bad.entry(reason).or_default() += 1;
-        }
-    }
-    let produced = produce(
-        &brokers,
-        &topic,
-        options.partitions,
-        records.into_iter().map(|r| r.value),
-        false,
-    )?;
-    let total: usize = produced.values().map(Vec::len).sum();
-    println!(
-        "produced {total} records ({} malformed on purpose)",
-        bad.values().sum::<usize>()
-    );
-
+    let total = produce_demo_records(&config, &brokers, &options)?;
     config.kafka.0.insert("bootstrap.servers".into(), brokers);
     config.redis.url = redis_url.clone();
-    // The topic was just created on a throwaway cluster: fences of an earlier demo
-    // run describe a topic that no longer exists.
-    let keys = FenceKeys::new(&config.source.group_id, &config.source.topic);
-    fences::connect(&redis_url, Duration::from_secs(5))
-        .and_then(|mut conn| fences::forget(&mut conn, &keys))
-        .context("clearing an earlier demo run's fences")?;
+    forget_earlier_runs(&config, &redis_url, &options.warehouse)?;
     config.warehouse.root = options.warehouse.to_string_lossy().into_owned();
-    anchorflow_actors::warehouse_files::forget_published(
-        &options.warehouse,
-        &config.source.group_id,
-        &config.source.topic,
-    )
-    .context("clearing an earlier demo run's published marks")?;
-    let metrics = Metrics::new();
+    let telemetry = Telemetry::default();
     if !options.metrics_listen.is_empty() {
-        match crate::http::serve(&options.metrics_listen, metrics.clone()) {
+        match crate::http::serve(&options.metrics_listen, telemetry.clone()) {
             Ok((addr, _)) => println!("metrics: http://{addr}/metrics"),
             Err(e) => println!("metrics: endpoint disabled ({e:#})"),
         }
     }
     let started = Instant::now();
-    let handle = PipelineHandle::spawn(config.clone(), metrics.clone());
+    let handle = PipelineHandle::spawn(config.clone(), telemetry.clone());
     wait_for_commits(&handle, total as i64, Duration::from_secs(300))?;
     let code = handle.stop()?;
     let took = started.elapsed();
@@ -275,9 +275,15 @@ pub fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<i32> {
         "records: {total} in {:.1} s (including group join)",
         took.as_secs_f64()
     );
-    let encoded = metrics.encode();
-    let read = metric_value(&encoded, "anchorflow_records_read_total");
-    let decoded = metric_value(&encoded, "anchorflow_events_decoded_total");
+    print_dead_letters(&telemetry.metrics.encode());
+    print_funnel(&redis_url, &config)?;
+    print_warehouse(&options.warehouse);
+    Ok(code)
+}
+
+fn print_dead_letters(encoded: &str) {
+    let read = metric_value(encoded, "anchorflow_records_read_total");
+    let decoded = metric_value(encoded, "anchorflow_events_decoded_total");
     println!("events decoded: {decoded:.0} of {read:.0} records read");
     println!("dead letters by reason:");
     for line in encoded
@@ -295,12 +301,14 @@ pub fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<i32> {
             }
         }
     }
-    print_funnel(&redis_url, &config)?;
-    let files = parquet_files(&options.warehouse);
+}
+
+fn print_warehouse(warehouse: &Path) {
+    let files = parquet_files(warehouse);
     println!(
         "\nwarehouse: {} Parquet files under {}",
         files.len(),
-        options.warehouse.display()
+        warehouse.display()
     );
     for table in ["ods_anchor_log", "dws_template_state_1m", "dead_letter"] {
         let n = files
@@ -309,10 +317,7 @@ pub fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<i32> {
             .count();
         println!("  {table:<21} {n} files");
     }
-    let root = options
-        .warehouse
-        .canonicalize()
-        .unwrap_or(options.warehouse.clone());
+    let root = warehouse.canonicalize().unwrap_or(warehouse.to_path_buf());
     println!("\nquery it with DuckDB:");
     println!(
         "  duckdb -c \"SELECT business_id, state, count(*) AS events, sum(len(ids)) AS receivers \
@@ -326,7 +331,6 @@ pub fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<i32> {
          GROUP BY ALL ORDER BY ALL LIMIT 20\"",
         root.display()
     );
-    Ok(code)
 }
 
 fn metric_value(encoded: &str, name: &str) -> f64 {

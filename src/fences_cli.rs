@@ -7,8 +7,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anchorflow_actors::config::Config;
-use anchorflow_actors::fences::{self, FenceKeys};
-use anchorflow_actors::warehouse_files::{cap_published, discard, published_fences, roll_forward};
+use anchorflow_actors::protocol::fences;
+use anchorflow_actors::protocol::keys::FenceKeys;
+use anchorflow_actors::protocol::publish::{pending_publishes, publish_done};
+use anchorflow_actors::sinks::warehouse::marks::{cap_published, published_fences};
+use anchorflow_actors::sinks::warehouse::publish::{discard, roll_forward};
+use anchorflow_actors::sinks::warehouse::storage::LocalFs;
 use anyhow::{bail, Context as _};
 use arrow_array::{Array, Int32Array, Int64Array, StringArray};
 use clap::{Subcommand, ValueEnum};
@@ -174,25 +178,25 @@ fn complete_or_discard(
     topic: &str,
 ) -> anyhow::Result<BTreeMap<i32, i64>> {
     let mut repaired: BTreeMap<i32, i64> = BTreeMap::new();
-    for record in fences::pending_publishes(conn, keys)? {
-        match roll_forward(&record) {
+    for record in pending_publishes(conn, keys)? {
+        match roll_forward(&LocalFs, &record) {
             Ok(()) => println!("published recorded commit {}", record.id),
             Err(error) => {
                 println!(
                     "recorded commit {} cannot be published ({error:#}): its files are removed and its ranges read again",
                     record.id
                 );
-                discard(&record)?;
+                discard(&LocalFs, &record)?;
                 for range in &record.ranges {
                     let start = repaired.entry(range.partition).or_insert(range.from);
                     *start = (*start).min(range.from);
                 }
             }
         }
-        fences::publish_done(conn, keys, &record.id)?;
+        publish_done(conn, keys, &record.id)?;
     }
     if !repaired.is_empty() {
-        cap_published(root, group, topic, &repaired)?;
+        cap_published(std::sync::Arc::new(LocalFs), root, group, topic, &repaired)?;
     }
     Ok(repaired)
 }
@@ -204,84 +208,104 @@ pub fn run(config: &Config, command: FencesCommand) -> anyhow::Result<()> {
     let kafka = kafka_offsets(config)?;
     let partitions: Vec<i32> = kafka.keys().copied().collect();
     let stored = fences::read(&mut conn, &keys, &partitions)?;
-    let show = |v: Option<i64>| v.map_or("-".to_string(), |v| v.to_string());
     match command {
-        FencesCommand::Show => {
-            if let Some(marker) = fences::lost_marker(&mut conn, &keys)? {
-                println!("LOST: Redis lost the fences ({marker}); run `anchorflow fences recover`");
-            }
-            let pending = fences::pending_publishes(&mut conn, &keys)?;
-            println!(
-                "topic {} group {}: {} recorded warehouse commit(s) awaiting publish",
-                config.source.topic,
-                config.source.group_id,
-                pending.len()
-            );
-            println!("partition\tepoch\tredis\twarehouse\tcommitted\tlow\thigh");
-            for (p, (low, high, committed)) in &kafka {
-                let (epoch, redis, warehouse) = stored.get(p).copied().unwrap_or_default();
-                println!(
-                    "{p}\t{}\t{}\t{}\t{}\t{low}\t{high}",
-                    show(epoch),
-                    show(redis),
-                    show(warehouse),
-                    show(*committed)
-                );
-            }
-            for (p, (total, last)) in anchorflow_actors::skipped::read(&mut conn, &keys)? {
-                println!(
-                    "partition {p}: skipped {total} records the broker no longer held (last range {last})"
-                );
-            }
-            let conflicts: BTreeMap<String, i64> = redis::cmd("HGETALL")
-                .arg(&keys.conflicts)
-                .query(&mut conn)
-                .context("reading conflicts")?;
-            if !conflicts.is_empty() {
-                println!("writes Redis refused (reason key: values lost), last 30 days:");
-                for (what, lost) in conflicts.iter().take(50) {
-                    println!("  {what}: {lost}");
-                }
-                if conflicts.len() > 50 {
-                    println!("  … and {} more keys", conflicts.len() - 50);
-                }
-            }
-        }
+        FencesCommand::Show => show(config, &mut conn, &keys, &kafka, &stored),
         FencesCommand::Recover { redis_from } => {
-            let root = Path::new(&config.warehouse.root);
-            let (group, topic) = (&config.source.group_id, &config.source.topic);
-            let repaired = complete_or_discard(&mut conn, &keys, root, group, topic)?;
-            let files = warehouse_fences(root, topic)?;
-            let marks = published_fences(root, group, topic)?;
-            let mut new = BTreeMap::new();
-            for (&p, &(low, _, committed)) in &kafka {
-                let redis = match redis_from {
-                    RedisFrom::Earliest => low,
-                    RedisFrom::Committed => committed.unwrap_or(low),
-                    RedisFrom::Keep => stored.get(&p).and_then(|s| s.1).with_context(|| {
-                        format!("partition {p} has no Redis fence to keep; choose earliest or committed")
-                    })?,
-                };
-                // The warehouse holds what its files hold and what it recorded as
-                // published (ranges without rows count too); a partition without either
-                // restarts at the oldest record Kafka holds. A commit whose files were
-                // lost is re-read from where it started.
-                let published = files.get(&p).copied().max(marks.get(&p).copied());
-                let warehouse = repaired
-                    .get(&p)
-                    .copied()
-                    .or(published)
-                    .unwrap_or(low)
-                    .max(low);
-                new.insert(p, (redis, warehouse));
-            }
-            fences::reset(&mut conn, &keys, &new, &stored)?;
-            println!("partition\tredis\twarehouse");
-            for (p, (redis, warehouse)) in &new {
-                println!("{p}\t{redis}\t{warehouse}");
-            }
-            println!("fences stored and the lost marker cleared; running instances restart and resume from these fences");
+            recover(config, &mut conn, &keys, &kafka, &stored, redis_from)
         }
     }
+}
+
+fn show(
+    config: &Config,
+    conn: &mut redis::Connection,
+    keys: &FenceKeys,
+    kafka: &KafkaOffsets,
+    stored: &fences::StoredFences,
+) -> anyhow::Result<()> {
+    let show = |v: Option<i64>| v.map_or("-".to_string(), |v| v.to_string());
+    if let Some(marker) = fences::lost_marker(conn, keys)? {
+        println!("LOST: Redis lost the fences ({marker}); run `anchorflow fences recover`");
+    }
+    let pending = pending_publishes(conn, keys)?;
+    println!(
+        "topic {} group {}: {} recorded warehouse commit(s) awaiting publish",
+        config.source.topic,
+        config.source.group_id,
+        pending.len()
+    );
+    println!("partition\tepoch\tredis\twarehouse\tcommitted\tlow\thigh");
+    for (p, (low, high, committed)) in kafka {
+        let (epoch, redis, warehouse) = stored.get(p).copied().unwrap_or_default();
+        println!(
+            "{p}\t{}\t{}\t{}\t{}\t{low}\t{high}",
+            show(epoch),
+            show(redis),
+            show(warehouse),
+            show(*committed)
+        );
+    }
+    for (p, (total, last)) in anchorflow_actors::protocol::skipped::read(conn, keys)? {
+        println!(
+            "partition {p}: skipped {total} records the broker no longer held (last range {last})"
+        );
+    }
+    let conflicts: BTreeMap<String, i64> = redis::cmd("HGETALL")
+        .arg(&keys.conflicts)
+        .query(conn)
+        .context("reading conflicts")?;
+    if !conflicts.is_empty() {
+        println!("writes Redis refused (reason key: values lost), last 30 days:");
+        for (what, lost) in conflicts.iter().take(50) {
+            println!("  {what}: {lost}");
+        }
+        if conflicts.len() > 50 {
+            println!("  … and {} more keys", conflicts.len() - 50);
+        }
+    }
+    Ok(())
+}
+
+fn recover(
+    config: &Config,
+    conn: &mut redis::Connection,
+    keys: &FenceKeys,
+    kafka: &KafkaOffsets,
+    stored: &fences::StoredFences,
+    redis_from: RedisFrom,
+) -> anyhow::Result<()> {
+    let root = Path::new(&config.warehouse.root);
+    let (group, topic) = (&config.source.group_id, &config.source.topic);
+    let repaired = complete_or_discard(conn, keys, root, group, topic)?;
+    let files = warehouse_fences(root, topic)?;
+    let marks = published_fences(&LocalFs, root, group, topic)?;
+    let mut new = BTreeMap::new();
+    for (&p, &(low, _, committed)) in kafka {
+        let redis = match redis_from {
+            RedisFrom::Earliest => low,
+            RedisFrom::Committed => committed.unwrap_or(low),
+            RedisFrom::Keep => stored.get(&p).and_then(|s| s.1).with_context(|| {
+                format!("partition {p} has no Redis fence to keep; choose earliest or committed")
+            })?,
+        };
+        // The warehouse holds what its files hold and what it recorded as published
+        // (ranges without rows count too); a partition without either restarts at the
+        // oldest record Kafka holds. A commit whose files were lost is re-read from
+        // where it started.
+        let published = files.get(&p).copied().max(marks.get(&p).copied());
+        let warehouse = repaired
+            .get(&p)
+            .copied()
+            .or(published)
+            .unwrap_or(low)
+            .max(low);
+        new.insert(p, (redis, warehouse));
+    }
+    fences::reset(conn, keys, &new, stored)?;
+    println!("partition\tredis\twarehouse");
+    for (p, (redis, warehouse)) in &new {
+        println!("{p}\t{redis}\t{warehouse}");
+    }
+    println!("fences stored and the lost marker cleared; running instances restart and resume from these fences");
     Ok(())
 }

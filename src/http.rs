@@ -1,18 +1,20 @@
 //! The HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (process alive) and
-//! `/readyz` (partitions assigned and the last checkpoint committed). It runs on its
+//! `/readyz` (the last checkpoint committed, Redis holds the fences, and no actor is
+//! restarting; `runtime/health.rs`). It runs on its
 //! own thread with a small synchronous server; scrapes are rare and cheap.
 
 use std::thread::JoinHandle;
 
-use anchorflow_actors::metrics::Metrics;
 use anyhow::Context as _;
 use tiny_http::{Header, Response, Server};
 use tracing::warn;
 
+use crate::pipeline::Telemetry;
+
 /// Starts serving on `listen`; returns the bound address and the server thread.
 pub fn serve(
     listen: &str,
-    metrics: Metrics,
+    telemetry: Telemetry,
 ) -> anyhow::Result<(std::net::SocketAddr, JoinHandle<()>)> {
     let server = Server::http(listen)
         .map_err(|e| anyhow::anyhow!("{e}"))
@@ -28,11 +30,13 @@ pub fn serve(
                 let (status, body, content_type) = match request.url() {
                     "/metrics" => (
                         200,
-                        metrics.encode(),
+                        telemetry.metrics.encode(),
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     ),
                     "/healthz" => (200, "ok\n".to_string(), "text/plain"),
-                    "/readyz" if metrics.is_ready() => (200, "ready\n".to_string(), "text/plain"),
+                    "/readyz" if telemetry.health.is_ready() => {
+                        (200, "ready\n".to_string(), "text/plain")
+                    }
                     "/readyz" => (503, "not ready\n".to_string(), "text/plain"),
                     _ => (404, "not found\n".to_string(), "text/plain"),
                 };

@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anchorflow::settings::{self, EXIT_CONFIG};
+use anchorflow::settings;
 use anchorflow::{bench, demo, fences_cli, http, pipeline};
 use anchorflow_actors::config::Config;
-use anchorflow_actors::metrics::Metrics;
+use anchorflow_actors::runtime::exit::CONFIG as EXIT_CONFIG;
 use clap::{Parser, Subcommand};
 use tracing::{error, info};
 
@@ -101,6 +101,9 @@ fn exit(code: i32) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A panic no supervisor contains stops the process (exit 70) instead of leaving a
+    // dead actor behind; systemd restarts it and the fences make that lose nothing.
+    anchorflow_actors::runtime::supervision::install_panic_hook();
     if let Some(format) = &cli.log_format {
         if !matches!(format.as_str(), "text" | "json") {
             eprintln!(
@@ -123,32 +126,7 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Run => {
-            let metrics = Metrics::new();
-            if !config.metrics.listen.is_empty() {
-                match http::serve(&config.metrics.listen, metrics.clone()) {
-                    Ok((addr, _)) => info!(%addr, "metrics endpoint listening"),
-                    Err(e) => {
-                        error!(error = format!("{e:#}"), "cannot serve metrics");
-                        return ExitCode::from(EXIT_CONFIG as u8);
-                    }
-                }
-            }
-            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            if let Err(e) = ctrlc::set_handler(move || {
-                let _ = stop_tx.send(true);
-            }) {
-                error!(error = %e, "cannot install the signal handler");
-                return ExitCode::FAILURE;
-            }
-            match pipeline::run(config, metrics, stop_rx) {
-                Ok(code) => exit(code),
-                Err(e) => {
-                    error!(error = format!("{e:#}"), "pipeline failed");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Run => run(config),
         Command::Demo {
             events,
             partitions,
@@ -163,27 +141,46 @@ fn main() -> ExitCode {
                 warehouse,
                 metrics_listen,
             };
-            match demo::run(config, options) {
-                Ok(code) => exit(code),
-                Err(e) => {
-                    eprintln!("anchorflow demo: {e:#}");
-                    ExitCode::FAILURE
-                }
+            reported("demo", demo::run(config, options)).map_or(ExitCode::FAILURE, exit)
+        }
+        Command::Fences(command) => reported("fences", fences_cli::run(&config, command))
+            .map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS),
+        Command::Bench(options) => reported("bench", bench::run(config, options))
+            .map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS),
+    }
+}
+
+/// Prints a subcommand's error.
+fn reported<T>(command: &str, result: anyhow::Result<T>) -> Option<T> {
+    result
+        .map_err(|e| eprintln!("anchorflow {command}: {e:#}"))
+        .ok()
+}
+
+/// `anchorflow run`: the pipeline until SIGINT/SIGTERM, with the metrics endpoint.
+fn run(config: Config) -> ExitCode {
+    let telemetry = pipeline::Telemetry::default();
+    if !config.metrics.listen.is_empty() {
+        match http::serve(&config.metrics.listen, telemetry.clone()) {
+            Ok((addr, _)) => info!(%addr, "metrics endpoint listening"),
+            Err(e) => {
+                error!(error = format!("{e:#}"), "cannot serve metrics");
+                return ExitCode::from(EXIT_CONFIG as u8);
             }
         }
-        Command::Fences(command) => match fences_cli::run(&config, command) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("anchorflow fences: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Bench(options) => match bench::run(config, options) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("anchorflow bench: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Err(e) = ctrlc::set_handler(move || {
+        let _ = stop_tx.send(true);
+    }) {
+        error!(error = %e, "cannot install the signal handler");
+        return ExitCode::FAILURE;
+    }
+    match pipeline::run(config, telemetry, stop_rx) {
+        Ok(code) => exit(code),
+        Err(e) => {
+            error!(error = format!("{e:#}"), "pipeline failed");
+            ExitCode::FAILURE
+        }
     }
 }

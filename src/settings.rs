@@ -7,16 +7,13 @@
 //! `ANCHORFLOW_KAFKA__SASL_PASSWORD` sets `sasl.password`.
 //!
 //! Any error here is a [`ConfigError`] naming the field; `main` exits with
-//! [`EXIT_CONFIG`] so that systemd's `RestartPreventExitStatus=78` stops a restart loop.
+//! exit code 78 (`runtime/exit.rs`) so that systemd's `RestartPreventExitStatus=78` stops a restart loop.
 
 use std::path::Path;
 
 use anchorflow_actors::config::{Config, ConfigError};
 use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
-
-/// Exit code for invalid configuration (EX_CONFIG from sysexits.h).
-pub const EXIT_CONFIG: i32 = 78;
 
 /// Loads and validates the configuration.
 pub fn load(

@@ -1,4 +1,4 @@
-//! Exactly-once, proven by killing the process (issue 3, DESIGN §6): the `anchorflow`
+//! Exactly-once, proven by killing the process (issue 3, `docs/exactly-once.md`): the `anchorflow`
 //! binary runs as child processes against the real Redis and tansu of
 //! `scripts/test-env.sh`; they are killed with SIGKILL at random moments, crashed at
 //! the protocol's dangerous instants (fault points, compiled in by the test script),
@@ -109,8 +109,10 @@ fn crashes_at_the_dangerous_instants_lose_and_duplicate_nothing() {
                 .unwrap()
                 .get_connection()
                 .unwrap();
-            let keys = anchorflow_actors::fences::FenceKeys::new(&setup.group, &setup.topic);
-            let pending = anchorflow_actors::fences::pending_publishes(&mut conn, &keys).unwrap();
+            let keys =
+                anchorflow_actors::protocol::keys::FenceKeys::new(&setup.group, &setup.topic);
+            let pending =
+                anchorflow_actors::protocol::publish::pending_publishes(&mut conn, &keys).unwrap();
             assert_eq!(pending.len(), 1, "one recorded, unpublished commit");
             assert!(
                 pending[0].files.iter().all(|(hidden, _)| hidden.exists()),
@@ -239,8 +241,8 @@ fn instances_joining_leaving_and_dying_lose_and_duplicate_nothing() {
 
 fn lost_marker(url: &str, setup: &Setup) -> Option<String> {
     let mut conn = redis::Client::open(url).ok()?.get_connection().ok()?;
-    let keys = anchorflow_actors::fences::FenceKeys::new(&setup.group, &setup.topic);
-    anchorflow_actors::fences::lost_marker(&mut conn, &keys).ok()?
+    let keys = anchorflow_actors::protocol::keys::FenceKeys::new(&setup.group, &setup.topic);
+    anchorflow_actors::protocol::fences::lost_marker(&mut conn, &keys).ok()?
 }
 
 #[test]

@@ -83,9 +83,14 @@ fn redis_outage(name: &str, fault: impl FnOnce(&mut TestRedis), heal: impl FnOnc
     let mut redis = TestRedis::start();
     let mut setup = Setup::new(name, 4, redis.url(1));
     short_timeouts(&mut setup);
-    setup.set("time.idle_timeout_ms=5000");
-    // 150,000 events over 150 s of event time around an hour boundary: more than the
-    // pipeline holds in flight, so the outage blocks reading mid-backlog.
+    // A bound on uncommitted records far below the backlog: the outage stops reading
+    // mid-backlog (without it the shards and open files took in all 150,000 while
+    // Redis was out, the partitions read to their ends turned idle, and the watermark
+    // ran on: this row hung on its check of that).
+    setup
+        .set("time.idle_timeout_ms=5000")
+        .set("pipeline.max_uncommitted_records=5000");
+    // 150,000 events over 150 s of event time around an hour boundary.
     let produced = setup.produce_records(in_order(901, 150_000, SHANGHAI_MIDNIGHT - 60_000, 4));
     let total: i64 = produced.values().map(|r| r.len() as i64).sum();
     let metrics = format!("127.0.0.1:{}", free_port());
@@ -112,6 +117,9 @@ fn redis_outage(name: &str, fault: impl FnOnce(&mut TestRedis), heal: impl FnOnc
         .map(|r| r.1)
         .unwrap_or_default();
     std::thread::sleep(Duration::from_secs(16));
+    // Loud, not silent: the sink is restarting, and the process says it is not ready.
+    let ready = http_get(&metrics, "/readyz").map(|r| r.0);
+    assert_eq!(ready, Some(503), "ready while Redis is out");
     let later = watermark(&metrics);
     let after = http_get(&metrics, "/metrics")
         .map(|r| r.1)
@@ -138,8 +146,23 @@ fn redis_outage(name: &str, fault: impl FnOnce(&mut TestRedis), heal: impl FnOnc
         watermarks(&after)
     );
     setup.wait_drained(&produced);
+    let restarted = http_get(&metrics, "/metrics").and_then(|(_, text)| {
+        metric(
+            &text,
+            r#"anchorflow_actor_restarts_total{actor="redis_sink"}"#,
+        )
+    });
     let exits = run.stop();
     println!("runs: {exits:?}");
+    assert_eq!(
+        exits.len(),
+        1,
+        "the sink restarted, not the process: {exits:?}"
+    );
+    assert!(
+        restarted >= Some(1.0),
+        "the Redis sink's restarts are counted: {restarted:?}"
+    );
     check_in_order(&setup, &produced);
 }
 
@@ -151,6 +174,63 @@ fn redis_paused_mid_backlog_loses_nothing_and_closes_nothing_early() {
 #[test]
 fn redis_refusing_connections_mid_backlog_loses_nothing_and_closes_nothing_early() {
     redis_outage("redis-down", |redis| redis.stop(), |redis| redis.restart());
+}
+
+/// A Redis sink far slower than the input, with the warehouse sink keeping up: nothing
+/// but `pipeline.max_uncommitted_records` stops the readers (one checkpoint is in
+/// flight at a time, so the shards never wait for the sink), and at no moment has a
+/// partition read more than the bound (plus the batch in hand) beyond what both sinks
+/// made durable. Before the bound, the shards took in the whole backlog.
+#[test]
+fn a_slow_redis_sink_holds_reading_at_the_uncommitted_bound() {
+    const BOUND: i64 = 1_000;
+    let mut setup = Setup::new("slow-sink", 4, redis_url(44));
+    setup
+        .set(format!("pipeline.max_uncommitted_records={BOUND}"))
+        .set("redis.slowdown_factor=20");
+    let produced = setup.produce_records(generate(1_005, 40_000, MAX_IDS));
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let run = setup.supervise("slow-sink", &[], &metrics);
+    let read = |metrics: &str| {
+        http_get(metrics, "/metrics")
+            .and_then(|(_, text)| metric(&text, "anchorflow_records_read_total"))
+            .map(|n| n as i64)
+    };
+    let mut worst = 0;
+    setup.wait_until(
+        "every partition is durable",
+        Duration::from_secs(180),
+        || {
+            // Read before the fences: the fences only move on, so the bound holds for
+            // this pair too.
+            if let Some(read) = read(&metrics) {
+                let durable: i64 = setup
+                    .fences()
+                    .values()
+                    .map(|(_, r, w)| (*r).min(*w).max(0))
+                    .sum();
+                worst = worst.max(read - durable);
+            }
+            fenced_to_end(&setup.url, &setup.group, &setup.topic, &produced)
+        },
+    );
+    let throttled = http_get(&metrics, "/metrics")
+        .and_then(|(_, text)| metric(&text, "anchorflow_uncommitted_pauses_total"));
+    let exits = run.stop();
+    println!(
+        "at most {worst} records read beyond the durable fences; {throttled:?} pauses at the bound"
+    );
+    assert_eq!(exits.len(), 1, "{exits:?}");
+    assert!(
+        throttled >= Some(1.0),
+        "the bound paused reading: {throttled:?}"
+    );
+    let batch = 256;
+    assert!(
+        worst <= 4 * (BOUND + 2 * batch),
+        "{worst} records were read beyond the durable fences (bound {BOUND} per partition)"
+    );
+    setup.check(&produced);
 }
 
 /// Issue 9, item 2: a receiver key that already holds a string (a shared Redis, or a
@@ -194,7 +274,9 @@ fn a_key_of_another_type_is_reported_and_the_rest_applies_exactly() {
     let kept: String = redis::cmd("GET").arg(&taken).query(&mut conn).unwrap();
     assert_eq!(kept, "someone else's");
     let conflicts: BTreeMap<String, i64> = redis::cmd("HGETALL")
-        .arg(anchorflow_actors::fences::FenceKeys::new(&setup.group, &setup.topic).conflicts)
+        .arg(
+            anchorflow_actors::protocol::keys::FenceKeys::new(&setup.group, &setup.topic).conflicts,
+        )
         .query(&mut conn)
         .unwrap();
     assert!(

@@ -8,8 +8,8 @@ mod common;
 use std::time::Duration;
 
 use anchorflow::demo::wait_for_commits;
-use anchorflow::pipeline::PipelineHandle;
-use anchorflow_actors::metrics::Metrics;
+use anchorflow::pipeline::{PipelineHandle, Telemetry};
+use anchorflow_actors::runtime::health::Health;
 use common::*;
 
 const PARTITIONS: i32 = 3;
@@ -44,12 +44,12 @@ fn fixture(name: &str, partitions: i32, redis_db: u32) -> Fixture {
 /// Waits until every partition is committed to its end. Progress is the later of
 /// several runs' commits per partition: a partition one run finished gets nothing new
 /// in another.
-fn wait_for_ends(runs: &[&Metrics], produced: &Produced) {
+fn wait_for_ends(runs: &[&Health], produced: &Produced) {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         let mut committed = std::collections::BTreeMap::new();
-        for metrics in runs {
-            for (p, o) in metrics.committed_offsets.lock().unwrap().iter() {
+        for health in runs {
+            for (p, o) in health.committed_offsets().iter() {
                 let entry = committed.entry(*p).or_insert(*o);
                 *entry = (*entry).max(*o);
             }
@@ -104,10 +104,10 @@ fn redis_and_warehouse_equal_the_oracle() {
     );
     let total: usize = produced.values().map(Vec::len).sum();
 
-    let handle = PipelineHandle::spawn(config.clone(), Metrics::new());
+    let handle = PipelineHandle::spawn(config.clone(), Telemetry::default());
     wait_for_commits(&handle, total as i64, Duration::from_secs(120))
         .expect("all records committed");
-    let metrics = handle.metrics.clone();
+    let metrics = handle.telemetry.metrics.clone();
     // Event-time watermark: every partition is active, so the instance watermark is the
     // lowest over partitions of (largest valid event time - 5 s).
     let expected_watermark = produced
@@ -324,7 +324,7 @@ fn graceful_restart_loses_and_duplicates_nothing() {
     );
 
     // First run: stop gracefully while records are still arriving.
-    let handle = PipelineHandle::spawn(config.clone(), Metrics::new());
+    let handle = PipelineHandle::spawn(config.clone(), Telemetry::default());
     let more = std::thread::spawn({
         let topic = topic.clone();
         let max_ids = config.decode.max_ids;
@@ -334,7 +334,7 @@ fn graceful_restart_loses_and_duplicates_nothing() {
         }
     });
     wait_for_commits(&handle, 500, Duration::from_secs(120)).expect("first run makes progress");
-    let first = handle.metrics.clone();
+    let first = handle.telemetry.health.clone();
     assert_eq!(handle.stop().expect("stops"), 0);
     extend(&mut produced, more.join().unwrap());
     // Windows still open at the stop must be restored from Redis, not re-read: these
@@ -355,8 +355,8 @@ fn graceful_restart_loses_and_duplicates_nothing() {
     let total: usize = produced.values().map(Vec::len).sum();
 
     // Second run resumes from the committed offsets and finishes the topic.
-    let handle = PipelineHandle::spawn(config.clone(), Metrics::new());
-    wait_for_ends(&[&first, &handle.metrics], &produced);
+    let handle = PipelineHandle::spawn(config.clone(), Telemetry::default());
+    wait_for_ends(&[&first, &handle.telemetry.health], &produced);
     assert_eq!(handle.stop().expect("stops"), 0);
     assert!(total >= 4500);
 
@@ -389,16 +389,16 @@ fn a_second_instance_joining_mid_stream_loses_and_duplicates_nothing() {
 
     let mut first_config = base.clone();
     first_config.source.instance_id = "first".into();
-    let first = PipelineHandle::spawn(first_config, Metrics::new());
+    let first = PipelineHandle::spawn(first_config, Telemetry::default());
     wait_for_commits(&first, 400, Duration::from_secs(120)).expect("first instance makes progress");
 
     // The second instance joins the same group: the first must checkpoint what it
     // holds for revoked partitions before they move.
     let mut second_config = base.clone();
     second_config.source.instance_id = "second".into();
-    let second = PipelineHandle::spawn(second_config, Metrics::new());
+    let second = PipelineHandle::spawn(second_config, Telemetry::default());
     let joined = std::time::Instant::now() + Duration::from_secs(90);
-    while second.metrics.partitions_assigned.get() == 0 {
+    while second.telemetry.metrics.partitions_assigned.get() == 0 {
         assert!(
             std::time::Instant::now() < joined,
             "the second instance never got partitions"
@@ -406,7 +406,7 @@ fn a_second_instance_joining_mid_stream_loses_and_duplicates_nothing() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(
-        first.metrics.partitions_assigned.get() < 4,
+        first.telemetry.metrics.partitions_assigned.get() < 4,
         "the first instance gave partitions up"
     );
     extend(
@@ -414,8 +414,14 @@ fn a_second_instance_joining_mid_stream_loses_and_duplicates_nothing() {
         produce_records(&topic, 4, generate(22, 2000, base.decode.max_ids)),
     );
 
-    wait_for_ends(&[&first.metrics, &second.metrics], &produced);
-    let (a, b) = (first.metrics.clone(), second.metrics.clone());
+    wait_for_ends(
+        &[&first.telemetry.health, &second.telemetry.health],
+        &produced,
+    );
+    let (a, b) = (
+        first.telemetry.metrics.clone(),
+        second.telemetry.metrics.clone(),
+    );
     assert_eq!(first.stop().expect("first stops"), 0);
     assert_eq!(second.stop().expect("second stops"), 0);
     assert!(

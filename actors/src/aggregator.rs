@@ -1,5 +1,5 @@
 //! `Aggregator`: one shard of the pre-aggregated Redis state, owning the templates whose
-//! `businessId` hashes to it (see `partition_reader::shard_of`).
+//! `businessId` hashes to it (see `reader::links::shard_of`).
 //!
 //! State is kept per source partition: template counts `(businessId, state) → receivers`
 //! and the values to push onto receiver and message lists. A barrier for checkpoint *n*
@@ -15,6 +15,10 @@
 //! amendments) and the remaining open state travels in the flush, so the Redis sink
 //! stores it with the same commit that moves the fence. A new claim hands the stored
 //! state back ([`ShardInput::Restore`]) before the partition's first events.
+//!
+//! A panic in a shard stops the process (exit 70, `runtime/supervision.rs`): the shard
+//! holds uncommitted state of every partition, which only a re-read from the fences
+//! rebuilds, and a restart of the process does exactly that.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -23,14 +27,16 @@ use actix::prelude::*;
 use rustc_hash::FxHashMap;
 use tracing::warn;
 
-use crate::mailbox::{actix_capacity, Mailbox};
-use crate::messages::{
-    Barrier, CheckpointSpec, EventBatch, ListPush, PartitionDelta, ShardFlush, ShardInput,
-    TraceValue,
-};
-use crate::metrics::{ActorLabel, Metrics};
-use crate::redis_commit::{unit_of, KeyLayout};
-use crate::window::{Counts, Emitted, PartitionWindows, WindowSpec};
+use crate::checkpoint::barrier::{Barrier, CheckpointSpec};
+use crate::logic::decode::TraceValue;
+use crate::logic::window::{Counts, Emitted, PartitionWindows, WindowSpec};
+use crate::messages::{EventBatch, ListPush, PartitionDelta, ShardFlush, ShardInput};
+use crate::metrics::Metrics;
+use crate::protocol::keys::KeyLayout;
+use crate::protocol::units::unit_of;
+use crate::runtime::fault;
+use crate::runtime::mailbox::{actix_capacity, Mailbox};
+use crate::runtime::supervision;
 
 /// Mailbox capacity of a shard, in event batches. Every reader can have one batch in
 /// flight per shard; a small queue keeps backpressure prompt (a full queue is a sign the
@@ -46,7 +52,7 @@ pub struct AggregatorCounters {
     pub flushes: u64,
 }
 
-/// The unit fences of a claimed partition ([`crate::redis_commit`]): a split Redis
+/// The unit fences of a claimed partition ([`crate::sinks::redis::commit`]): a split Redis
 /// commit that was interrupted applied some units beyond the partition's fence, so an
 /// event below the fence of its key's unit is in Redis for that key already and its
 /// output there is left out. Empty in the normal case, and dropped once the
@@ -165,7 +171,6 @@ struct PendingCheckpoint {
 }
 
 pub struct Aggregator {
-    restart: crate::backoff::RestartBackoff,
     shard: usize,
     redis: Mailbox<ShardFlush>,
     metrics: Metrics,
@@ -193,7 +198,6 @@ impl Aggregator {
             filters: FxHashMap::default(),
             windows: FxHashMap::default(),
             window_spec,
-            restart: Default::default(),
             shard,
             redis,
             metrics,
@@ -276,35 +280,11 @@ impl Aggregator {
     }
 }
 
-impl Actor for Aggregator {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        self.restart.started(ctx);
-        ctx.set_mailbox_capacity(actix_capacity(AGGREGATOR_MAILBOX));
-    }
-}
-
-impl Supervised for Aggregator {
-    fn restarting(&mut self, _ctx: &mut Self::Context) {
-        self.restart.restarting();
-        // The struct survives a restart with its state, so nothing is lost.
-        self.metrics
-            .actor_restarts
-            .get_or_create(&ActorLabel {
-                actor: "aggregator",
-            })
-            .inc();
-        warn!(shard = self.shard, "aggregator restarting");
-    }
-}
-
-impl Handler<ShardInput> for Aggregator {
-    type Result = AtomicResponse<Self, ()>;
-
-    fn handle(&mut self, input: ShardInput, _ctx: &mut Self::Context) -> Self::Result {
-        let flush = match input {
+impl Aggregator {
+    fn on_input(&mut self, input: ShardInput) -> Option<ShardFlush> {
+        match input {
             ShardInput::Events(batch) => {
+                fault::panic_point(fault::AGGREGATOR_INPUT);
                 self.on_events(&batch);
                 None
             }
@@ -320,6 +300,28 @@ impl Handler<ShardInput> for Aggregator {
                     None => self.filters.remove(&partition),
                 };
                 self.partitions.remove(&partition);
+                None
+            }
+        }
+    }
+}
+
+impl Actor for Aggregator {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(actix_capacity(AGGREGATOR_MAILBOX));
+    }
+}
+
+impl Handler<ShardInput> for Aggregator {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, input: ShardInput, _ctx: &mut Self::Context) -> Self::Result {
+        let flush = match supervision::catch(|| self.on_input(input)) {
+            Ok(flush) => flush,
+            Err(panic) => {
+                supervision::stateful_panic("aggregator", &panic);
                 None
             }
         };
@@ -342,7 +344,7 @@ impl Handler<ShardInput> for Aggregator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::messages::CheckpointKind;
+    use crate::checkpoint::barrier::CheckpointKind;
 
     fn spec(id: u64, partitions: Vec<i32>) -> Arc<CheckpointSpec> {
         Arc::new(CheckpointSpec {
@@ -394,20 +396,19 @@ mod tests {
         WindowSpec::new(60_000, 0, chrono_tz::UTC)
     }
 
+    /// Stands in for the Redis sink; the tests call the shard's methods directly, so
+    /// nothing is ever sent to it.
+    struct NoSink;
+    impl Actor for NoSink {
+        type Context = Context<Self>;
+    }
+    impl Handler<ShardFlush> for NoSink {
+        type Result = ();
+        fn handle(&mut self, _: ShardFlush, _: &mut Self::Context) {}
+    }
+
     fn shard_with_metrics(metrics: &Metrics) -> Aggregator {
-        // The sink is never sent to: the tests call the shard's methods directly.
-        let (tx, _rx) = std::sync::mpsc::channel();
-        let redis = crate::redis_sink::RedisSink::new(
-            Default::default(),
-            chrono_tz::UTC,
-            1,
-            metrics.clone(),
-            tx,
-            crate::fences::FenceKeys::new("g", "t"),
-            Default::default(),
-        )
-        .start();
-        let redis = Mailbox::new(redis, 1, metrics.mailbox("redis_sink"));
+        let redis = Mailbox::new(NoSink.start(), 1, metrics.mailbox("redis_sink"));
         Aggregator::new(0, windows(), KeyLayout::default(), redis, metrics.clone())
     }
 
@@ -434,7 +435,7 @@ mod tests {
         batch
     }
 
-    fn series_of(flush: &ShardFlush) -> Vec<(crate::window::WindowKey, Counts)> {
+    fn series_of(flush: &ShardFlush) -> Vec<(crate::logic::window::WindowKey, Counts)> {
         flush
             .partitions
             .iter()
@@ -491,7 +492,8 @@ mod tests {
             )]
         );
         // The open window's state travels in the flush.
-        let state = crate::window::PartitionWindows::decode(&flush.partitions[0].windows).unwrap();
+        let state =
+            crate::logic::window::PartitionWindows::decode(&flush.partitions[0].windows).unwrap();
         assert_eq!(state.open_entries(), 1);
         assert_eq!(state.closed_through(), Some(60_500));
     }
@@ -524,7 +526,8 @@ mod tests {
         drop(first);
         let mut second = shard_with_metrics(&metrics);
         let stored =
-            crate::window::PartitionWindows::decode(&committed.partitions[0].windows).unwrap();
+            crate::logic::window::PartitionWindows::decode(&committed.partitions[0].windows)
+                .unwrap();
         assert_eq!(stored.open_entries(), 2);
         second.windows.insert(0, stored);
         second.on_events(&events_at(0, &after));
@@ -555,7 +558,7 @@ mod tests {
         );
     }
 
-    const CLAIM: crate::fences::Claim = crate::fences::Claim {
+    const CLAIM: crate::checkpoint::claim::Claim = crate::checkpoint::claim::Claim {
         epoch: 1,
         redis: 0,
         warehouse: 0,

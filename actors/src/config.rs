@@ -11,6 +11,10 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::logic::decode::DecodeLimits;
+
+mod validate;
+
 /// The whole configuration of one anchorflow instance.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -22,7 +26,7 @@ pub struct Config {
     /// `source.group_id`; offset storing is always manual.
     pub kafka: KafkaProperties,
     /// Limits applied when decoding a record; a record that breaks one is dead-lettered.
-    pub decode: DecodeConfig,
+    pub decode: DecodeLimits,
     /// Aggregation, checkpoints, shutdown.
     pub pipeline: PipelineConfig,
     /// The Redis sink (austin-compatible keys).
@@ -103,27 +107,6 @@ impl fmt::Debug for KafkaProperties {
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct DecodeConfig {
-    /// Records with a larger value are dead-lettered as `record_too_large`.
-    pub max_record_bytes: usize,
-    /// Records whose `ids` array has more receivers are dead-lettered as `too_many_ids`.
-    pub max_ids: usize,
-    /// Records whose JSON nests deeper are dead-lettered as `nesting_too_deep`.
-    pub max_nesting_depth: usize,
-}
-
-impl Default for DecodeConfig {
-    fn default() -> Self {
-        DecodeConfig {
-            max_record_bytes: 1 << 20,
-            max_ids: 10_000,
-            max_nesting_depth: 32,
-        }
-    }
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
     /// Number of aggregator shards; 0 means one per CPU core.
     pub aggregator_shards: usize,
@@ -136,6 +119,10 @@ pub struct PipelineConfig {
     /// Milliseconds a rebalance may spend checkpointing revoked partitions; must be
     /// below the consumer's `session.timeout.ms` (checked by `validate`).
     pub revoke_timeout_ms: u64,
+    /// Records a partition may have read beyond what both sinks have made durable; at
+    /// this many the partition is paused until a checkpoint commits. Bounds what a
+    /// stalled sink leaves in memory (uncommitted aggregates and open files).
+    pub max_uncommitted_records: u64,
 }
 
 impl Default for PipelineConfig {
@@ -146,6 +133,7 @@ impl Default for PipelineConfig {
             checkpoint_interval_ms: 1000,
             shutdown_timeout_secs: 30,
             revoke_timeout_ms: 20_000,
+            max_uncommitted_records: 100_000,
         }
     }
 }
@@ -354,16 +342,16 @@ impl TimeConfig {
     }
 
     /// The bounds on event time against processing time.
-    pub fn bounds(&self) -> crate::decode::TimeBounds {
-        crate::decode::TimeBounds {
+    pub fn bounds(&self) -> crate::logic::decode::TimeBounds {
+        crate::logic::decode::TimeBounds {
             max_future_ms: self.max_future_ms,
             max_past_ms: self.max_past_ms,
         }
     }
 
     /// The window layout this config describes.
-    pub fn windows(&self) -> crate::window::WindowSpec {
-        crate::window::WindowSpec::new(
+    pub fn windows(&self) -> crate::logic::window::WindowSpec {
+        crate::logic::window::WindowSpec::new(
             self.window_size_ms.min(i64::MAX as u64) as i64,
             self.allowed_lateness_ms.min(i64::MAX as u64) as i64,
             self.tz(),
@@ -420,160 +408,6 @@ impl ConfigError {
             field: field.into(),
             message: message.into(),
         }
-    }
-}
-
-impl Config {
-    /// Checks what types alone cannot; the error names the first bad field.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let positive = |field: &str, value: u64| {
-            if value == 0 {
-                Err(ConfigError::new(field, "must be greater than 0"))
-            } else {
-                Ok(())
-            }
-        };
-        if self.source.topic.trim().is_empty() {
-            return Err(ConfigError::new("source.topic", "must not be empty"));
-        }
-        if self.source.group_id.trim().is_empty() {
-            return Err(ConfigError::new("source.group_id", "must not be empty"));
-        }
-        if self.source.instance_id.is_empty()
-            || !self
-                .source
-                .instance_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            return Err(ConfigError::new(
-                "source.instance_id",
-                "must be non-empty and use only letters, digits, '-' and '_'",
-            ));
-        }
-        positive(
-            "source.batch_max_records",
-            self.source.batch_max_records as u64,
-        )?;
-        positive("source.batch_max_bytes", self.source.batch_max_bytes as u64)?;
-        if !self.kafka.0.contains_key("bootstrap.servers") {
-            return Err(ConfigError::new("kafka.bootstrap.servers", "is required"));
-        }
-        for reserved in ["group.id", "enable.auto.offset.store"] {
-            if self.kafka.0.contains_key(reserved) {
-                return Err(ConfigError::new(
-                    format!("kafka.{reserved}"),
-                    "is managed by anchorflow (use source.group_id; offsets are stored after sinks commit)",
-                ));
-            }
-        }
-        positive(
-            "decode.max_record_bytes",
-            self.decode.max_record_bytes as u64,
-        )?;
-        positive(
-            "decode.max_nesting_depth",
-            self.decode.max_nesting_depth as u64,
-        )?;
-        positive("time.idle_timeout_ms", self.time.idle_timeout_ms)?;
-        positive("time.window_size_ms", self.time.window_size_ms)?;
-        let size = self.time.window_size_ms;
-        if size >= 3_600_000 && (size % 3_600_000 != 0 || 86_400_000 % size != 0) {
-            return Err(ConfigError::new(
-                "time.window_size_ms",
-                "from one hour up must be a whole number of hours that divides a day (windows align on local time)",
-            ));
-        }
-        positive(
-            "pipeline.checkpoint_interval_ms",
-            self.pipeline.checkpoint_interval_ms,
-        )?;
-        positive(
-            "pipeline.shutdown_timeout_secs",
-            self.pipeline.shutdown_timeout_secs,
-        )?;
-        positive(
-            "pipeline.revoke_timeout_ms",
-            self.pipeline.revoke_timeout_ms,
-        )?;
-        // Revoked partitions are checkpointed inside the rebalance; if that takes longer
-        // than the session, the group fences us first and the checkpoint is wasted.
-        let session_ms = match self.kafka.0.get("session.timeout.ms") {
-            Some(v) => v.trim().parse::<u64>().map_err(|_| {
-                ConfigError::new(
-                    "kafka.session.timeout.ms",
-                    "must be a number of milliseconds",
-                )
-            })?,
-            None => 45_000, // librdkafka's default
-        };
-        if self.pipeline.revoke_timeout_ms >= session_ms {
-            return Err(ConfigError::new(
-                "pipeline.revoke_timeout_ms",
-                format!("must be below kafka.session.timeout.ms ({session_ms} ms), or the group fences this instance before revoked partitions are checkpointed"),
-            ));
-        }
-        if !(self.redis.url.starts_with("redis://") || self.redis.url.starts_with("rediss://")) {
-            return Err(ConfigError::new(
-                "redis.url",
-                "must start with redis:// or rediss://",
-            ));
-        }
-        if let Err(e) = redis::Client::open(self.redis.url.as_str()) {
-            return Err(ConfigError::new(
-                "redis.url",
-                format!("cannot be parsed: {e}"),
-            ));
-        }
-        positive("redis.template_ttl_secs", self.redis.template_ttl_secs)?;
-        positive("redis.message_ttl_secs", self.redis.message_ttl_secs)?;
-        positive("redis.series_ttl_secs", self.redis.series_ttl_secs)?;
-        positive(
-            "redis.command_timeout_secs",
-            self.redis.command_timeout_secs,
-        )?;
-        positive("redis.max_commit_ms", self.redis.max_commit_ms)?;
-        if self.warehouse.root.trim().is_empty() {
-            return Err(ConfigError::new("warehouse.root", "must not be empty"));
-        }
-        positive(
-            "warehouse.target_file_bytes",
-            self.warehouse.target_file_bytes,
-        )?;
-        positive(
-            "warehouse.roll_interval_secs",
-            self.warehouse.roll_interval_secs,
-        )?;
-        positive(
-            "warehouse.partition_commit_hook_timeout_secs",
-            self.warehouse.partition_commit_hook_timeout_secs,
-        )?;
-        positive(
-            "warehouse.row_group_rows",
-            self.warehouse.row_group_rows as u64,
-        )?;
-        positive(
-            "warehouse.max_open_files",
-            self.warehouse.max_open_files as u64,
-        )?;
-        if self.time.timezone.parse::<chrono_tz::Tz>().is_err() {
-            return Err(ConfigError::new(
-                "time.timezone",
-                format!("`{}` is not an IANA time zone name", self.time.timezone),
-            ));
-        }
-        if !self.metrics.listen.is_empty()
-            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
-        {
-            return Err(ConfigError::new(
-                "metrics.listen",
-                "must be host:port (an IP address) or empty",
-            ));
-        }
-        if !matches!(self.log.format.as_str(), "text" | "json") {
-            return Err(ConfigError::new("log.format", "must be `text` or `json`"));
-        }
-        Ok(())
     }
 }
 

@@ -17,45 +17,11 @@ use std::sync::Arc;
 use actix::Message;
 use arrow_array::RecordBatch as ArrowBatch;
 
-use crate::fences::Claim;
-use crate::window::{Counts, PartitionWindows, WindowKey};
-
-/// Identifies one checkpoint and the partitions taking part in it.
-#[derive(Debug)]
-pub struct CheckpointSpec {
-    /// Monotonic within one process.
-    pub id: u64,
-    /// Partitions that will each send one barrier for this checkpoint (sorted).
-    pub partitions: Vec<i32>,
-    /// Whether sinks must make everything durable now (shutdown, revocation).
-    pub kind: CheckpointKind,
-    /// The instance watermark when the checkpoint was triggered (`None` while it is
-    /// unknown): at each partition's barrier, windows it has passed are closed.
-    pub watermark: Option<i64>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CheckpointKind {
-    /// Timer-driven: the warehouse may keep files open if they are not due to roll.
-    Periodic,
-    /// Shutdown or revocation: every sink makes all it holds durable.
-    Final,
-}
-
-/// The in-band marker of a checkpoint on one partition's stream.
-#[derive(Clone, Debug)]
-pub struct Barrier {
-    pub spec: Arc<CheckpointSpec>,
-    pub partition: i32,
-    /// The offset after the last record of this partition that precedes the barrier.
-    pub next_offset: i64,
-    /// The partition's claim (epoch and fences at assignment): sinks start their first
-    /// range of this assignment at their fence, and every commit carries the epoch.
-    pub claim: Claim,
-    /// The largest event time of the partition before the barrier (set by its reader):
-    /// stored with the window state, it is where the watermark resumes after a restart.
-    pub max_event_ms: Option<i64>,
-}
+use crate::checkpoint::barrier::{Barrier, CheckpointSpec};
+use crate::checkpoint::claim::{Claim, SinkKind};
+use crate::logic::decode::TraceValue;
+use crate::logic::tables::Table;
+use crate::logic::window::{Counts, PartitionWindows, WindowKey};
 
 /// Raw records of one partition as read from Kafka. Payloads share one buffer so a
 /// batch costs two allocations however many records it holds.
@@ -205,24 +171,6 @@ pub enum ShardInput {
     },
 }
 
-/// The value pushed onto receiver and message lists: austin's `SimpleAnchorInfo`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TraceValue {
-    pub state: i32,
-    pub business_id: i64,
-    pub timestamp: i64,
-}
-
-impl TraceValue {
-    /// `{"state":S,"businessId":B,"timestamp":T}`, exactly these keys in this order.
-    pub fn to_json(&self) -> String {
-        format!(
-            r#"{{"state":{},"businessId":{},"timestamp":{}}}"#,
-            self.state, self.business_id, self.timestamp
-        )
-    }
-}
-
 /// Values to push onto one list key, oldest first.
 #[derive(Debug)]
 pub struct ListPush {
@@ -259,30 +207,6 @@ pub struct ShardFlush {
     pub partitions: Vec<PartitionDelta>,
 }
 
-/// The warehouse tables.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Table {
-    OdsAnchorLog,
-    DeadLetter,
-    DwsTemplateState,
-}
-
-impl Table {
-    pub const ALL: [Table; 3] = [
-        Table::OdsAnchorLog,
-        Table::DeadLetter,
-        Table::DwsTemplateState,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Table::OdsAnchorLog => "ods_anchor_log",
-            Table::DeadLetter => "dead_letter",
-            Table::DwsTemplateState => "dws_template_state_1m",
-        }
-    }
-}
-
 /// Rows of one table for one Hive partition folder (`dt=…/hour=…`).
 #[derive(Debug)]
 pub struct TableRows {
@@ -316,22 +240,6 @@ pub enum WarehouseInput {
     },
 }
 
-/// The sinks, as named in notices, logs and metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum SinkKind {
-    Redis,
-    Warehouse,
-}
-
-impl SinkKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            SinkKind::Redis => "redis",
-            SinkKind::Warehouse => "warehouse",
-        }
-    }
-}
-
 /// Reports to the Kafka source. They travel over a std channel because the source's
 /// thread may be blocked inside librdkafka's rebalance callback waiting for them; at
 /// most a few arrive per checkpoint, so the channel needs no bound.
@@ -347,24 +255,51 @@ pub enum SourceNotice {
     Drained { partition: i32 },
 }
 
+// Control messages: few, small, off the data path.
+
+/// Asks the source to start a checkpoint, carrying the timer's instance watermark
+/// (`None` while unknown); the checkpoint's barriers close the windows it passed.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct TriggerCheckpoint {
+    pub watermark: Option<i64>,
+}
+
+/// Asks the source to stop reading, run a final checkpoint, commit, and leave the group.
+/// `done` receives the outcome.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Shutdown {
+    pub done: tokio::sync::oneshot::Sender<anyhow::Result<()>>,
+}
+
+/// A partition reader's report to the timer.
+#[derive(Clone, Copy, Debug, Message)]
+#[rtype(result = "()")]
+pub enum WatermarkUpdate {
+    /// The reader of this partition started (the partition was assigned); `restored`
+    /// is the largest event time of its stored state, where its watermark resumes.
+    Assigned {
+        partition: i32,
+        restored: Option<i64>,
+    },
+    /// A batch was read; `max_event_ms` is its largest decoded event time.
+    Observed {
+        partition: i32,
+        max_event_ms: Option<i64>,
+    },
+    /// The reader stopped (the partition was revoked).
+    Revoked { partition: i32 },
+}
+
+/// Folders with rows may be complete now: look.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct CommitDue;
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn trace_value_json_has_exactly_austins_keys() {
-        let v = TraceValue {
-            state: 60,
-            business_id: 1000001220231120,
-            timestamp: 1700450000123,
-        };
-        let json: serde_json::Value = serde_json::from_str(&v.to_json()).unwrap();
-        let obj = json.as_object().unwrap();
-        assert_eq!(obj.len(), 3);
-        assert_eq!(obj["state"], 60);
-        assert_eq!(obj["businessId"], 1000001220231120i64);
-        assert_eq!(obj["timestamp"], 1700450000123i64);
-    }
 
     #[test]
     fn event_batch_keeps_strings_apart() {

@@ -13,19 +13,24 @@
 //! it on paused tokio time.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use actix::prelude::*;
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::clock::Clock;
-use crate::held::Held;
-use crate::kafka_source::TriggerCheckpoint;
-use crate::mailbox::Mailbox;
+use crate::logic::watermark::Watermarks;
+use crate::logic::window::WindowSpec;
+use crate::messages::TriggerCheckpoint;
+use crate::messages::WatermarkUpdate;
 use crate::metrics::{Metrics, PartitionLabel};
-use crate::watermark::Watermarks;
-use crate::window::WindowSpec;
+use crate::runtime::clock::Clock;
+use crate::runtime::fault;
+use crate::runtime::health::Health;
+use crate::runtime::mailbox::Mailbox;
+use crate::runtime::supervision::{self, Failure, Restarts};
+use crate::source::held::Held;
 
 /// Mailbox capacity: watermark updates arrive with `try_send`, one per record batch;
 /// an update that finds the mailbox full is dropped, and the next one of the same
@@ -42,25 +47,6 @@ pub enum Deadline {
     WatermarkExport,
 }
 
-/// A partition reader's report to the timer.
-#[derive(Clone, Copy, Debug, Message)]
-#[rtype(result = "()")]
-pub enum WatermarkUpdate {
-    /// The reader of this partition started (the partition was assigned); `restored`
-    /// is the largest event time of its stored state, where its watermark resumes.
-    Assigned {
-        partition: i32,
-        restored: Option<i64>,
-    },
-    /// A batch was read; `max_event_ms` is its largest decoded event time.
-    Observed {
-        partition: i32,
-        max_event_ms: Option<i64>,
-    },
-    /// The reader stopped (the partition was revoked).
-    Revoked { partition: i32 },
-}
-
 /// Counters of the timer, for tests and logs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TimerCounters {
@@ -72,8 +58,28 @@ pub struct TimerCounters {
     pub closes: u64,
 }
 
+/// Where the timer sends checkpoint triggers. It is connected once the source exists:
+/// the source's readers need the timer's address first.
+#[derive(Clone, Default)]
+pub struct TriggerLink(Arc<OnceLock<Mailbox<TriggerCheckpoint>>>);
+
+impl TriggerLink {
+    pub fn connected(mailbox: Mailbox<TriggerCheckpoint>) -> Self {
+        let link = TriggerLink::default();
+        link.connect(mailbox);
+        link
+    }
+
+    /// Connects the link (once; later calls change nothing).
+    pub fn connect(&self, mailbox: Mailbox<TriggerCheckpoint>) {
+        let _ = self.0.set(mailbox);
+    }
+}
+
 pub struct Timer {
-    checkpoints: Mailbox<TriggerCheckpoint>,
+    checkpoints: TriggerLink,
+    /// Set when the timer runs supervised (a panic restarts it with its state).
+    restarts: Option<Restarts>,
     interval: Duration,
     watermarks: Option<(Watermarks, Metrics)>,
     windows: Option<WindowSpec>,
@@ -89,9 +95,10 @@ pub struct Timer {
 }
 
 impl Timer {
-    pub fn new(checkpoints: Mailbox<TriggerCheckpoint>, interval: Duration) -> Self {
+    pub fn new(checkpoints: TriggerLink, interval: Duration) -> Self {
         Timer {
             checkpoints,
+            restarts: None,
             interval,
             watermarks: None,
             windows: None,
@@ -126,6 +133,13 @@ impl Timer {
         self
     }
 
+    /// Runs under a supervisor: a panic in a handler restarts the timer, which keeps its
+    /// watermarks (they only grow) and re-arms its deadlines.
+    pub fn supervised(mut self, metrics: &Metrics, health: &Health) -> Self {
+        self.restarts = Some(Restarts::new("timer", metrics, health));
+        self
+    }
+
     /// Triggers a checkpoint as soon as the watermark passes a window close.
     pub fn with_windows(mut self, windows: WindowSpec) -> Self {
         self.windows = Some(windows);
@@ -152,7 +166,10 @@ impl Timer {
         // Off the data path: a trigger that finds the source busy is skipped, the next
         // tick will do (and carry a newer watermark).
         let watermark = self.watermark();
-        match self.checkpoints.try_send(TriggerCheckpoint { watermark }) {
+        let Some(source) = self.checkpoints.0.get() else {
+            return false; // not connected yet
+        };
+        match source.try_send(TriggerCheckpoint { watermark }) {
             Ok(()) => {
                 self.counters.checkpoints += 1;
                 true
@@ -253,7 +270,12 @@ impl Actor for Timer {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(crate::mailbox::actix_capacity(TIMER_MAILBOX));
+        ctx.set_mailbox_capacity(crate::runtime::mailbox::actix_capacity(TIMER_MAILBOX));
+        if let Some(restarts) = &self.restarts {
+            restarts.started(ctx);
+        }
+        // After a restart the old deadlines' wake-ups are gone: arm afresh.
+        self.deadlines.clear();
         let now = Instant::now();
         self.deadlines
             .insert((now + self.interval, Deadline::Checkpoint), ());
@@ -265,10 +287,9 @@ impl Actor for Timer {
     }
 }
 
-impl Handler<WatermarkUpdate> for Timer {
-    type Result = ();
-
-    fn handle(&mut self, update: WatermarkUpdate, _ctx: &mut Self::Context) {
+impl Timer {
+    fn on_update(&mut self, update: WatermarkUpdate) {
+        fault::panic_point(fault::TIMER_UPDATE);
         let Some((watermarks, metrics)) = &mut self.watermarks else {
             return;
         };
@@ -293,6 +314,28 @@ impl Handler<WatermarkUpdate> for Timer {
     }
 }
 
+impl Supervised for Timer {
+    fn restarting(&mut self, _ctx: &mut Self::Context) {
+        if let Some(restarts) = &mut self.restarts {
+            restarts.restarting();
+        }
+    }
+}
+
+impl Handler<WatermarkUpdate> for Timer {
+    type Result = ();
+
+    fn handle(&mut self, update: WatermarkUpdate, ctx: &mut Self::Context) {
+        let handled = supervision::catch(|| self.on_update(update));
+        match (handled, &mut self.restarts) {
+            (Ok(()), Some(restarts)) => restarts.succeeded(),
+            (Ok(()), None) => {}
+            (Err(panic), Some(restarts)) => restarts.fail(ctx, Failure::Panic(panic)),
+            (Err(panic), None) => supervision::stateful_panic("timer", &panic),
+        }
+    }
+}
+
 /// Asks the timer for its counters.
 #[derive(Message)]
 #[rtype(result = "TimerCounters")]
@@ -310,10 +353,13 @@ impl Handler<GetTimerCounters> for Timer {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Arc;
 
-    fn triggers(recipient: Recipient<TriggerCheckpoint>) -> Mailbox<TriggerCheckpoint> {
-        Mailbox::for_recipient(recipient, 4, Metrics::new().mailbox("source"))
+    fn triggers(recipient: Recipient<TriggerCheckpoint>) -> TriggerLink {
+        TriggerLink::connected(Mailbox::for_recipient(
+            recipient,
+            4,
+            Metrics::new().mailbox("source"),
+        ))
     }
 
     struct Capture(Arc<AtomicU64>);

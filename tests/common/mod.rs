@@ -117,6 +117,19 @@ pub fn generate(seed: u64, count: usize, max_ids: usize) -> Vec<Option<Vec<u8>>>
     generate_spread(seed, count, max_ids, defaults.start_ms, defaults.step_ms)
 }
 
+/// A connection to the test Redis whose calls time out, so that a check made while a
+/// test has Redis paused fails instead of hanging the suite.
+pub fn connect(url: &str) -> redis::Connection {
+    let timeout = std::time::Duration::from_secs(10);
+    let conn = redis::Client::open(url)
+        .unwrap()
+        .get_connection_with_timeout(timeout)
+        .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+    conn.set_read_timeout(Some(timeout)).unwrap();
+    conn.set_write_timeout(Some(timeout)).unwrap();
+    conn
+}
+
 /// Stored fences per partition, as `(epoch, redis, warehouse)` with -1 for absent.
 pub fn stored_fences(
     url: &str,
@@ -124,10 +137,10 @@ pub fn stored_fences(
     topic: &str,
     partitions: i32,
 ) -> BTreeMap<i32, (i64, i64, i64)> {
-    let keys = anchorflow_actors::fences::FenceKeys::new(group, topic);
-    let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let keys = anchorflow_actors::protocol::keys::FenceKeys::new(group, topic);
+    let mut conn = connect(url);
     let all: Vec<i32> = (0..partitions).collect();
-    anchorflow_actors::fences::read(&mut conn, &keys, &all)
+    anchorflow_actors::protocol::fences::read(&mut conn, &keys, &all)
         .unwrap()
         .into_iter()
         .map(|(p, (e, r, w))| (p, (e.unwrap_or(-1), r.unwrap_or(-1), w.unwrap_or(-1))))
@@ -190,9 +203,17 @@ fn text(v: &Value) -> Option<String> {
 /// (`time.max_future_ms`, one hour by default, as Kafka bounds its record timestamps).
 pub const MAX_FUTURE_MS: i64 = 3_600_000;
 
+/// Text that marks a record processing panics on (with `ANCHORFLOW_FAULT_POISON`
+/// set to it, see `tests/supervision.rs`): such a record is a dead letter.
+pub const POISON: &str = "poison-record-of-the-supervision-test";
+
 /// The oracle's reading of a record: `Some(event)` if valid.
 pub fn oracle_parse(value: &Option<Vec<u8>>, max_ids: usize) -> Option<Event> {
-    let object = serde_json::from_slice::<Value>(value.as_ref()?).ok()?;
+    let bytes = value.as_ref()?;
+    if bytes.windows(POISON.len()).any(|w| w == POISON.as_bytes()) {
+        return None;
+    }
+    let object = serde_json::from_slice::<Value>(bytes).ok()?;
     let object = object.as_object()?;
     let ids: Vec<String> = object
         .get("ids")?
@@ -271,7 +292,7 @@ pub fn read_redis(url: &str) -> (RedisContents, BTreeMap<String, i64>) {
 
 /// [`read_redis`] without the `foreign` keys (written by someone else).
 pub fn read_redis_except(url: &str, foreign: &[String]) -> (RedisContents, BTreeMap<String, i64>) {
-    let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let mut conn = connect(url);
     let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
     keys.retain(|k| !foreign.contains(k));
     let mut out = RedisContents::default();
@@ -641,12 +662,12 @@ pub struct SeriesSnapshot {
 }
 
 pub fn read_series(url: &str, group: &str, topic: &str) -> SeriesSnapshot {
-    let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+    let mut conn = connect(url);
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg("anchorflow:series:*")
         .query(&mut conn)
         .unwrap();
-    let windows_key = anchorflow_actors::fences::FenceKeys::new(group, topic).windows;
+    let windows_key = anchorflow_actors::protocol::keys::FenceKeys::new(group, topic).windows;
     let mut pipe = redis::pipe();
     pipe.atomic();
     for key in &keys {

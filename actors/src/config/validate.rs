@@ -1,0 +1,183 @@
+//! [`Config::validate`]: what types alone cannot check, section by section. The error
+//! names the first bad field; the binary exits 78 with it.
+
+use crate::config::{Config, ConfigError};
+
+fn positive(field: &str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        Err(ConfigError::new(field, "must be greater than 0"))
+    } else {
+        Ok(())
+    }
+}
+
+fn not_empty(field: &str, value: &str) -> Result<(), ConfigError> {
+    if value.trim().is_empty() {
+        Err(ConfigError::new(field, "must not be empty"))
+    } else {
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Checks what types alone cannot; the error names the first bad field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_source()?;
+        self.validate_kafka()?;
+        self.validate_time()?;
+        self.validate_pipeline()?;
+        self.validate_redis()?;
+        self.validate_warehouse()?;
+        self.validate_outputs()
+    }
+
+    fn validate_source(&self) -> Result<(), ConfigError> {
+        let source = &self.source;
+        not_empty("source.topic", &source.topic)?;
+        not_empty("source.group_id", &source.group_id)?;
+        let id = &source.instance_id;
+        if id.is_empty()
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(ConfigError::new(
+                "source.instance_id",
+                "must be non-empty and use only letters, digits, '-' and '_'",
+            ));
+        }
+        positive("source.batch_max_records", source.batch_max_records as u64)?;
+        positive("source.batch_max_bytes", source.batch_max_bytes as u64)?;
+        positive(
+            "decode.max_record_bytes",
+            self.decode.max_record_bytes as u64,
+        )?;
+        positive(
+            "decode.max_nesting_depth",
+            self.decode.max_nesting_depth as u64,
+        )
+    }
+
+    fn validate_kafka(&self) -> Result<(), ConfigError> {
+        if !self.kafka.0.contains_key("bootstrap.servers") {
+            return Err(ConfigError::new("kafka.bootstrap.servers", "is required"));
+        }
+        for reserved in ["group.id", "enable.auto.offset.store"] {
+            if self.kafka.0.contains_key(reserved) {
+                return Err(ConfigError::new(
+                    format!("kafka.{reserved}"),
+                    "is managed by anchorflow (use source.group_id; offsets are stored after sinks commit)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_time(&self) -> Result<(), ConfigError> {
+        positive("time.idle_timeout_ms", self.time.idle_timeout_ms)?;
+        positive("time.window_size_ms", self.time.window_size_ms)?;
+        let size = self.time.window_size_ms;
+        if size >= 3_600_000 && (size % 3_600_000 != 0 || 86_400_000 % size != 0) {
+            return Err(ConfigError::new(
+                "time.window_size_ms",
+                "from one hour up must be a whole number of hours that divides a day (windows align on local time)",
+            ));
+        }
+        if self.time.timezone.parse::<chrono_tz::Tz>().is_err() {
+            return Err(ConfigError::new(
+                "time.timezone",
+                format!("`{}` is not an IANA time zone name", self.time.timezone),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_pipeline(&self) -> Result<(), ConfigError> {
+        let pipeline = &self.pipeline;
+        positive(
+            "pipeline.checkpoint_interval_ms",
+            pipeline.checkpoint_interval_ms,
+        )?;
+        positive(
+            "pipeline.shutdown_timeout_secs",
+            pipeline.shutdown_timeout_secs,
+        )?;
+        positive("pipeline.revoke_timeout_ms", pipeline.revoke_timeout_ms)?;
+        if pipeline.max_uncommitted_records < self.source.batch_max_records as u64 {
+            return Err(ConfigError::new(
+                "pipeline.max_uncommitted_records",
+                format!(
+                    "must be at least source.batch_max_records ({})",
+                    self.source.batch_max_records
+                ),
+            ));
+        }
+        // Revoked partitions are checkpointed inside the rebalance; if that takes longer
+        // than the session, the group fences us first and the checkpoint is wasted.
+        let session_ms = match self.kafka.0.get("session.timeout.ms") {
+            Some(v) => v.trim().parse::<u64>().map_err(|_| {
+                ConfigError::new(
+                    "kafka.session.timeout.ms",
+                    "must be a number of milliseconds",
+                )
+            })?,
+            None => 45_000, // librdkafka's default
+        };
+        if pipeline.revoke_timeout_ms >= session_ms {
+            return Err(ConfigError::new(
+                "pipeline.revoke_timeout_ms",
+                format!("must be below kafka.session.timeout.ms ({session_ms} ms), or the group fences this instance before revoked partitions are checkpointed"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_redis(&self) -> Result<(), ConfigError> {
+        let redis = &self.redis;
+        if !(redis.url.starts_with("redis://") || redis.url.starts_with("rediss://")) {
+            return Err(ConfigError::new(
+                "redis.url",
+                "must start with redis:// or rediss://",
+            ));
+        }
+        if let Err(e) = redis::Client::open(redis.url.as_str()) {
+            return Err(ConfigError::new(
+                "redis.url",
+                format!("cannot be parsed: {e}"),
+            ));
+        }
+        positive("redis.template_ttl_secs", redis.template_ttl_secs)?;
+        positive("redis.message_ttl_secs", redis.message_ttl_secs)?;
+        positive("redis.series_ttl_secs", redis.series_ttl_secs)?;
+        positive("redis.command_timeout_secs", redis.command_timeout_secs)?;
+        positive("redis.max_commit_ms", redis.max_commit_ms)
+    }
+
+    fn validate_warehouse(&self) -> Result<(), ConfigError> {
+        let warehouse = &self.warehouse;
+        not_empty("warehouse.root", &warehouse.root)?;
+        positive("warehouse.target_file_bytes", warehouse.target_file_bytes)?;
+        positive("warehouse.roll_interval_secs", warehouse.roll_interval_secs)?;
+        positive(
+            "warehouse.partition_commit_hook_timeout_secs",
+            warehouse.partition_commit_hook_timeout_secs,
+        )?;
+        positive("warehouse.row_group_rows", warehouse.row_group_rows as u64)?;
+        positive("warehouse.max_open_files", warehouse.max_open_files as u64)
+    }
+
+    fn validate_outputs(&self) -> Result<(), ConfigError> {
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(ConfigError::new(
+                "metrics.listen",
+                "must be host:port (an IP address) or empty",
+            ));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(ConfigError::new("log.format", "must be `text` or `json`"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,6 @@
+//! The pure logic of the product: no actors, no I/O.
+
+pub mod decode;
+pub mod tables;
+pub mod watermark;
+pub mod window;

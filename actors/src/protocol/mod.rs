@@ -1,0 +1,10 @@
+//! anchorflow's bookkeeping in Redis.
+
+pub mod fences;
+pub mod keys;
+pub mod lease;
+pub mod publish;
+pub mod reply;
+pub mod scripts;
+pub mod skipped;
+pub mod units;

@@ -1,0 +1,422 @@
+//! The Lua scripts anchorflow runs in Redis (`scripts/*.lua`) and their contracts: per
+//! script, a typed builder that writes the arguments in the order the script reads
+//! them, the keys it is invoked with, and its reply as a Rust type.
+//!
+//! | script | arguments | keys | reply |
+//! |---|---|---|---|
+//! | `claim.lua` | [`ClaimArgs`] | fences, lost | [`ClaimReply`] |
+//! | `fence_check.lua` + `redis_commit.lua` | [`CommitArgs`] | fences, lost, windows, conflicts | [`Reply`] |
+//! | `fence_check.lua` + `warehouse_record.lua` | [`RecordArgs`] | fences, lost, publish, windows, folders, committed, wm | [`Reply`] |
+//! | `lease.lua` | [`LeaseArgs`] | the lease | the holder left in place, if not us |
+//!
+//! Every script starts with `args.lua`: it reads `ARGV` through a cursor and, before
+//! its first write, checks that the cursor ends exactly on the [`END`] marker that
+//! [`Args::finish`] appends. A builder and a script that disagree therefore fail the
+//! call with nothing written, never misread. `tests/protocol.rs` runs every builder
+//! against its script on a real Redis.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::Context as _;
+
+use crate::checkpoint::claim::{Claim, FenceRange, SinkKind};
+use crate::logic::decode::TraceValue;
+use crate::protocol::keys::{dws_field, series_field, FenceKeys};
+use crate::protocol::publish::PublishRecord;
+use crate::protocol::reply::{self, Reply};
+
+/// The last argument of every call (see `scripts/args.lua`).
+pub const END: &str = ".end";
+
+const ARGS: &str = include_str!("scripts/args.lua");
+const FENCE_CHECK: &str = include_str!("scripts/fence_check.lua");
+
+fn script(parts: &[&str]) -> redis::Script {
+    redis::Script::new(&parts.concat())
+}
+
+/// `claim.lua`.
+pub fn claim_script() -> redis::Script {
+    script(&[ARGS, include_str!("scripts/claim.lua")])
+}
+
+/// The Redis sink's commit: the fence check, then `redis_commit.lua`.
+pub fn commit_script() -> redis::Script {
+    script(&[ARGS, FENCE_CHECK, include_str!("scripts/redis_commit.lua")])
+}
+
+/// The warehouse sink's record: the fence check, then `warehouse_record.lua`.
+pub fn record_script() -> redis::Script {
+    script(&[
+        ARGS,
+        FENCE_CHECK,
+        include_str!("scripts/warehouse_record.lua"),
+    ])
+}
+
+/// `lease.lua`.
+pub fn lease_script() -> redis::Script {
+    script(&[ARGS, include_str!("scripts/lease.lua")])
+}
+
+/// The arguments of one call, in the order its script reads them.
+#[derive(Debug, Default)]
+pub struct Args(Vec<Vec<u8>>);
+
+impl Args {
+    /// Starts the arguments of a fenced commit: the sink and its ranges, which
+    /// `fence_check.lua` reads.
+    pub fn fenced(sink: SinkKind, ranges: &[FenceRange]) -> Self {
+        let mut args = Args::default();
+        args.push(sink.name());
+        args.push(ranges.len());
+        for range in ranges {
+            for value in [range.partition as i64, range.epoch, range.from, range.to] {
+                args.push(value);
+            }
+        }
+        args
+    }
+
+    pub fn push(&mut self, value: impl ToString) {
+        self.0.push(value.to_string().into_bytes());
+    }
+
+    /// A count, then each item as `write` puts it.
+    pub fn counted<T>(&mut self, items: &[T], mut write: impl FnMut(&mut Args, &T)) {
+        self.push(items.len());
+        for item in items {
+            write(self, item);
+        }
+    }
+
+    /// The arguments, closed with [`END`].
+    pub fn finish(mut self) -> Vec<Vec<u8>> {
+        self.push(END);
+        self.0
+    }
+}
+
+/// Adds `args` to an invocation.
+fn with_args<'a>(
+    mut invocation: redis::ScriptInvocation<'a>,
+    args: &[Vec<u8>],
+) -> redis::ScriptInvocation<'a> {
+    for arg in args {
+        invocation.arg(arg.as_slice());
+    }
+    invocation
+}
+
+/// A claimed partition: its claim, and the unit fences a split Redis commit left
+/// beyond its Redis fence (unit → fence; usually none).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Claimed {
+    pub claim: Claim,
+    pub unit_fences: BTreeMap<u16, i64>,
+}
+
+/// `claim.lua`: bump each partition's epoch, return its fences; absent fences start at
+/// the partition's cold-start offset (-1: the caller believes they exist).
+pub struct ClaimArgs<'a> {
+    pub units_prefix: &'a str,
+    /// `(partition, cold-start offset)`.
+    pub partitions: &'a [(i32, i64)],
+}
+
+/// What `claim.lua` answered.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ClaimReply {
+    /// The lost marker is set: Redis lost anchorflow's fences.
+    StateLost,
+    /// A partition has no fences and no cold-start offset was given.
+    Vanished(i32),
+    Claimed(BTreeMap<i32, Claimed>),
+}
+
+impl ClaimArgs<'_> {
+    pub fn encode(&self) -> Vec<Vec<u8>> {
+        let mut args = Args::default();
+        args.push(self.units_prefix);
+        args.counted(self.partitions, |args, (p, cold)| {
+            args.push(p);
+            args.push(cold);
+        });
+        args.finish()
+    }
+
+    pub fn invoke(
+        &self,
+        conn: &mut redis::Connection,
+        keys: &FenceKeys,
+    ) -> anyhow::Result<ClaimReply> {
+        let script = claim_script();
+        let mut invocation = script.key(&keys.fences);
+        invocation.key(&keys.lost);
+        let reply: Vec<i64> = with_args(invocation, &self.encode())
+            .invoke(conn)
+            .context("running the claim script")?;
+        match reply.as_slice() {
+            [-1] => Ok(ClaimReply::StateLost),
+            [-2, p] => Ok(ClaimReply::Vanished(*p as i32)),
+            flat => parse_claims(flat).map(ClaimReply::Claimed),
+        }
+    }
+}
+
+/// Reads the claim script's reply: per partition `p, epoch, redis, warehouse, k` and
+/// `k` pairs of unit and unit fence.
+fn parse_claims(mut flat: &[i64]) -> anyhow::Result<BTreeMap<i32, Claimed>> {
+    let mut out = BTreeMap::new();
+    while let [p, epoch, redis, warehouse, k, rest @ ..] = flat {
+        let k = usize::try_from(*k).context("a unit-fence count in the claim reply")?;
+        anyhow::ensure!(rest.len() >= 2 * k, "a truncated claim reply");
+        let unit_fences = rest[..2 * k]
+            .chunks(2)
+            .map(|pair| (pair[0] as u16, pair[1]))
+            .collect();
+        let claim = Claim {
+            epoch: *epoch,
+            redis: *redis,
+            warehouse: *warehouse,
+        };
+        out.insert(*p as i32, Claimed { claim, unit_fences });
+        flat = &rest[2 * k..];
+    }
+    anyhow::ensure!(flat.is_empty(), "unexpected claim reply tail: {flat:?}");
+    Ok(out)
+}
+
+/// Whether a commit script only applies units (`part`) or also moves the fences
+/// (`final`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Part,
+    Final,
+}
+
+/// One list write: values to push (oldest first) and the key's TTL.
+#[derive(Debug)]
+pub struct ListWrite {
+    pub key: String,
+    pub ttl_ms: i64,
+    pub values: Vec<TraceValue>,
+}
+
+/// One hash write: increments and the key's TTL.
+#[derive(Debug)]
+pub struct HashWrite {
+    pub key: String,
+    pub ttl_ms: i64,
+    pub fields: Vec<(String, i64)>,
+}
+
+impl ListWrite {
+    /// Redis's work: a value pushed costs about what a command does.
+    pub fn ops(&self) -> usize {
+        self.values.len() + self.values.len().div_ceil(1000) + 1
+    }
+}
+
+impl HashWrite {
+    pub fn ops(&self) -> usize {
+        self.fields.len() + 1
+    }
+}
+
+/// The writes of one key-hash unit.
+#[derive(Debug, Default)]
+pub struct UnitWrites {
+    pub lists: Vec<ListWrite>,
+    pub hashes: Vec<HashWrite>,
+}
+
+impl UnitWrites {
+    pub fn ops(&self) -> usize {
+        self.lists.iter().map(ListWrite::ops).sum::<usize>()
+            + self.hashes.iter().map(HashWrite::ops).sum::<usize>()
+    }
+}
+
+/// What only the final script of a commit carries.
+#[derive(Clone, Copy, Debug)]
+pub struct FinalTail<'a> {
+    /// Window-series increments.
+    pub series: &'a [HashWrite],
+    /// Per partition, the open series windows after this commit.
+    pub windows: &'a BTreeMap<i32, String>,
+    /// Keys not written (they fall in anchorflow's reserved prefix) and the values
+    /// each lost: reported as conflicts.
+    pub refused: &'a [(String, i64)],
+}
+
+/// `redis_commit.lua`: one script of a Redis sink commit.
+pub struct CommitArgs<'a> {
+    pub ranges: &'a [FenceRange],
+    pub mode: Mode,
+    pub units_prefix: &'a str,
+    pub conflicts_ttl_ms: i64,
+    pub units: &'a [(u16, UnitWrites)],
+    /// Present exactly when `mode` is [`Mode::Final`].
+    pub tail: Option<FinalTail<'a>>,
+}
+
+fn push_hashes(args: &mut Args, hashes: &[HashWrite]) {
+    args.counted(hashes, |args, hash| {
+        args.push(&hash.key);
+        args.push(hash.ttl_ms);
+        args.counted(&hash.fields, |args, (field, n)| {
+            args.push(field);
+            args.push(n);
+        });
+    });
+}
+
+impl CommitArgs<'_> {
+    pub fn encode(&self) -> Vec<Vec<u8>> {
+        let mut args = Args::fenced(SinkKind::Redis, self.ranges);
+        args.push(match self.mode {
+            Mode::Part => "part",
+            Mode::Final => "final",
+        });
+        args.push(self.units_prefix);
+        args.push(self.conflicts_ttl_ms);
+        args.counted(self.units, |args, (id, unit)| {
+            args.push(id);
+            args.counted(&unit.lists, |args, list| {
+                args.push(&list.key);
+                args.push(list.ttl_ms);
+                args.counted(&list.values, |args, value| args.push(value.to_json()));
+            });
+            push_hashes(args, &unit.hashes);
+        });
+        if let Some(tail) = self.tail {
+            push_hashes(&mut args, tail.series);
+            args.push(tail.windows.len());
+            for (partition, state) in tail.windows {
+                args.push(series_field(*partition));
+                args.push(state);
+            }
+            args.counted(tail.refused, |args, (key, lost)| {
+                args.push(key);
+                args.push(lost);
+            });
+        }
+        args.finish()
+    }
+}
+
+/// The commit script's invocation with its keys and `args` ([`CommitArgs::encode`]).
+pub fn commit_invocation<'a>(
+    script: &'a redis::Script,
+    keys: &FenceKeys,
+    args: &[Vec<u8>],
+) -> redis::ScriptInvocation<'a> {
+    let mut invocation = script.key(&keys.fences);
+    invocation
+        .key(&keys.lost)
+        .key(&keys.windows)
+        .key(&keys.conflicts);
+    with_args(invocation, args)
+}
+
+/// `warehouse_record.lua`: records one warehouse commit.
+pub struct RecordArgs<'a> {
+    pub ranges: &'a [FenceRange],
+    /// The files to publish; a record without files stores no publish entry.
+    pub record: &'a PublishRecord,
+    /// Folders that received rows: they await their partition commit.
+    pub folders: &'a BTreeSet<String>,
+    /// The checkpoint's watermark, stored for every partition of `ranges`.
+    pub watermark: Option<i64>,
+    /// Per partition, the open `dws_template_state_1m` windows after this commit.
+    pub states: &'a BTreeMap<i32, String>,
+}
+
+impl RecordArgs<'_> {
+    pub fn encode(&self) -> Vec<Vec<u8>> {
+        let mut args = Args::fenced(SinkKind::Warehouse, self.ranges);
+        args.push(&self.record.id);
+        if self.record.files.is_empty() {
+            args.push("");
+        } else {
+            args.push(self.record.encode());
+        }
+        args.push(self.folders.len());
+        for folder in self.folders {
+            args.push(folder);
+        }
+        args.push(
+            self.watermark
+                .map_or_else(|| "-".to_string(), |w| w.to_string()),
+        );
+        args.counted(self.ranges, |args, range| args.push(range.partition));
+        args.push(self.states.len());
+        for (partition, state) in self.states {
+            args.push(dws_field(*partition));
+            args.push(state);
+        }
+        args.finish()
+    }
+
+    pub fn invoke(
+        &self,
+        script: &redis::Script,
+        conn: &mut redis::Connection,
+        keys: &FenceKeys,
+    ) -> anyhow::Result<Reply> {
+        let mut invocation = script.key(&keys.fences);
+        invocation
+            .key(&keys.lost)
+            .key(&keys.publish)
+            .key(&keys.windows)
+            .key(&keys.folders)
+            .key(&keys.committed)
+            .key(&keys.watermarks);
+        let value: redis::Value = with_args(invocation, &self.encode())
+            .invoke(conn)
+            .context("running the record script")?;
+        reply::parse(&value)
+    }
+}
+
+/// `lease.lua`: take `key` for `holder` when it is free or held by `expected`.
+pub struct LeaseArgs<'a> {
+    pub key: &'a str,
+    pub expected: &'a str,
+    pub holder: &'a str,
+    pub lease_ms: u64,
+}
+
+impl LeaseArgs<'_> {
+    pub fn encode(&self) -> Vec<Vec<u8>> {
+        let mut args = Args::default();
+        args.push(self.expected);
+        args.push(self.holder);
+        args.push(self.lease_ms);
+        args.finish()
+    }
+
+    /// `None` when `holder` holds the lease now, else the holder left in place.
+    pub fn invoke(&self, conn: &mut redis::Connection) -> anyhow::Result<Option<String>> {
+        let script = lease_script();
+        with_args(script.key(self.key), &self.encode())
+            .invoke(conn)
+            .context("running the lease script")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claim_replies_carry_unit_fences() {
+        let claims = parse_claims(&[0, 3, 100, 90, 0, 5, 1, 40, 40, 2, 7, 60, 9, 55]).unwrap();
+        assert_eq!(claims[&0].claim.start(), 90);
+        assert!(claims[&0].unit_fences.is_empty());
+        assert_eq!(claims[&5].claim.epoch, 1);
+        assert_eq!(claims[&5].unit_fences, BTreeMap::from([(7, 60), (9, 55)]));
+        assert!(parse_claims(&[0, 3, 100, 90, 2, 7]).is_err());
+    }
+}

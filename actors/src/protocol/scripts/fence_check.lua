@@ -1,0 +1,75 @@
+-- The fence check, after args.lua in both sinks' commit scripts (protocol/scripts.rs).
+-- KEYS[1] is the fences hash, KEYS[2] the lost marker. The first arguments name the
+-- sink (`redis` or `warehouse`) and its ranges: count, then per range partition,
+-- epoch, from, to.
+--
+-- fence_verdict() only reads. It returns nil when every range starts at its stored
+-- fence under the stored epoch (apply it), {0, -1} when every fence already stands at
+-- its range's end (this very commit was applied and its reply was lost: a retry must
+-- not apply it twice), or a rejection {code, partition, stored}: 1 stale epoch, 2 not
+-- contiguous, 3 fences missing. Fences missing also sets the lost marker, the only
+-- write a refused commit makes. move_fences() moves the fences; scripts call it after
+-- their own writes. read_pairs() reads a counted list of field/value pairs.
+local sink = next_arg()
+local ranges = {}
+-- (Lua leaves the order in which a table constructor's fields are evaluated open:
+-- arguments are read into locals first, one after another.)
+for _ = 1, next_int() do
+  local p = next_arg()
+  local epoch = next_int()
+  local from = next_int()
+  ranges[#ranges + 1] = {p, epoch, from, next_int()}
+end
+
+local function fence_verdict()
+  local at_from, at_to, off = true, true, nil
+  for _, r in ipairs(ranges) do
+    local p, epoch, from, to = r[1], r[2], r[3], r[4]
+    local stored_epoch = redis.call('HGET', KEYS[1], 'epoch:' .. p)
+    local stored = redis.call('HGET', KEYS[1], sink .. ':' .. p)
+    if not stored_epoch or not stored then
+      redis.call('SET', KEYS[2], sink .. ':' .. p)
+      return {3, tonumber(p), -1}
+    end
+    if tonumber(stored_epoch) ~= epoch then
+      return {1, tonumber(p), tonumber(stored_epoch)}
+    end
+    stored = tonumber(stored)
+    if stored ~= from then
+      at_from = false
+      off = off or {2, tonumber(p), stored}
+    end
+    if stored ~= to then
+      at_to = false
+    end
+  end
+  if at_from then
+    return nil
+  end
+  if at_to then
+    return {0, -1}
+  end
+  return off
+end
+
+local function move_fences()
+  for _, r in ipairs(ranges) do
+    redis.call('HSET', KEYS[1], sink .. ':' .. r[1], r[4])
+  end
+end
+
+-- Reads a count, then that many pairs of field and value.
+local function read_pairs()
+  local pairs_read = {}
+  for _ = 1, next_int() do
+    local field = next_arg()
+    pairs_read[#pairs_read + 1] = {field, next_arg()}
+  end
+  return pairs_read
+end
+
+local function hset_pairs(key, field_values)
+  for _, fv in ipairs(field_values) do
+    redis.call('HSET', key, fv[1], fv[2])
+  end
+end

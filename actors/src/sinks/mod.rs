@@ -1,0 +1,5 @@
+//! The sinks.
+
+pub mod fenced;
+pub mod redis;
+pub mod warehouse;

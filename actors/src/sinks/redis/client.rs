@@ -1,0 +1,111 @@
+//! The Redis sink's connection: one multiplexed async connection, opened on first use
+//! and again after any error, whose first use (and every minute after) also reads
+//! Redis's clock, so that processing time follows Redis's and not this host's
+//! (`runtime/clock.rs`). One deadline, `redis.command_timeout_secs`, bounds every step.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use redis::aio::MultiplexedConnection;
+
+use crate::config::RedisConfig;
+use crate::protocol::keys::FenceKeys;
+use crate::protocol::reply::{self, Reply};
+use crate::protocol::scripts;
+use crate::runtime::clock::{self, Clock};
+
+/// How often Redis's clock is read again (it is also read on every new connection).
+const CLOCK_CHECK: Duration = Duration::from_secs(60);
+
+/// The connection and what lives with it. The sink lends it to each commit.
+pub struct Link {
+    url: String,
+    timeout: Duration,
+    conn: Option<MultiplexedConnection>,
+    script: redis::Script,
+    pub clock: Clock,
+    clock_read: Option<Instant>,
+}
+
+impl Link {
+    pub fn new(config: &RedisConfig, clock: Clock) -> Self {
+        Link {
+            url: config.url.clone(),
+            timeout: Duration::from_secs(config.command_timeout_secs),
+            conn: None,
+            script: scripts::commit_script(),
+            clock,
+            clock_read: None,
+        }
+    }
+
+    /// Drops the connection: the next use opens a new one.
+    pub fn reset(&mut self) {
+        self.conn = None;
+    }
+
+    /// Bounds `step` by the deadline; on any failure the connection is dropped (a
+    /// late answer must never be read as the next command's).
+    async fn bounded<T>(
+        &mut self,
+        what: &str,
+        step: impl std::future::Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        let result = match tokio::time::timeout(self.timeout, step).await {
+            Ok(result) => result.with_context(|| what.to_string()),
+            Err(_) => Err(anyhow::anyhow!(
+                "redis did not answer within {:?} ({what})",
+                self.timeout
+            )),
+        };
+        if result.is_err() {
+            self.conn = None;
+        }
+        result
+    }
+
+    async fn connection(&mut self) -> anyhow::Result<MultiplexedConnection> {
+        if let Some(conn) = &self.conn {
+            return Ok(conn.clone());
+        }
+        let client = redis::Client::open(self.url.as_str()).context("parsing the redis url")?;
+        // The client's own response timeout defaults to 500 ms, shorter than a large
+        // commit script runs; one deadline, ours, governs.
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let fresh = self
+            .bounded("connecting to redis", async {
+                Ok(client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?)
+            })
+            .await?;
+        self.conn = Some(fresh.clone());
+        self.clock_read = None;
+        Ok(fresh)
+    }
+
+    /// One attempt at one commit script: connect if needed, read the clock when due,
+    /// run the script.
+    pub async fn apply(&mut self, keys: &FenceKeys, args: &[Vec<u8>]) -> anyhow::Result<Reply> {
+        let mut conn = self.connection().await?;
+        if self.clock_read.is_none_or(|at| at.elapsed() >= CLOCK_CHECK) {
+            let clock = self.clock.clone();
+            let mut measured_on = conn.clone();
+            self.bounded("reading redis's clock", async move {
+                clock::measure_async(&clock, &mut measured_on).await
+            })
+            .await?;
+            self.clock_read = Some(Instant::now());
+        }
+        let script = self.script.clone();
+        let value = self
+            .bounded("running the commit script", async move {
+                let invocation = scripts::commit_invocation(&script, keys, args);
+                Ok(invocation.invoke_async::<redis::Value>(&mut conn).await?)
+            })
+            .await?;
+        reply::parse(&value)
+    }
+}

@@ -1,0 +1,485 @@
+//! The source's flow control and checkpoints, apart from librdkafka: per assigned
+//! partition a [`Slot`] (its reader, the batch being cut, what is queued for it), and
+//! the checkpoint [`Coordinator`]. The actor (`kafka_source.rs`) and the rebalance
+//! callback (`context.rs`, which runs inside `poll`) share one [`SourceState`] behind
+//! a mutex; what it needs of the consumer is [`PartitionControl`].
+//!
+//! Batches go to a reader with `try_send`. When the reader's mailbox is full the
+//! partition is **paused**, the queued items are delivered with `send().await` by a
+//! drainer task on the reader's arbiter, and the partition **resumes** (at the exact
+//! next offset) when the drainer reports back. The consumer keeps polling all the
+//! while, so rebalances and other partitions carry on.
+//!
+//! A partition is also paused (*throttled*) once it has read
+//! `pipeline.max_uncommitted_records` beyond what both sinks have made durable, and
+//! resumes when a checkpoint brings it back under. The shards and the warehouse sink
+//! accept records until the next barrier, so without this bound a stalled sink (Redis
+//! paused, say) would let the whole backlog into memory, and the partitions, read to
+//! their ends, would turn idle while nothing of theirs was committed.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tracing::{debug, error, warn};
+
+use crate::checkpoint::barrier::{Barrier, CheckpointKind};
+use crate::checkpoint::claim::Claim;
+use crate::checkpoint::coordinator::{Completed, Coordinator};
+use crate::config::Config;
+use crate::messages::{PartitionInput, RecordBatch, SourceNotice};
+use crate::protocol::fences::StoredWindows;
+use crate::reader::links::ReaderContext;
+use crate::reader::partition_reader::{PartitionReader, READER_MAILBOX};
+use crate::runtime::fault;
+use crate::runtime::health::Health;
+use crate::runtime::mailbox::Mailbox;
+use crate::source::held::Held;
+
+/// What flow control and checkpoints need of the Kafka consumer.
+pub trait PartitionControl {
+    fn pause(&self, partition: i32);
+    /// Resumes a paused partition at `next_offset` (pausing purges what librdkafka
+    /// had fetched, and it does not always fetch it again by itself).
+    fn resume(&self, partition: i32, next_offset: i64);
+    /// Commits offsets to the group; `sync` waits for the broker's answer.
+    fn commit(&self, offsets: &BTreeMap<i32, i64>, sync: bool) -> anyhow::Result<()>;
+}
+
+/// Everything a reader needs, minus the partition number.
+#[derive(Clone)]
+pub struct ReaderFactory {
+    pub config: Arc<Config>,
+    pub context: ReaderContext,
+    pub arbiters: Arc<[ArbiterHandle]>,
+    /// Shared with the timer (see `held.rs`).
+    pub held: Held,
+    pub health: Health,
+}
+
+/// One assigned partition.
+pub struct Slot {
+    reader: Mailbox<PartitionInput>,
+    arbiter: ArbiterHandle,
+    building: RecordBatch,
+    outbox: VecDeque<PartitionInput>,
+    /// The reader is full: a drainer is delivering the outbox.
+    blocked: bool,
+    /// At `pipeline.max_uncommitted_records`: waiting for a checkpoint.
+    throttled: bool,
+    /// Offset after the last record handed on; starts at the claim's lower fence.
+    pub next_offset: i64,
+    /// Where both sinks are durable (the last completed checkpoint, or the claim).
+    durable: i64,
+    claim: Claim,
+}
+
+/// Why a partition is paused (both may hold at once).
+#[derive(Clone, Copy, Debug)]
+enum Pause {
+    /// Its reader's mailbox is full.
+    ReaderFull,
+    /// It is at `pipeline.max_uncommitted_records`.
+    Uncommitted,
+}
+
+impl Slot {
+    fn paused(&self) -> bool {
+        self.blocked || self.throttled
+    }
+}
+
+pub struct SourceState {
+    pub factory: ReaderFactory,
+    slots: BTreeMap<i32, Slot>,
+    next_reader: usize,
+    notices: Receiver<SourceNotice>,
+    notices_tx: Sender<SourceNotice>,
+    coordinator: Coordinator,
+    /// The last checkpoint completed; whoever waits for a final one looks here.
+    completed: Option<u64>,
+}
+
+impl SourceState {
+    pub fn new(
+        factory: ReaderFactory,
+        notices: Receiver<SourceNotice>,
+        notices_tx: Sender<SourceNotice>,
+    ) -> Self {
+        SourceState {
+            factory,
+            slots: BTreeMap::new(),
+            next_reader: 0,
+            notices,
+            notices_tx,
+            coordinator: Coordinator::default(),
+            completed: None,
+        }
+    }
+
+    pub fn assigned(&self) -> Vec<i32> {
+        self.slots.keys().copied().collect()
+    }
+
+    pub fn slot_mut(&mut self, partition: i32) -> Option<&mut Slot> {
+        self.slots.get_mut(&partition)
+    }
+
+    /// Starts reading a claimed partition with a new reader.
+    pub fn assign(&mut self, partition: i32, claim: Claim, windows: StoredWindows) {
+        let factory = &self.factory;
+        let arbiter = factory.arbiters[self.next_reader % factory.arbiters.len()].clone();
+        self.next_reader += 1;
+        let context = factory.context.clone();
+        let reader = Supervisor::start_in_arbiter(&arbiter, move |_| {
+            PartitionReader::new(context, partition, claim, windows)
+        });
+        let reader = Mailbox::new(
+            reader,
+            READER_MAILBOX,
+            factory.context.metrics.mailbox("partition_reader"),
+        );
+        factory
+            .held
+            .track_reader(partition, reader.busy_probe(READER_MAILBOX));
+        let slot = Slot {
+            reader,
+            arbiter,
+            building: RecordBatch::new(partition),
+            outbox: VecDeque::new(),
+            blocked: false,
+            throttled: false,
+            next_offset: claim.start(),
+            durable: claim.start(),
+            claim,
+        };
+        self.slots.insert(partition, slot);
+        self.export_assigned();
+    }
+
+    /// Drops a partition's reader (revocation, shutdown).
+    pub fn unassign(&mut self, partition: i32) {
+        self.slots.remove(&partition);
+        self.factory.held.forget(partition);
+        self.export_assigned();
+    }
+
+    fn export_assigned(&self) {
+        let metrics = &self.factory.context.metrics;
+        metrics.partitions_assigned.set(self.slots.len() as i64);
+    }
+
+    /// Adds a record to its partition's batch; hands the batch on once it is full.
+    pub fn push(
+        &mut self,
+        control: &impl PartitionControl,
+        partition: i32,
+        offset: i64,
+        payload: Option<&[u8]>,
+    ) {
+        let source = &self.factory.config.source;
+        let (max_records, max_bytes) = (source.batch_max_records, source.batch_max_bytes);
+        let max_uncommitted = self.factory.config.pipeline.max_uncommitted_records as i64;
+        let Some(slot) = self.slots.get_mut(&partition) else {
+            return;
+        };
+        slot.building.push(offset, payload);
+        slot.next_offset = offset + 1;
+        let throttle = !slot.throttled && slot.next_offset - slot.durable >= max_uncommitted;
+        if throttle
+            || slot.building.records.len() >= max_records
+            || slot.building.data.len() >= max_bytes
+        {
+            self.flush_building(control, partition);
+        }
+        if throttle {
+            self.throttle(control, partition);
+        }
+    }
+
+    fn flush_building(&mut self, control: &impl PartitionControl, partition: i32) {
+        let Some(slot) = self.slots.get_mut(&partition) else {
+            return;
+        };
+        if slot.building.records.is_empty() {
+            return;
+        }
+        let batch = std::mem::replace(&mut slot.building, RecordBatch::new(partition));
+        slot.outbox.push_back(PartitionInput::Records(batch));
+        self.dispatch(control, partition);
+    }
+
+    /// Hands every partition's partial batch on.
+    pub fn flush_all(&mut self, control: &impl PartitionControl) {
+        for partition in self.assigned() {
+            self.flush_building(control, partition);
+        }
+    }
+
+    /// Hands queued items to the reader while it has room; pauses the partition and
+    /// starts a drainer when it does not.
+    fn dispatch(&mut self, control: &impl PartitionControl, partition: i32) {
+        let Some(slot) = self.slots.get_mut(&partition) else {
+            return;
+        };
+        if slot.blocked {
+            return;
+        }
+        while let Some(item) = slot.outbox.pop_front() {
+            if !slot.reader.connected() {
+                error!(
+                    partition,
+                    queued = slot.outbox.len() + 1,
+                    "partition reader is gone; its records cannot be processed"
+                );
+                slot.outbox.push_front(item);
+                return;
+            }
+            // The room comes back on the reader's thread: this one blocks at times
+            // (rebalance callbacks, the final checkpoint).
+            let Err(item) = slot.reader.try_send_on(item, &slot.arbiter) else {
+                continue;
+            };
+            slot.outbox.push_front(item);
+            self.pause(control, partition);
+            return;
+        }
+    }
+
+    /// Pauses a partition whose reader is full and hands what is queued for it to a
+    /// drainer, which reports back when the reader took it all.
+    fn pause(&mut self, control: &impl PartitionControl, partition: i32) {
+        self.hold(control, partition, Pause::ReaderFull);
+        let Some(slot) = self.slots.get_mut(&partition) else {
+            return;
+        };
+        let items: Vec<PartitionInput> = slot.outbox.drain(..).collect();
+        let reader = slot.reader.clone();
+        let notices = self.notices_tx.clone();
+        slot.arbiter.spawn(async move {
+            for item in items {
+                if let Err(error) = reader.send(item).await {
+                    warn!(partition, %error, "partition reader is gone; queued input dropped");
+                    break;
+                }
+            }
+            let _ = notices.send(SourceNotice::Drained { partition });
+        });
+    }
+
+    /// The reader drained what was queued for it.
+    fn drained(&mut self, control: &impl PartitionControl, partition: i32) {
+        if let Some(slot) = self.slots.get_mut(&partition) {
+            slot.blocked = false;
+            self.release(control, partition);
+        }
+        self.dispatch(control, partition);
+    }
+
+    /// Pauses a partition that has read `pipeline.max_uncommitted_records` beyond its
+    /// durable fence, until a checkpoint commits.
+    fn throttle(&mut self, control: &impl PartitionControl, partition: i32) {
+        self.hold(control, partition, Pause::Uncommitted);
+    }
+
+    /// Marks why a partition is paused, and pauses it in the consumer unless it was.
+    fn hold(&mut self, control: &impl PartitionControl, partition: i32, why: Pause) {
+        let Some(slot) = self.slots.get_mut(&partition) else {
+            return;
+        };
+        let was_paused = slot.paused();
+        let metrics = &self.factory.context.metrics;
+        match why {
+            Pause::ReaderFull => {
+                slot.blocked = true;
+                metrics.partition_pauses.inc();
+            }
+            Pause::Uncommitted => {
+                slot.throttled = true;
+                metrics.uncommitted_pauses.inc();
+            }
+        }
+        self.factory.held.set_paused(partition, true);
+        debug!(
+            partition,
+            ?why,
+            queued = slot.outbox.len(),
+            next_offset = slot.next_offset,
+            durable = slot.durable,
+            "partition paused"
+        );
+        if !was_paused {
+            control.pause(partition);
+        }
+    }
+
+    /// Resumes a partition, at its exact next offset, once nothing holds it paused.
+    fn release(&mut self, control: &impl PartitionControl, partition: i32) {
+        let Some(slot) = self.slots.get_mut(&partition) else {
+            return;
+        };
+        if slot.paused() {
+            return;
+        }
+        self.factory.held.set_paused(partition, false);
+        debug!(
+            partition,
+            next_offset = slot.next_offset,
+            "partition resumed"
+        );
+        control.resume(partition, slot.next_offset);
+    }
+
+    /// A checkpoint made records durable: throttled partitions back under the bound
+    /// resume.
+    fn advance_durable(&mut self, control: &impl PartitionControl, durable: &BTreeMap<i32, i64>) {
+        let max_uncommitted = self.factory.config.pipeline.max_uncommitted_records as i64;
+        for (&partition, &fence) in durable {
+            let Some(slot) = self.slots.get_mut(&partition) else {
+                continue;
+            };
+            slot.durable = slot.durable.max(fence);
+            if slot.throttled && slot.next_offset - slot.durable < max_uncommitted {
+                slot.throttled = false;
+                self.release(control, partition);
+            }
+        }
+    }
+
+    /// Keeps the timer's latest watermark; checkpoints close the windows it passed.
+    pub fn set_watermark(&mut self, watermark: Option<i64>) {
+        self.coordinator.set_watermark(watermark);
+    }
+
+    pub fn checkpoint_in_flight(&self) -> bool {
+        self.coordinator.in_flight().is_some()
+    }
+
+    /// Starts a checkpoint: a barrier after each partition's last batch.
+    pub fn start_checkpoint(
+        &mut self,
+        control: &impl PartitionControl,
+        kind: CheckpointKind,
+    ) -> Option<u64> {
+        let spec = self.coordinator.start(self.assigned(), kind)?;
+        for &partition in &spec.partitions {
+            self.flush_building(control, partition);
+            if let Some(slot) = self.slots.get_mut(&partition) {
+                let barrier = Barrier {
+                    spec: spec.clone(),
+                    partition,
+                    next_offset: slot.next_offset,
+                    claim: slot.claim,
+                    max_event_ms: None,
+                };
+                slot.outbox.push_back(PartitionInput::Barrier(barrier));
+            }
+            self.dispatch(control, partition);
+        }
+        debug!(checkpoint = spec.id, ?kind, "checkpoint started");
+        Some(spec.id)
+    }
+
+    /// Applies one notice; commits offsets when a checkpoint completes.
+    fn on_notice(&mut self, control: &impl PartitionControl, notice: SourceNotice, sync: bool) {
+        match notice {
+            SourceNotice::Drained { partition } => self.drained(control, partition),
+            SourceNotice::SinkCommitted {
+                sink,
+                checkpoint,
+                fences,
+            } => match self.coordinator.sink_committed(sink, checkpoint, fences) {
+                Ok(Some(done)) => self.complete(control, done, sync),
+                Ok(None) => {}
+                Err(stale) => warn!(
+                    checkpoint = stale.checkpoint,
+                    current = stale.current,
+                    sink = sink.name(),
+                    "stale sink commit ignored"
+                ),
+            },
+        }
+    }
+
+    fn complete(&mut self, control: &impl PartitionControl, done: Completed, sync: bool) {
+        fault::point(fault::AFTER_SINKS_COMMITTED);
+        self.advance_durable(control, &done.durable);
+        let metrics = &self.factory.context.metrics;
+        let mut committed = BTreeMap::new();
+        if !done.durable.is_empty() {
+            match control.commit(&done.durable, sync) {
+                Ok(()) => committed = done.durable.clone(),
+                Err(e) => {
+                    warn!(
+                        checkpoint = done.id,
+                        error = format!("{e:#}"),
+                        "offset commit failed; the next checkpoint retries"
+                    )
+                }
+            }
+        }
+        metrics.checkpoint_completed(done.took);
+        metrics
+            .last_checkpoint_timestamp_seconds
+            .set(crate::runtime::clock::wall_ms() as f64 / 1000.0);
+        self.factory
+            .health
+            .checkpoint_completed(done.took, &committed);
+        debug!(
+            checkpoint = done.id,
+            took_ms = done.took.as_millis() as u64,
+            partitions = done.durable.len(),
+            "checkpoint complete"
+        );
+        self.completed = Some(done.id);
+    }
+
+    /// Applies the notices that arrived (between polls).
+    pub fn drain_notices(&mut self, control: &impl PartitionControl) {
+        while let Ok(notice) = self.notices.try_recv() {
+            self.on_notice(control, notice, false);
+        }
+    }
+
+    /// Waits for notices until `done` holds or `deadline` passes.
+    fn wait(
+        &mut self,
+        control: &impl PartitionControl,
+        deadline: Instant,
+        done: impl Fn(&SourceState) -> bool,
+    ) -> anyhow::Result<()> {
+        while !done(self) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self
+                .notices
+                .recv_timeout(left.max(Duration::from_millis(1)))
+            {
+                Ok(notice) => self.on_notice(control, notice, true),
+                Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
+                    anyhow::bail!("the final checkpoint did not complete in time")
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => anyhow::bail!("the sinks are gone"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a final checkpoint and waits for it (revocation and shutdown).
+    pub fn final_checkpoint(
+        &mut self,
+        control: &impl PartitionControl,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        // A periodic checkpoint may be running; let it finish first.
+        self.wait(control, deadline, |s| !s.checkpoint_in_flight())?;
+        let Some(id) = self.start_checkpoint(control, CheckpointKind::Final) else {
+            return Ok(());
+        };
+        self.wait(control, deadline, |s| s.completed == Some(id))
+            .map_err(|e| e.context(format!("within {timeout:?}")))
+    }
+}

@@ -1,0 +1,237 @@
+//! `KafkaSource`: the consumer-group member. It runs alone on its own arbiter thread
+//! because it blocks in librdkafka's `poll`, which is also where rebalance callbacks
+//! run; blocking there (to checkpoint revoked partitions) must stall nothing else.
+//!
+//! Its jobs, and where they live:
+//! - poll records in bursts and cut them into per-partition batches (here);
+//! - create one supervised `PartitionReader` per assigned partition, hand it batches,
+//!   pause the partition while its reader is full (`flow.rs`);
+//! - **claim** every assigned partition in Redis before reading it and start at the
+//!   lower fence (`assignment.rs`, called from the rebalance callback in `context.rs`);
+//! - inject checkpoint barriers after each partition's last batch, collect the sinks'
+//!   fences, then commit the lowest to Kafka (`flow.rs`, with the coordinator in
+//!   `checkpoint/coordinator.rs`). That offset is only progress reporting (lag) and
+//!   the cold-start position of a partition that has no fences.
+
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use anyhow::Context as _;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::Consumer;
+use rdkafka::message::Message as _;
+use tracing::{debug, info, warn};
+
+use crate::checkpoint::barrier::CheckpointKind;
+use crate::messages::{Shutdown, SourceNotice, TriggerCheckpoint};
+use crate::protocol::keys::FenceKeys;
+use crate::sinks::warehouse::storage::Storage;
+use crate::source::assignment::Claimer;
+use crate::source::context::{SourceConsumer, SourceContext};
+use crate::source::flow::{ReaderFactory, SourceState};
+
+/// How long one `poll` may block when no records are waiting. Control messages (a
+/// checkpoint trigger, shutdown) wait at most this long.
+const POLL_WAIT: Duration = Duration::from_millis(20);
+
+/// Most records taken in one burst before batches are dispatched and control
+/// messages get a turn.
+const POLL_BURST: usize = 16_384;
+
+/// Mailbox capacity of the source: only control messages (checkpoint triggers, a
+/// shutdown request) arrive here; the timer skips a tick rather than queue a second.
+pub const SOURCE_MAILBOX: usize = 4;
+
+/// The self-message that keeps the poll loop going between other messages.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Poll;
+
+pub struct KafkaSource {
+    consumer: Arc<SourceConsumer>,
+    shutdown: Option<tokio::sync::oneshot::Sender<anyhow::Result<()>>>,
+    shutdown_timeout: Duration,
+}
+
+/// The consumer settings: defaults an operator may override in `[kafka]`, then the
+/// ones delivery depends on, which they may not.
+fn client_config(config: &crate::config::Config) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client.set("auto.offset.reset", "earliest");
+    // Statistics tell which brokers answer (see `held.rs`) and drive the lag metric.
+    client.set("statistics.interval.ms", "1000");
+    client.set("queued.max.messages.kbytes", "16384");
+    for (key, value) in &config.kafka.0 {
+        client.set(key, value);
+    }
+    client.set("group.id", &config.source.group_id);
+    client.set("enable.auto.commit", "false");
+    client.set("enable.auto.offset.store", "false");
+    client
+}
+
+impl KafkaSource {
+    /// Builds the consumer and subscribes; the actor starts polling once started.
+    pub fn new(
+        factory: ReaderFactory,
+        storage: Arc<dyn Storage>,
+        notices: Receiver<SourceNotice>,
+        notices_tx: Sender<SourceNotice>,
+    ) -> anyhow::Result<Self> {
+        let config = factory.config.clone();
+        let start_at_latest = matches!(
+            config.kafka.0.get("auto.offset.reset").map(String::as_str),
+            Some("latest" | "largest" | "end")
+        );
+        let context = SourceContext {
+            metrics: factory.context.metrics.clone(),
+            claimer: Claimer {
+                redis_url: config.redis.url.clone(),
+                redis_timeout: Duration::from_secs(config.redis.command_timeout_secs),
+                keys: FenceKeys::new(&config.source.group_id, &config.source.topic),
+                clock: factory.context.clock.clone(),
+                storage,
+                warehouse_root: config.warehouse.root.clone().into(),
+                group: config.source.group_id.clone(),
+                topic: config.source.topic.clone(),
+            },
+            revoke_timeout: Duration::from_millis(config.pipeline.revoke_timeout_ms),
+            start_at_latest,
+            held: factory.held.clone(),
+            state: Mutex::new(SourceState::new(factory, notices, notices_tx)),
+        };
+        let consumer: SourceConsumer = client_config(&config)
+            .create_with_context(context)
+            .context("creating the kafka consumer")?;
+        consumer
+            .subscribe(&[config.source.topic.as_str()])
+            .context("subscribing to the topic")?;
+        Ok(KafkaSource {
+            consumer: Arc::new(consumer),
+            shutdown: None,
+            shutdown_timeout: Duration::from_secs(config.pipeline.shutdown_timeout_secs),
+        })
+    }
+
+    fn poll_burst(&mut self) {
+        let consumer = &*self.consumer;
+        let context = consumer.context().clone();
+        let mut taken = 0;
+        while taken < POLL_BURST {
+            let wait = if taken == 0 {
+                POLL_WAIT
+            } else {
+                Duration::ZERO
+            };
+            let message = match consumer.poll(wait) {
+                None => break,
+                Some(Ok(message)) => message,
+                Some(Err(e)) => {
+                    warn!(error = %e, "kafka consumer error");
+                    break;
+                }
+            };
+            taken += 1;
+            let (partition, offset) = (message.partition(), message.offset());
+            let mut state = context.lock();
+            let Some(slot) = state.slot_mut(partition) else {
+                warn!(
+                    partition,
+                    offset, "record for an unassigned partition skipped"
+                );
+                continue;
+            };
+            let expected = slot.next_offset;
+            if offset < expected {
+                // Already handed on before a pause; librdkafka delivered it again.
+                continue;
+            }
+            if offset > expected && expected >= 0 {
+                context.on_gap(consumer, partition, expected, offset);
+            }
+            state.push(consumer, partition, offset, message.payload());
+        }
+        let mut state = context.lock();
+        state.flush_all(consumer);
+        state.drain_notices(consumer);
+    }
+
+    fn finish(&mut self) {
+        let consumer = &*self.consumer;
+        let context = consumer.context().clone();
+        let result = context
+            .lock()
+            .final_checkpoint(consumer, self.shutdown_timeout);
+        if result.is_ok() {
+            info!("final checkpoint committed");
+        }
+        // Everything is committed; the readers go now, so that the revocation librdkafka
+        // runs while closing the consumer finds nothing left to checkpoint.
+        {
+            let mut state = context.lock();
+            for partition in state.assigned() {
+                state.unassign(partition);
+            }
+        }
+        consumer.unsubscribe();
+        if let Some(done) = self.shutdown.take() {
+            let _ = done.send(result);
+        }
+    }
+}
+
+impl Actor for KafkaSource {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(crate::runtime::mailbox::actix_capacity(SOURCE_MAILBOX));
+        ctx.notify(Poll);
+    }
+}
+
+impl Handler<Poll> for KafkaSource {
+    type Result = ();
+
+    fn handle(&mut self, _: Poll, ctx: &mut Self::Context) {
+        if self.shutdown.is_some() {
+            self.finish();
+            ctx.stop();
+            return;
+        }
+        self.poll_burst();
+        // Yield to the runtime before the next burst: a notification handled in place
+        // keeps actix's context loop from ever returning, which starves every other
+        // task on this thread (such as the ones that give back the readers' room).
+        ctx.wait(
+            actix::fut::wrap_future::<_, Self>(tokio::task::yield_now())
+                .map(|(), _source, ctx: &mut Context<Self>| ctx.notify(Poll)),
+        );
+    }
+}
+
+impl Handler<TriggerCheckpoint> for KafkaSource {
+    type Result = ();
+
+    fn handle(&mut self, trigger: TriggerCheckpoint, _ctx: &mut Self::Context) {
+        let consumer = &*self.consumer;
+        let context = consumer.context().clone();
+        let mut state = context.lock();
+        state.set_watermark(trigger.watermark);
+        if state.checkpoint_in_flight() {
+            debug!("previous checkpoint still running; tick skipped");
+            return;
+        }
+        state.start_checkpoint(consumer, CheckpointKind::Periodic);
+    }
+}
+
+impl Handler<Shutdown> for KafkaSource {
+    type Result = ();
+
+    fn handle(&mut self, msg: Shutdown, _ctx: &mut Self::Context) {
+        info!("shutdown requested: stopping reads, draining, final checkpoint");
+        self.shutdown = Some(msg.done);
+    }
+}

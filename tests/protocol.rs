@@ -1,0 +1,607 @@
+//! anchorflow's Lua scripts (`actors/src/protocol/scripts/`) against the real Redis of
+//! `scripts/test-env.sh`, each driven through its typed argument builder
+//! (`protocol/scripts.rs`) and read back through its typed reply: a commit applies only
+//! under the current epoch and from the stored fence, a refused commit writes nothing
+//! at all (for any partition), a retry of an applied commit is recognised, a key Redis
+//! refuses does not take the rest of the commit down, a split commit leaves unit
+//! fences that a claim returns, lost fences are marked, a warehouse record stores what
+//! it says, an instance lease has one holder, and arguments that do not match a
+//! script's layout fail it with nothing written.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use anchorflow_actors::checkpoint::barrier::{CheckpointKind, CheckpointSpec};
+use anchorflow_actors::checkpoint::claim::{Claim, FenceRange};
+use anchorflow_actors::logic::decode::TraceValue;
+use anchorflow_actors::messages::{ListPush, PartitionDelta, ShardFlush};
+use anchorflow_actors::protocol::fences::{self, ClaimError};
+use anchorflow_actors::protocol::keys::{FenceKeys, KeyLayout};
+use anchorflow_actors::protocol::publish::{pending_publishes, publish_done, PublishRecord};
+use anchorflow_actors::protocol::reply::{self, Rejection, Reply};
+use anchorflow_actors::protocol::scripts::{
+    commit_invocation, commit_script, record_script, ClaimArgs, ClaimReply, Mode, RecordArgs,
+};
+use anchorflow_actors::protocol::units::unit_of;
+use anchorflow_actors::sinks::redis::commit::{self, CommitInput, CommitPlan, Ttls};
+use common::*;
+
+/// The template all commits of these tests count into (hash key = its number).
+const TEMPLATE: i64 = 1000001220231120;
+
+/// A checkpoint of the Redis sink: `ranges`, with partition `ranges[0]` adding `delta`
+/// receivers to [`TEMPLATE`] state 10 and pushing one value per receiver in `lists`.
+fn plan(
+    keys: &FenceKeys,
+    ranges: &[FenceRange],
+    delta: i64,
+    lists: &[&str],
+    budget: usize,
+) -> CommitPlan {
+    let value = TraceValue {
+        state: 10,
+        business_id: TEMPLATE,
+        timestamp: 1,
+    };
+    let deltas = ranges
+        .iter()
+        .enumerate()
+        .map(|(n, r)| PartitionDelta {
+            partition: r.partition,
+            next_offset: r.to,
+            claim: Claim {
+                epoch: r.epoch,
+                redis: r.from,
+                warehouse: 0,
+            },
+            template_counts: if n == 0 {
+                vec![(TEMPLATE, 10, delta)]
+            } else {
+                vec![]
+            },
+            receiver_lists: if n == 0 {
+                lists
+                    .iter()
+                    .map(|key| ListPush {
+                        key: key.to_string(),
+                        values: vec![value],
+                    })
+                    .collect()
+            } else {
+                vec![]
+            },
+            message_lists: vec![],
+            series: vec![],
+            windows: String::new(),
+        })
+        .collect();
+    let flush = ShardFlush {
+        shard: 0,
+        spec: Arc::new(CheckpointSpec {
+            id: 1,
+            partitions: ranges.iter().map(|r| r.partition).collect(),
+            kind: CheckpointKind::Periodic,
+            watermark: None,
+        }),
+        partitions: deltas,
+    };
+    let input = CommitInput {
+        layout: &KeyLayout::default(),
+        ttls: Ttls {
+            receiver_ms: 60_000,
+            message_ms: 60_000,
+            template_ms: 60_000,
+            series_ms: 60_000,
+            conflicts_ms: 60_000,
+        },
+        tracked: &BTreeMap::new(),
+        units_prefix: &keys.units_prefix,
+        budget_ops: budget,
+    };
+    commit::plan(&input, vec![flush]).expect("a plan")
+}
+
+/// Runs one script of a plan as the Redis sink does.
+fn run(conn: &mut redis::Connection, keys: &FenceKeys, args: &[Vec<u8>]) -> Reply {
+    let script = commit_script();
+    let reply: redis::Value = commit_invocation(&script, keys, args)
+        .invoke(conn)
+        .expect("script runs");
+    reply::parse(&reply).expect("well-formed reply")
+}
+
+/// Runs every script of a one-script commit; returns its reply.
+fn commit(
+    conn: &mut redis::Connection,
+    keys: &FenceKeys,
+    ranges: &[FenceRange],
+    delta: i64,
+) -> Reply {
+    let commit = plan(keys, ranges, delta, &[], 100_000);
+    assert_eq!(commit.scripts.len(), 1);
+    run(conn, keys, &commit.scripts[0].args)
+}
+
+fn applied(ops: i64) -> Reply {
+    Reply::Applied {
+        ops,
+        conflicts: 0,
+        first: vec![],
+    }
+}
+
+fn rejected(rejection: Rejection) -> Reply {
+    Reply::Rejected(rejection)
+}
+
+fn count(conn: &mut redis::Connection) -> i64 {
+    redis::cmd("HGET")
+        .arg(TEMPLATE.to_string())
+        .arg("10")
+        .query::<Option<i64>>(conn)
+        .unwrap()
+        .unwrap_or(0)
+}
+
+/// A fresh database of the test Redis and the keys of one (group, topic).
+fn fresh_db(db: u32) -> (redis::Connection, FenceKeys) {
+    let url = redis_url(db);
+    flush_db(&url);
+    let conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    (conn, FenceKeys::new("g", "t"))
+}
+
+fn range(partition: i32, epoch: i64, from: i64, to: i64) -> FenceRange {
+    FenceRange {
+        partition,
+        epoch,
+        from,
+        to,
+    }
+}
+
+fn claim_fresh(conn: &mut redis::Connection, keys: &FenceKeys, partitions: &[i32], at: i64) {
+    fences::claim(conn, keys, partitions, |fresh| {
+        Ok(fresh.iter().map(|p| (*p, at)).collect())
+    })
+    .unwrap();
+}
+
+#[test]
+fn commits_apply_only_under_the_current_epoch_and_from_the_stored_fence() {
+    let (mut conn, keys) = fresh_db(8);
+    let first = fences::claim(&mut conn, &keys, &[0, 1], |fresh| {
+        Ok(fresh.iter().map(|p| (*p, 5)).collect())
+    })
+    .unwrap();
+    let claim = first[&0].claim;
+    assert_eq!(
+        (claim.epoch, claim.redis, claim.warehouse),
+        (1, 5, 5),
+        "fences start at the cold-start offset"
+    );
+
+    assert_eq!(
+        commit(
+            &mut conn,
+            &keys,
+            &[range(0, 1, 5, 10), range(1, 1, 5, 7)],
+            3
+        ),
+        applied(2),
+        "one HINCRBY and one PEXPIRE"
+    );
+    assert_eq!(count(&mut conn), 3);
+    // A retry of the same commit (its reply lost) is recognised and not applied again.
+    assert_eq!(
+        commit(
+            &mut conn,
+            &keys,
+            &[range(0, 1, 5, 10), range(1, 1, 5, 7)],
+            3
+        ),
+        Reply::AppliedBefore
+    );
+    assert_eq!(count(&mut conn), 3);
+    // A replay that overlaps the stored fence is refused and changes nothing.
+    assert_eq!(
+        commit(&mut conn, &keys, &[range(0, 1, 5, 12)], 3),
+        rejected(Rejection::NotContiguous {
+            partition: 0,
+            stored: 10
+        })
+    );
+    assert_eq!(count(&mut conn), 3);
+
+    // Another instance claims partition 1: the old owner's next commit is refused
+    // whole, including its part for partition 0, which it still owns.
+    let second = fences::claim(&mut conn, &keys, &[1], |_| {
+        panic!("fences exist; no cold start")
+    })
+    .unwrap();
+    assert_eq!((second[&1].claim.epoch, second[&1].claim.redis), (2, 7));
+    assert_eq!(
+        commit(
+            &mut conn,
+            &keys,
+            &[range(0, 1, 10, 12), range(1, 1, 7, 9)],
+            100
+        ),
+        rejected(Rejection::StaleEpoch {
+            partition: 1,
+            stored: 2
+        })
+    );
+    assert_eq!(count(&mut conn), 3);
+    let stored = fences::read(&mut conn, &keys, &[0, 1]).unwrap();
+    assert_eq!(
+        stored[&0],
+        (Some(1), Some(10), Some(5)),
+        "partition 0 did not move"
+    );
+    assert_eq!(stored[&1], (Some(2), Some(7), Some(5)));
+    // The new owner continues from the fence.
+    assert_eq!(
+        commit(&mut conn, &keys, &[range(1, 2, 7, 9)], 4),
+        applied(2)
+    );
+    assert_eq!(count(&mut conn), 7);
+}
+
+/// A key of another type (a shared Redis, or a receiver id equal to another key) is
+/// refused by Redis; before, the script failed halfway with its fences moved. Now the
+/// rest applies, the fences move once, and the refusal is recorded.
+#[test]
+fn a_key_of_another_type_is_a_conflict_not_a_partial_commit() {
+    let (mut conn, keys) = fresh_db(10);
+    claim_fresh(&mut conn, &keys, &[0], 0);
+    redis::cmd("SET")
+        .arg("taken")
+        .arg("a string")
+        .query::<()>(&mut conn)
+        .unwrap();
+    let commit = plan(
+        &keys,
+        &[range(0, 1, 0, 4)],
+        5,
+        &["before", "taken", "after", "anchorflow:g:t:fences"],
+        100_000,
+    );
+    let Reply::Applied {
+        conflicts, first, ..
+    } = run(&mut conn, &keys, &commit.scripts[0].args)
+    else {
+        panic!("the commit applies");
+    };
+    assert_eq!(conflicts, 2, "{first:?}");
+    let mut reasons: Vec<(String, String)> = first
+        .iter()
+        .map(|c| (c.key.clone(), c.reason.clone()))
+        .collect();
+    reasons.sort();
+    assert_eq!(
+        reasons,
+        vec![
+            (
+                "anchorflow:g:t:fences".to_string(),
+                "reserved_key".to_string()
+            ),
+            ("taken".to_string(), "wrong_type".to_string())
+        ]
+    );
+    assert_eq!(count(&mut conn), 5);
+    for key in ["before", "after"] {
+        let n: i64 = redis::cmd("LLEN").arg(key).query(&mut conn).unwrap();
+        assert_eq!(n, 1, "{key}");
+    }
+    let kept: String = redis::cmd("GET").arg("taken").query(&mut conn).unwrap();
+    assert_eq!(kept, "a string", "the foreign key is untouched");
+    let ttl: i64 = redis::cmd("PTTL").arg("taken").query(&mut conn).unwrap();
+    assert_eq!(ttl, -1, "not even its TTL");
+    assert_eq!(fences::read(&mut conn, &keys, &[0]).unwrap()[&0].1, Some(4));
+    let recorded: BTreeMap<String, i64> = redis::cmd("HGETALL")
+        .arg(&keys.conflicts)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(
+        recorded,
+        BTreeMap::from([
+            ("reserved_key anchorflow:g:t:fences".to_string(), 1),
+            ("wrong_type taken".to_string(), 1)
+        ])
+    );
+}
+
+/// A commit bigger than the budget runs as parts and a final. A crash after a part
+/// leaves that part's unit fences, which the next claim returns; a retried part is not
+/// applied twice; the final drops the unit fences it passed.
+#[test]
+fn a_split_commit_leaves_unit_fences_until_its_final_script() {
+    let (mut conn, keys) = fresh_db(11);
+    claim_fresh(&mut conn, &keys, &[0], 0);
+    let receivers: Vec<String> = (0..300).map(|n| format!("r{n}")).collect();
+    let refs: Vec<&str> = receivers.iter().map(String::as_str).collect();
+    let split = plan(&keys, &[range(0, 1, 0, 50)], 1, &refs, 120);
+    let (last, parts) = split.scripts.split_last().unwrap();
+    assert!(parts.len() >= 2, "{} scripts", split.scripts.len());
+    assert_eq!(last.mode, Mode::Final);
+    assert!(matches!(
+        run(&mut conn, &keys, &parts[0].args),
+        Reply::Applied { .. }
+    ));
+    // The part's reply is lost; it runs again and changes nothing.
+    assert_eq!(run(&mut conn, &keys, &parts[0].args), applied(0));
+    let pushed = |conn: &mut redis::Connection| -> i64 {
+        refs.iter()
+            .map(|k| redis::cmd("LLEN").arg(k).query::<i64>(conn).unwrap())
+            .sum()
+    };
+    let after_one_part = pushed(&mut conn);
+    assert!(after_one_part > 0 && after_one_part < 300);
+    // A crash here: the partition's fence has not moved, its applied units are fenced.
+    let claimed = fences::claim(&mut conn, &keys, &[0], |_| panic!("fences exist")).unwrap();
+    assert_eq!(claimed[&0].claim.redis, 0);
+    assert!(!claimed[&0].unit_fences.is_empty());
+    assert!(claimed[&0].unit_fences.values().all(|f| *f == 50));
+    // Its new owner replays the range, leaving out the keys of fenced units (as the
+    // aggregators do), in one script: every list then holds its value exactly once,
+    // and the final script drops the unit fences.
+    let fenced = &claimed[&0].unit_fences;
+    let left: Vec<&str> = refs
+        .iter()
+        .copied()
+        .filter(|key| !fenced.contains_key(&unit_of(key.as_bytes())))
+        .collect();
+    assert_eq!(left.len() as i64, 300 - after_one_part);
+    let epoch = claimed[&0].claim.epoch;
+    let replay = plan(&keys, &[range(0, epoch, 0, 50)], 1, &left, 100_000);
+    assert_eq!(replay.scripts.len(), 1);
+    assert!(matches!(
+        run(&mut conn, &keys, &replay.scripts[0].args),
+        Reply::Applied { .. }
+    ));
+    assert_eq!(pushed(&mut conn), 300);
+    let claimed = fences::claim(&mut conn, &keys, &[0], |_| panic!("fences exist")).unwrap();
+    assert_eq!(claimed[&0].claim.redis, 50);
+    assert!(claimed[&0].unit_fences.is_empty());
+}
+
+#[test]
+fn lost_fences_are_refused_and_marked() {
+    let (mut conn, keys) = fresh_db(9);
+    claim_fresh(&mut conn, &keys, &[0], 0);
+    redis::cmd("FLUSHDB").query::<()>(&mut conn).unwrap();
+
+    assert_eq!(
+        commit(&mut conn, &keys, &[range(0, 1, 0, 4)], 1),
+        rejected(Rejection::FencesMissing { partition: 0 })
+    );
+    assert_eq!(count(&mut conn), 0, "nothing partial");
+    assert!(fences::lost_marker(&mut conn, &keys).unwrap().is_some());
+    // No instance may claim (and so read from a stale Kafka offset) until recovery.
+    assert!(matches!(
+        fences::claim(&mut conn, &keys, &[0], |_| Ok(Default::default())),
+        Err(ClaimError::StateLost { .. })
+    ));
+    let old = fences::read(&mut conn, &keys, &[0]).unwrap();
+    fences::reset(&mut conn, &keys, &[(0, (0, 0))].into_iter().collect(), &old).unwrap();
+    assert!(fences::lost_marker(&mut conn, &keys).unwrap().is_none());
+    let claim = fences::claim(&mut conn, &keys, &[0], |_| panic!("fences exist")).unwrap();
+    assert_eq!((claim[&0].claim.redis, claim[&0].claim.warehouse), (0, 0));
+}
+
+/// Issue 9, item 3: a second process started with the same instance id must not take
+/// the lease (and so delete the first one's in-progress files); a holder of this host
+/// that is gone (kill -9) is taken over at once.
+#[test]
+fn one_live_run_holds_an_instance_lease() {
+    use anchorflow_actors::protocol::lease::InstanceLease;
+    let (mut conn, keys) = fresh_db(13);
+    let mut first = InstanceLease::new(&keys, "a", "run1");
+    let mut second = InstanceLease::new(&keys, "a", "run2");
+    let mut other = InstanceLease::new(&keys, "ab", "run3");
+    assert!(first.refresh(&mut conn).unwrap());
+    assert!(!second.refresh(&mut conn).unwrap(), "the first is alive");
+    assert!(
+        other.refresh(&mut conn).unwrap(),
+        "another id, even a longer one"
+    );
+    assert!(first.refresh(&mut conn).unwrap(), "renewal");
+
+    // A holder on this host whose process is gone.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let lease_key = format!("{}a", keys.instances_prefix);
+    redis::cmd("SET")
+        .arg(&lease_key)
+        .arg(format!("{}:4194303:dead", host.trim()))
+        .query::<()>(&mut conn)
+        .unwrap();
+    assert!(second.refresh(&mut conn).unwrap(), "taken over");
+    assert!(
+        !first.refresh(&mut conn).unwrap(),
+        "the second holds it now"
+    );
+    let ttl: i64 = redis::cmd("PTTL").arg(&lease_key).query(&mut conn).unwrap();
+    assert!(ttl > 0 && ttl <= 30_000, "{ttl}");
+}
+
+/// `claim.lua` through [`ClaimArgs`]: each claim bumps the epoch and returns the
+/// fences; a partition without fences needs a cold-start offset; the lost marker
+/// stops every claim.
+#[test]
+fn the_claim_script_round_trips() {
+    let (mut conn, keys) = fresh_db(14);
+    let claim = |conn: &mut redis::Connection, partitions: &[(i32, i64)]| {
+        ClaimArgs {
+            units_prefix: &keys.units_prefix,
+            partitions,
+        }
+        .invoke(conn, &keys)
+        .unwrap()
+    };
+    assert_eq!(claim(&mut conn, &[(0, -1)]), ClaimReply::Vanished(0));
+    let ClaimReply::Claimed(first) = claim(&mut conn, &[(0, 40), (1, 0)]) else {
+        panic!("claimed");
+    };
+    assert_eq!(
+        first[&0].claim,
+        Claim {
+            epoch: 1,
+            redis: 40,
+            warehouse: 40
+        }
+    );
+    assert_eq!(first[&1].claim.epoch, 1);
+    let ClaimReply::Claimed(again) = claim(&mut conn, &[(0, -1)]) else {
+        panic!("claimed");
+    };
+    assert_eq!(
+        again[&0].claim,
+        Claim {
+            epoch: 2,
+            redis: 40,
+            warehouse: 40
+        }
+    );
+    fences::mark_lost(&mut conn, &keys, "test").unwrap();
+    assert_eq!(claim(&mut conn, &[(0, -1)]), ClaimReply::StateLost);
+}
+
+/// Arguments that do not match a script's layout fail it before its first write: one
+/// value missing from the middle of a commit, or one too many, changes nothing.
+#[test]
+fn arguments_that_do_not_match_a_script_fail_it_with_nothing_written() {
+    let (mut conn, keys) = fresh_db(15);
+    claim_fresh(&mut conn, &keys, &[0], 0);
+    let commit = plan(&keys, &[range(0, 1, 0, 5)], 3, &["r1", "r2"], 100_000);
+    let args = &commit.scripts[0].args;
+    let script = commit_script();
+    let mut short = args.clone();
+    short.remove(args.len() / 2);
+    let mut long = args.clone();
+    long.insert(args.len() - 1, b"extra".to_vec());
+    for broken in [short, long] {
+        let result: redis::RedisResult<redis::Value> =
+            commit_invocation(&script, &keys, &broken).invoke(&mut conn);
+        let error = result.expect_err("a mismatched layout fails");
+        assert!(
+            error.to_string().contains("do not match their layout")
+                || error.to_string().contains("number"),
+            "{error}"
+        );
+    }
+    assert_eq!(count(&mut conn), 0, "nothing written");
+    assert_eq!(fences::read(&mut conn, &keys, &[0]).unwrap()[&0].1, Some(0));
+    assert_eq!(
+        run(&mut conn, &keys, args),
+        applied(6),
+        "the right arguments apply"
+    );
+    assert_eq!(count(&mut conn), 3);
+}
+
+/// `warehouse_record.lua` through [`RecordArgs`]: the fences move, the record is
+/// kept for publishing (a record without files keeps nothing: there is nothing to
+/// roll forward), the folders await their commit unless committed, the watermark
+/// only grows, the open windows are stored; a retry is recognised.
+#[test]
+fn the_record_script_round_trips() {
+    let (mut conn, keys) = fresh_db(16);
+    claim_fresh(&mut conn, &keys, &[0, 1], 0);
+    let script = record_script();
+    let ranges = [range(0, 1, 0, 10), range(1, 1, 0, 4)];
+    let record = PublishRecord {
+        id: "a.run.1".into(),
+        files: vec![("/w/.f.inprogress".into(), "/w/part-f.parquet".into())],
+        ranges: ranges.to_vec(),
+    };
+    redis::cmd("SADD")
+        .arg(&keys.committed)
+        .arg("ods_anchor_log/dt=2023-11-20/hour=10")
+        .query::<()>(&mut conn)
+        .unwrap();
+    let folders: std::collections::BTreeSet<String> = [
+        "ods_anchor_log/dt=2023-11-20/hour=10",
+        "ods_anchor_log/dt=2023-11-20/hour=11",
+    ]
+    .map(String::from)
+    .into();
+    let states: BTreeMap<i32, String> = [(0, "w 1\n".to_string())].into();
+    let args = RecordArgs {
+        ranges: &ranges,
+        record: &record,
+        folders: &folders,
+        watermark: Some(5_000),
+        states: &states,
+    };
+    assert_eq!(args.invoke(&script, &mut conn, &keys).unwrap(), applied(1));
+    assert_eq!(
+        args.invoke(&script, &mut conn, &keys).unwrap(),
+        Reply::AppliedBefore
+    );
+    let stored = fences::read(&mut conn, &keys, &[0, 1]).unwrap();
+    assert_eq!((stored[&0].2, stored[&1].2), (Some(10), Some(4)));
+    assert_eq!(
+        pending_publishes(&mut conn, &keys).unwrap(),
+        vec![record.clone()]
+    );
+    let pending: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(&keys.folders)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(
+        pending,
+        vec!["ods_anchor_log/dt=2023-11-20/hour=11"],
+        "the committed one is not pending again"
+    );
+    let marks: BTreeMap<String, i64> = redis::cmd("HGETALL")
+        .arg(&keys.watermarks)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(
+        marks,
+        [("0".to_string(), 5_000), ("1".to_string(), 5_000)].into()
+    );
+    let windows: Option<String> = redis::cmd("HGET")
+        .arg(&keys.windows)
+        .arg("dws:0")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(windows.as_deref(), Some("w 1\n"));
+
+    // A record without files, with an older watermark: fences move, nothing to publish.
+    publish_done(&mut conn, &keys, &record.id).unwrap();
+    let quiet_ranges = [range(0, 1, 10, 12)];
+    let quiet = PublishRecord {
+        id: "a.run.2".into(),
+        files: vec![],
+        ranges: quiet_ranges.to_vec(),
+    };
+    let args = RecordArgs {
+        ranges: &quiet_ranges,
+        record: &quiet,
+        folders: &Default::default(),
+        watermark: Some(4_000),
+        states: &Default::default(),
+    };
+    assert_eq!(args.invoke(&script, &mut conn, &keys).unwrap(), applied(1));
+    assert!(
+        pending_publishes(&mut conn, &keys).unwrap().is_empty(),
+        "no record kept"
+    );
+    assert_eq!(
+        fences::read(&mut conn, &keys, &[0]).unwrap()[&0].2,
+        Some(12)
+    );
+    let mark: i64 = redis::cmd("HGET")
+        .arg(&keys.watermarks)
+        .arg("0")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(mark, 5_000, "a watermark never goes back");
+}
