@@ -525,6 +525,11 @@ fn a_broker_paused_for_a_minute_loses_nothing_and_closes_nothing_early() {
     let broker = TestBroker::start();
     let mut setup = Setup::on_brokers("broker-pause", &broker.brokers(), 4, redis_url(25));
     short_timeouts(&mut setup);
+    // The session outlasts the pause. With the suite's 6 s the member's session ran
+    // out during it, the process exited 75 as it must, and its restart then waited
+    // for ever on tansu 0.6.0, which never expires the dead member (seen once). A
+    // lost session is the group rows' business, on the mock cluster.
+    setup.set("kafka.session.timeout.ms=120000");
     let produced = setup.produce_records(in_order(3_100, 60_000, SHANGHAI_MIDNIGHT - 30_000, 4));
     let total: i64 = produced.values().map(|r| r.len() as i64).sum();
     let run = setup.supervise("broker-pause", &[], "");

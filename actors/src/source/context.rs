@@ -389,11 +389,16 @@ impl ConsumerContext for SourceContext {
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 self.on_assign(consumer, tpl);
-                if cooperative {
+                let assigned = if cooperative {
                     consumer.incremental_assign(tpl)
                 } else {
                     consumer.assign(tpl)
-                }
+                };
+                // librdkafka keeps a partition's pause across revocation and a later
+                // assignment to this consumer; a partition revoked while paused (its
+                // drainer or checkpoint still pending) would never be fetched again,
+                // silently. Every slot starts unpaused, so the consumer must too.
+                assigned.and_then(|()| Consumer::resume(consumer, tpl))
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 self.on_revoke(consumer, tpl);
