@@ -53,6 +53,20 @@ pub struct GeneratorConfig {
     pub bad_per_mille: u64,
     /// `decode.max_ids` of the pipeline, so that oversize arrays can be produced.
     pub max_ids: usize,
+    /// What the traffic looks like.
+    pub shape: Shape,
+}
+
+/// The kind of traffic generated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Shape {
+    /// Sends that go through austin's funnel (2–3 events per message id) to receivers
+    /// drawn from a few tens of thousands: many events per Redis key per checkpoint.
+    #[default]
+    Funnel,
+    /// One event per send, every message id new, receivers drawn from `receivers`:
+    /// about 2.4 new Redis keys per event, so Redis does most of the work.
+    RedisHeavy { receivers: u64 },
 }
 
 impl Default for GeneratorConfig {
@@ -64,6 +78,7 @@ impl Default for GeneratorConfig {
             step_ms: 7,
             bad_per_mille: 5,
             max_ids: 10_000,
+            shape: Shape::Funnel,
         }
     }
 }
@@ -172,11 +187,29 @@ impl Generator {
         }
     }
 
+    /// One `RedisHeavy` send: a single event with a new message id.
+    fn enqueue_unique(&mut self, receivers: u64, ts: i64, business_id: i64) {
+        let fan_out = if self.rng.chance(85) {
+            1
+        } else {
+            2 + self.rng.below(3)
+        };
+        let ids: Vec<String> = (0..fan_out)
+            .map(|_| format!("{}", 10_000_000 + self.rng.below(receivers)))
+            .collect();
+        let message_id = format!("u{:x}", self.sends);
+        let event = self.event(&message_id, &ids, 10, business_id, ts);
+        self.queue.push_back(event);
+    }
+
     fn enqueue_send(&mut self) {
         self.sends += 1;
         let ts = self.config.start_ms + self.sends as i64 * self.config.step_ms;
         let template = self.rng.below(self.config.templates);
         let business_id = Self::business_id(template, ts);
+        if let Shape::RedisHeavy { receivers } = self.config.shape {
+            return self.enqueue_unique(receivers, ts, business_id);
+        }
         let fan_out = match self.rng.below(100) {
             0..=79 => 1,
             80..=94 => 2 + self.rng.below(3),

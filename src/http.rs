@@ -1,6 +1,8 @@
-//! The HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (process alive) and
+//! The HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (process alive),
 //! `/readyz` (the last checkpoint committed, Redis holds the fences, and no actor is
-//! restarting; `runtime/health.rs`). It runs on its
+//! restarting; `runtime/health.rs`) and `/checkpoints` (the durations in milliseconds
+//! of the recent checkpoints, one per line, oldest first; `anchorflow bench` reads its
+//! percentiles here, exact where the histogram has buckets). It runs on its
 //! own thread with a small synchronous server; scrapes are rare and cheap.
 
 use std::thread::JoinHandle;
@@ -10,6 +12,15 @@ use tiny_http::{Header, Response, Server};
 use tracing::warn;
 
 use crate::pipeline::Telemetry;
+
+fn checkpoints(telemetry: &Telemetry) -> String {
+    telemetry
+        .health
+        .recent_checkpoints()
+        .iter()
+        .map(|d| format!("{:.3}\n", d.as_secs_f64() * 1000.0))
+        .collect()
+}
 
 /// Starts serving on `listen`; returns the bound address and the server thread.
 pub fn serve(
@@ -34,6 +45,7 @@ pub fn serve(
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     ),
                     "/healthz" => (200, "ok\n".to_string(), "text/plain"),
+                    "/checkpoints" => (200, checkpoints(&telemetry), "text/plain"),
                     "/readyz" if telemetry.health.is_ready() => {
                         (200, "ready\n".to_string(), "text/plain")
                     }

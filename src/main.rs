@@ -59,6 +59,15 @@ enum Command {
     Fences(fences_cli::FencesCommand),
     /// Measure throughput and memory (see docs/benchmarks.md).
     Bench(bench::BenchOptions),
+    /// Serve librdkafka's mock cluster with one topic until stdin closes (the
+    /// benchmark's out-of-process broker); prints `bootstrap.servers=…`.
+    #[command(hide = true)]
+    MockServe {
+        #[arg(long)]
+        topic: String,
+        #[arg(long, default_value_t = 16)]
+        partitions: i32,
+    },
 }
 
 fn init_logging(config: &Config, format: Option<&str>) {
@@ -112,7 +121,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     }
-    let demo_like = matches!(cli.command, Command::Demo { .. } | Command::Bench(_));
+    let demo_like = matches!(
+        cli.command,
+        Command::Demo { .. } | Command::Bench(_) | Command::MockServe { .. }
+    );
     let config = match load_config(&cli, demo_like) {
         Ok(config) => config,
         Err(code) => return code,
@@ -147,6 +159,10 @@ fn main() -> ExitCode {
             .map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS),
         Command::Bench(options) => reported("bench", bench::run(config, options))
             .map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS),
+        Command::MockServe { topic, partitions } => {
+            reported("mock-serve", bench::mock_serve(&topic, partitions))
+                .map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -185,6 +185,8 @@ mod tests {
         assert!(e.to_string().contains("unknown field"), "{e}");
         let e = bad(&["kafka.bootstrap.servers=x:1", "time.timezone=Nowhere/Land"]);
         assert_eq!(e.field, "time.timezone");
+        let e = bad(&["kafka.bootstrap.servers=x:1", "pipeline.memory_budget_mb=8"]);
+        assert_eq!(e.field, "pipeline.memory_budget_mb", "{e}");
         let e = bad(&[]);
         assert_eq!(e.field, "kafka.bootstrap.servers");
         let e = load(Some(Path::new("/nonexistent.toml")), Vec::new(), &[]).unwrap_err();

@@ -123,6 +123,11 @@ pub struct PipelineConfig {
     /// this many the partition is paused until a checkpoint commits. Bounds what a
     /// stalled sink leaves in memory (uncommitted aggregates and open files).
     pub max_uncommitted_records: u64,
+    /// Memory the process may use for records in flight, in MiB: librdkafka's prefetch,
+    /// batches on their way to the readers, and input not yet durable in both sinks are
+    /// cut to shares of it (`runtime/memory.rs`), so RSS stays near it at any partition
+    /// count and behind a slow sink. At least 32.
+    pub memory_budget_mb: u64,
 }
 
 impl Default for PipelineConfig {
@@ -134,11 +139,16 @@ impl Default for PipelineConfig {
             shutdown_timeout_secs: 30,
             revoke_timeout_ms: 20_000,
             max_uncommitted_records: 100_000,
+            memory_budget_mb: 256,
         }
     }
 }
 
 impl PipelineConfig {
+    pub fn memory(&self) -> crate::runtime::memory::MemoryBudget {
+        crate::runtime::memory::MemoryBudget::from_mb(self.memory_budget_mb)
+    }
+
     /// Shard count with 0 resolved to the number of cores.
     pub fn shards(&self) -> usize {
         resolve_cores(self.aggregator_shards)

@@ -157,6 +157,10 @@ metrics! {
     idle_partitions: Gauge = Default::default(), "Assigned partitions without records for time.idle_timeout_ms";
     /// Assigned partitions with records not processed yet (never idle, see `held.rs`).
     held_partitions: Gauge = Default::default(), "Assigned partitions with records not processed yet (paused by backpressure, behind the broker, or behind a silent broker): never idle";
+    /// Partitions the source paused, by why: `reader_full` or `uncommitted` (see `source/flow.rs`).
+    paused_partitions: Family<ReasonLabel, Gauge> = Default::default(), "Assigned partitions the source paused, by reason: reader_full (its reader's mailbox is full) or uncommitted (at the uncommitted bound: a sink is slower than the input, or stalled)";
+    /// Readers with input they have not finished (see `source/held.rs`).
+    readers_busy: Gauge = Default::default(), "Partition readers with input they have not finished (working, or waiting for room downstream)";
     partitions_assigned: Gauge = Default::default(), "Kafka partitions assigned to this instance";
     /// Events whose window had already closed for their partition (series path).
     late_events: Counter = Default::default(), "Events whose event-time window had already closed; they amend it";

@@ -209,6 +209,7 @@ impl Timer {
         metrics
             .held_partitions
             .set(self.held.partitions().len() as i64);
+        metrics.readers_busy.set(self.held.busy_readers() as i64);
         if let Some(instance) = watermarks.instance(now, wall_ms) {
             metrics
                 .watermark_timestamp_seconds

@@ -103,6 +103,15 @@ impl Config {
             pipeline.shutdown_timeout_secs,
         )?;
         positive("pipeline.revoke_timeout_ms", pipeline.revoke_timeout_ms)?;
+        if pipeline.memory_budget_mb < crate::runtime::memory::MIN_BUDGET_MB {
+            return Err(ConfigError::new(
+                "pipeline.memory_budget_mb",
+                format!(
+                    "must be at least {} (MiB)",
+                    crate::runtime::memory::MIN_BUDGET_MB
+                ),
+            ));
+        }
         if pipeline.max_uncommitted_records < self.source.batch_max_records as u64 {
             return Err(ConfigError::new(
                 "pipeline.max_uncommitted_records",

@@ -6,5 +6,6 @@ pub mod exit;
 pub mod fault;
 pub mod health;
 pub mod mailbox;
+pub mod memory;
 pub mod retry;
 pub mod supervision;

@@ -30,13 +30,17 @@ use crate::checkpoint::claim::Claim;
 use crate::checkpoint::coordinator::{Completed, Coordinator};
 use crate::config::Config;
 use crate::messages::{PartitionInput, RecordBatch, SourceNotice};
+use crate::metrics::ReasonLabel;
 use crate::protocol::fences::StoredWindows;
 use crate::reader::links::ReaderContext;
 use crate::reader::partition_reader::{PartitionReader, READER_MAILBOX};
 use crate::runtime::fault;
 use crate::runtime::health::Health;
 use crate::runtime::mailbox::Mailbox;
+use crate::runtime::memory::RECORD_OVERHEAD;
 use crate::source::held::Held;
+use crate::source::slot::Pause;
+pub use crate::source::slot::Slot;
 
 /// What flow control and checkpoints need of the Kafka consumer.
 pub trait PartitionControl {
@@ -57,38 +61,6 @@ pub struct ReaderFactory {
     /// Shared with the timer (see `held.rs`).
     pub held: Held,
     pub health: Health,
-}
-
-/// One assigned partition.
-pub struct Slot {
-    reader: Mailbox<PartitionInput>,
-    arbiter: ArbiterHandle,
-    building: RecordBatch,
-    outbox: VecDeque<PartitionInput>,
-    /// The reader is full: a drainer is delivering the outbox.
-    blocked: bool,
-    /// At `pipeline.max_uncommitted_records`: waiting for a checkpoint.
-    throttled: bool,
-    /// Offset after the last record handed on; starts at the claim's lower fence.
-    pub next_offset: i64,
-    /// Where both sinks are durable (the last completed checkpoint, or the claim).
-    durable: i64,
-    claim: Claim,
-}
-
-/// Why a partition is paused (both may hold at once).
-#[derive(Clone, Copy, Debug)]
-enum Pause {
-    /// Its reader's mailbox is full.
-    ReaderFull,
-    /// It is at `pipeline.max_uncommitted_records`.
-    Uncommitted,
-}
-
-impl Slot {
-    fn paused(&self) -> bool {
-        self.blocked || self.throttled
-    }
 }
 
 pub struct SourceState {
@@ -153,6 +125,9 @@ impl SourceState {
             throttled: false,
             next_offset: claim.start(),
             durable: claim.start(),
+            read_bytes: 0,
+            durable_bytes: 0,
+            barrier_bytes: VecDeque::new(),
             claim,
         };
         self.slots.insert(partition, slot);
@@ -169,6 +144,22 @@ impl SourceState {
     fn export_assigned(&self) {
         let metrics = &self.factory.context.metrics;
         metrics.partitions_assigned.set(self.slots.len() as i64);
+        self.export_paused();
+    }
+
+    /// How many partitions are paused, by why (a partition may count under both).
+    fn export_paused(&self) {
+        let metrics = &self.factory.context.metrics;
+        let count = |why: fn(&Slot) -> bool| self.slots.values().filter(|s| why(s)).count() as i64;
+        for (reason, why) in [
+            ("reader_full", (|s: &Slot| s.blocked) as fn(&Slot) -> bool),
+            ("uncommitted", |s: &Slot| s.throttled),
+        ] {
+            metrics
+                .paused_partitions
+                .get_or_create(&ReasonLabel { reason })
+                .set(count(why));
+        }
     }
 
     /// Adds a record to its partition's batch; hands the batch on once it is full.
@@ -179,15 +170,23 @@ impl SourceState {
         offset: i64,
         payload: Option<&[u8]>,
     ) {
-        let source = &self.factory.config.source;
-        let (max_records, max_bytes) = (source.batch_max_records, source.batch_max_bytes);
-        let max_uncommitted = self.factory.config.pipeline.max_uncommitted_records as i64;
+        let (source, pipeline) = (&self.factory.config.source, &self.factory.config.pipeline);
+        let assigned = self.slots.len();
+        let max_records = source.batch_max_records;
+        let max_bytes = pipeline
+            .memory()
+            .batch_bytes(source.batch_max_bytes, assigned);
+        let uncommitted = (
+            pipeline.max_uncommitted_records as i64,
+            pipeline.memory().uncommitted_bytes(assigned),
+        );
         let Some(slot) = self.slots.get_mut(&partition) else {
             return;
         };
         slot.building.push(offset, payload);
         slot.next_offset = offset + 1;
-        let throttle = !slot.throttled && slot.next_offset - slot.durable >= max_uncommitted;
+        slot.read_bytes += payload.map_or(0, <[u8]>::len) as u64 + RECORD_OVERHEAD;
+        let throttle = !slot.throttled && slot.over_uncommitted(uncommitted.0, uncommitted.1);
         if throttle
             || slot.building.records.len() >= max_records
             || slot.building.data.len() >= max_bytes
@@ -313,10 +312,12 @@ impl SourceState {
         if !was_paused {
             control.pause(partition);
         }
+        self.export_paused();
     }
 
     /// Resumes a partition, at its exact next offset, once nothing holds it paused.
     fn release(&mut self, control: &impl PartitionControl, partition: i32) {
+        self.export_paused();
         let Some(slot) = self.slots.get_mut(&partition) else {
             return;
         };
@@ -335,13 +336,15 @@ impl SourceState {
     /// A checkpoint made records durable: throttled partitions back under the bound
     /// resume.
     fn advance_durable(&mut self, control: &impl PartitionControl, durable: &BTreeMap<i32, i64>) {
-        let max_uncommitted = self.factory.config.pipeline.max_uncommitted_records as i64;
+        let pipeline = &self.factory.config.pipeline;
+        let max_records = pipeline.max_uncommitted_records as i64;
+        let max_bytes = pipeline.memory().uncommitted_bytes(self.slots.len());
         for (&partition, &fence) in durable {
             let Some(slot) = self.slots.get_mut(&partition) else {
                 continue;
             };
-            slot.durable = slot.durable.max(fence);
-            if slot.throttled && slot.next_offset - slot.durable < max_uncommitted {
+            slot.advance(fence);
+            if slot.throttled && !slot.over_uncommitted(max_records, max_bytes) {
                 slot.throttled = false;
                 self.release(control, partition);
             }
@@ -367,6 +370,8 @@ impl SourceState {
         for &partition in &spec.partitions {
             self.flush_building(control, partition);
             if let Some(slot) = self.slots.get_mut(&partition) {
+                slot.barrier_bytes
+                    .push_back((slot.next_offset, slot.read_bytes));
                 let barrier = Barrier {
                     spec: spec.clone(),
                     partition,

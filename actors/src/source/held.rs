@@ -90,6 +90,11 @@ impl Held {
         state.readers.remove(&partition);
     }
 
+    /// How many readers have unfinished input.
+    pub fn busy_readers(&self) -> usize {
+        self.lock().readers.values().filter(|busy| busy()).count()
+    }
+
     /// Every held partition.
     pub fn partitions(&self) -> BTreeSet<i32> {
         let state = self.lock();
@@ -174,7 +179,9 @@ mod tests {
             [5].into(),
             "a reader with unfinished input"
         );
+        assert_eq!(held.busy_readers(), 1);
         busy.store(false, std::sync::atomic::Ordering::SeqCst);
         assert!(held.partitions().is_empty());
+        assert_eq!(held.busy_readers(), 0);
     }
 }

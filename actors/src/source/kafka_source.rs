@@ -62,7 +62,22 @@ fn client_config(config: &crate::config::Config) -> ClientConfig {
     client.set("auto.offset.reset", "earliest");
     // Statistics tell which brokers answer (see `held.rs`) and drive the lag metric.
     client.set("statistics.interval.ms", "1000");
-    client.set("queued.max.messages.kbytes", "16384");
+    // The prefetch share of the memory budget (runtime/memory.rs), never more than the
+    // 16 MiB queue anchorflow always used (the fault rows were tuned against it), and
+    // within librdkafka's range. One fetch may overshoot it by `fetch.max.bytes`, which
+    // a budget below 128 MiB cuts too.
+    let prefetch = config.pipeline.memory().prefetch_bytes().min(16 << 20);
+    client.set(
+        "queued.max.messages.kbytes",
+        (prefetch >> 10).max(1).to_string(),
+    );
+    if prefetch < 16 << 20 {
+        client.set("fetch.max.bytes", prefetch.max(1 << 20).to_string());
+        client.set(
+            "max.partition.fetch.bytes",
+            (prefetch / 16).clamp(64 << 10, 1 << 20).to_string(),
+        );
+    }
     for (key, value) in &config.kafka.0 {
         client.set(key, value);
     }

@@ -117,17 +117,38 @@ local function hashes(apply)
   i = i + 1
 end
 
--- Whether this unit is there already: every partition's unit fence has reached its
--- range end (a retry of this very script, or events all below the unit fences, which
--- the aggregators left out).
-local function unit_applied(unit)
-  for _, r in ipairs(ranges) do
-    local stored = tonumber(redis.call('HGET', unit_prefix .. r[1], unit))
-    if not stored or stored < r[4] then
-      return false
+-- Runs `command key` with `items` appended, at most 1000 at a time (unpack's limit).
+local function chunked(command, key, items)
+  for j = 1, #items, 1000 do
+    redis.call(command, key, unpack(items, j, math.min(j + 999, #items)))
+  end
+end
+
+-- The unit fences of this script's units, per range (`stored[r][unit]`), and the units
+-- that are there already: every partition's unit fence has reached its range end (a
+-- retry of this very script, or events all below the unit fences, which the
+-- aggregators left out). One HMGET per partition, not one HGET per unit and
+-- partition: a big checkpoint has ~1000 units over every partition.
+local function unit_fences(unit_ids)
+  local applied, stored = {}, {}
+  for _, id in ipairs(unit_ids) do
+    applied[id] = true
+  end
+  for n, r in ipairs(ranges) do
+    stored[n] = {}
+    for j = 1, #unit_ids, 1000 do
+      local upto = math.min(j + 999, #unit_ids)
+      local found = redis.call('HMGET', unit_prefix .. r[1], unpack(unit_ids, j, upto))
+      for k = j, upto do
+        local fence = tonumber(found[k - j + 1])
+        stored[n][unit_ids[k]] = fence
+        if not fence or fence < r[4] then
+          applied[unit_ids[k]] = nil
+        end
+      end
     end
   end
-  return true
+  return applied, stored
 end
 
 -- The tail of a `final` script: series hashes, window states, refused keys.
@@ -149,10 +170,12 @@ local function tail(apply)
 end
 
 -- Walks the units once without writing (skipping costs a few steps per key), so that
--- arguments that do not match this layout fail the script before its first write.
+-- arguments that do not match this layout fail the script before its first write; notes
+-- the units' ids on the way.
 local body = i
+local unit_ids = {}
 for _ = 1, next_int() do
-  next_arg()
+  unit_ids[#unit_ids + 1] = next_arg()
   lists(false)
   hashes(false)
 end
@@ -167,20 +190,32 @@ if verdict then
   return verdict
 end
 
+local skip, stored = {}, {}
+if mode == 'part' then
+  skip, stored = unit_fences(unit_ids)
+end
+local moved = {}
 for _ = 1, next_int() do
   local unit = next_arg()
-  local apply = mode == 'final' or not unit_applied(unit)
+  local apply = not skip[unit]
   lists(apply)
   hashes(apply)
   if mode == 'part' and apply then
-    for _, r in ipairs(ranges) do
-      local key = unit_prefix .. r[1]
-      local stored = tonumber(redis.call('HGET', key, unit))
-      if not stored or stored < r[4] then
-        redis.call('HSET', key, unit, r[4])
-      end
+    moved[#moved + 1] = unit
+  end
+end
+-- A `part` script moves the unit fences of the units it applied, never back (a
+-- crashed run's fence may be ahead of this replay's range end): one HSET per partition.
+for n, r in ipairs(#moved > 0 and ranges or {}) do
+  local pairs_ = {}
+  for _, unit in ipairs(moved) do
+    local fence = stored[n][unit]
+    if not fence or fence < r[4] then
+      pairs_[#pairs_ + 1] = unit
+      pairs_[#pairs_ + 1] = r[4]
     end
   end
+  chunked('HSET', unit_prefix .. r[1], pairs_)
 end
 
 if mode == 'final' then
@@ -189,11 +224,13 @@ if mode == 'final' then
   for _, r in ipairs(ranges) do
     local key = unit_prefix .. r[1]
     local fences = redis.call('HGETALL', key)
+    local passed = {}
     for k = 1, #fences, 2 do
       if tonumber(fences[k + 1]) <= r[4] then
-        redis.call('HDEL', key, fences[k])
+        passed[#passed + 1] = fences[k]
       end
     end
+    chunked('HDEL', key, passed)
   end
 end
 

@@ -1,0 +1,80 @@
+//! One memory budget, `pipeline.memory_budget_mb`, split over what holds records:
+//!
+//! | share | what | how it is held to it |
+//! |---|---|---|
+//! | 1/8 | librdkafka's prefetch | `queued.max.messages.kbytes` (at most the 16 MiB it always had), `fetch.max.bytes` below a 128 MiB budget |
+//! | 1/8 | records on their way to the readers | batch size per assigned partition (a slot holds at most [`BATCHES_PER_PARTITION`] batches) |
+//! | 1/2 | input read but not yet durable in both sinks (aggregates, commit plans, open Parquet files) | a partition is paused at its share, counted as payload bytes × [`EXPANSION`] |
+//! | 1/4 | the rest: code, threads, allocator slack, clients | — |
+//!
+//! The shares are split over the partitions assigned at the time, so the bound holds
+//! at 1 partition as at 64. `pipeline.max_uncommitted_records` stays as a second,
+//! explicit bound in records.
+
+/// The least budget accepted (below it the shares are smaller than one batch).
+pub const MIN_BUDGET_MB: u64 = 32;
+
+/// Batches a slot can hold at once: the one being cut, the reader's mailbox (2), one
+/// in the drainer's hands.
+pub const BATCHES_PER_PARTITION: usize = 4;
+
+/// Memory held per payload byte of uncommitted input: aggregator state (list values,
+/// keys), the Redis commit plan built from it, and Arrow/Parquet buffers of the rows.
+/// Measured with `anchorflow bench` on unique message ids (the worst case): see
+/// docs/benchmarks.md.
+pub const EXPANSION: u64 = 6;
+
+/// Bytes counted for a record besides its payload (offset, slot, batch bookkeeping).
+pub const RECORD_OVERHEAD: u64 = 64;
+
+/// Smallest batch the budget cuts to, whatever the partition count.
+const MIN_BATCH_BYTES: usize = 16 << 10;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryBudget {
+    bytes: u64,
+}
+
+impl MemoryBudget {
+    pub fn from_mb(mb: u64) -> Self {
+        MemoryBudget { bytes: mb << 20 }
+    }
+
+    /// librdkafka's prefetch queue, in bytes.
+    pub fn prefetch_bytes(&self) -> u64 {
+        self.bytes / 8
+    }
+
+    /// The batch size each of `partitions` slots cuts at (never above `configured`).
+    pub fn batch_bytes(&self, configured: usize, partitions: usize) -> usize {
+        let share = (self.bytes / 8) as usize / (partitions.max(1) * BATCHES_PER_PARTITION);
+        configured.min(share.max(MIN_BATCH_BYTES))
+    }
+
+    /// Payload bytes (plus [`RECORD_OVERHEAD`] each) one of `partitions` partitions may
+    /// have read beyond its durable fence.
+    pub fn uncommitted_bytes(&self, partitions: usize) -> u64 {
+        self.bytes / 2 / EXPANSION / partitions.max(1) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_split_over_the_assigned_partitions() {
+        let budget = MemoryBudget::from_mb(256);
+        assert_eq!(budget.prefetch_bytes(), 32 << 20);
+        assert_eq!(
+            budget.batch_bytes(1 << 20, 1),
+            1 << 20,
+            "never above the configured"
+        );
+        assert_eq!(budget.batch_bytes(1 << 20, 16), 512 << 10);
+        assert_eq!(budget.batch_bytes(1 << 20, 4096), MIN_BATCH_BYTES);
+        let one = budget.uncommitted_bytes(1);
+        assert_eq!(one, (128 << 20) / EXPANSION);
+        assert_eq!(budget.uncommitted_bytes(64), one / 64);
+    }
+}

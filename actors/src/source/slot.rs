@@ -1,0 +1,68 @@
+//! One assigned partition as the source sees it ([`Slot`]): its reader, the batch
+//! being cut, what is queued for the reader, why it is paused, and how far it has read
+//! beyond what both sinks made durable, in records and in bytes (the memory budget's
+//! uncommitted share, `runtime/memory.rs`). `flow.rs` drives it.
+
+use std::collections::VecDeque;
+
+use actix::prelude::*;
+
+use crate::checkpoint::claim::Claim;
+use crate::messages::{PartitionInput, RecordBatch};
+use crate::runtime::mailbox::Mailbox;
+
+/// One assigned partition.
+pub struct Slot {
+    pub(super) reader: Mailbox<PartitionInput>,
+    pub(super) arbiter: ArbiterHandle,
+    pub(super) building: RecordBatch,
+    pub(super) outbox: VecDeque<PartitionInput>,
+    /// The reader is full: a drainer is delivering the outbox.
+    pub(super) blocked: bool,
+    /// At `pipeline.max_uncommitted_records`: waiting for a checkpoint.
+    pub(super) throttled: bool,
+    /// Offset after the last record handed on; starts at the claim's lower fence.
+    pub next_offset: i64,
+    /// Where both sinks are durable (the last completed checkpoint, or the claim).
+    pub(super) durable: i64,
+    /// Bytes read so far (payloads plus `RECORD_OVERHEAD` each), the same counted up to
+    /// `durable`, and the count at each barrier not yet durable, as `(next_offset,
+    /// bytes)`: what the memory budget's uncommitted share is held against.
+    pub(super) read_bytes: u64,
+    pub(super) durable_bytes: u64,
+    pub(super) barrier_bytes: VecDeque<(i64, u64)>,
+    pub(super) claim: Claim,
+}
+
+/// Why a partition is paused (both may hold at once).
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Pause {
+    /// Its reader's mailbox is full.
+    ReaderFull,
+    /// It is at `pipeline.max_uncommitted_records`.
+    Uncommitted,
+}
+
+impl Slot {
+    pub(super) fn paused(&self) -> bool {
+        self.blocked || self.throttled
+    }
+
+    /// Whether the partition read as much beyond its durable fence as it may.
+    pub(super) fn over_uncommitted(&self, max_records: i64, max_bytes: u64) -> bool {
+        self.next_offset - self.durable >= max_records
+            || self.read_bytes - self.durable_bytes >= max_bytes
+    }
+
+    /// The durable fence moved to `fence`: bytes up to the barriers it passed are too.
+    pub(super) fn advance(&mut self, fence: i64) {
+        self.durable = self.durable.max(fence);
+        while let Some(&(offset, bytes)) = self.barrier_bytes.front() {
+            if offset > self.durable {
+                break;
+            }
+            self.durable_bytes = bytes;
+            self.barrier_bytes.pop_front();
+        }
+    }
+}

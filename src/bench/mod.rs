@@ -1,0 +1,505 @@
+//! `anchorflow bench`: the figures of `docs/benchmarks.md`, each a ratio taken in one
+//! run on one machine.
+//!
+//! 1. A broker out of process (`--brokers`, or `anchorflow mock-serve` as a child, see
+//!    [`broker`]) is preloaded with N generated events: `--data redis-heavy` (a new
+//!    message id per event, receivers drawn from a million: Redis does most of the
+//!    work) or `--data funnel` (the demo's traffic).
+//! 2. **Bare consumer**: a `BaseConsumer` reads every partition, touching each payload.
+//! 3. **Reference job** ([`reference`]): a straight-line single-thread program doing
+//!    the same Redis and Parquet writes at-least-once.
+//! 4. **Pipeline** ([`child`]): `anchorflow run` in its own process. The headline is
+//!    *committed* records (durable in both sinks by the fences in Redis) per second,
+//!    from partition assignment to the last fence. Redis's CPU seconds over the same
+//!    wall time ([`redis_probe`]) say how busy Redis was.
+//! 5. **Decode + route + aggregate** on one core against a straight loop ([`cpu`]).
+//! 6. Peak RSS of the pipeline process against `pipeline.memory_budget_mb`,
+//!    checkpoint p50/p99 and Redis's longest single command.
+//!
+//! `--duration 10m` runs the soak instead ([`soak`]): a steady produce rate, RSS and
+//! committed throughput printed every 10 s. The figures are printed; nothing here
+//! asserts on speed.
+
+mod broker;
+mod child;
+mod cpu;
+mod redis_probe;
+mod reference;
+mod soak;
+
+use std::time::{Duration, Instant};
+
+use anchorflow_actors::config::Config;
+use anyhow::{bail, Context as _};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::{ClientConfig, Message};
+
+pub use broker::serve as mock_serve;
+use child::{rss_of, PipelineChild};
+use redis_probe::RedisProbe;
+
+use crate::demo::{produce, start_throwaway_redis, ThrowawayRedis};
+use crate::generator::{Generator, GeneratorConfig, Shape};
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Data {
+    /// A new message id per event and a million receivers: ~2.4 new Redis keys per event.
+    RedisHeavy,
+    /// The demo's funnel traffic: many events per key.
+    Funnel,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BenchOptions {
+    /// The traffic to preload.
+    #[arg(long, value_enum, default_value_t = Data::RedisHeavy)]
+    pub data: Data,
+    /// Events to preload (the mock broker trims a partition past ~5 MB: keep
+    /// events × ~150 bytes / partitions below that).
+    #[arg(long, default_value_t = 400_000)]
+    pub events: usize,
+    /// Partitions of the benchmark topic.
+    #[arg(long, default_value_t = 16)]
+    pub partitions: i32,
+    /// Kafka bootstrap servers; without it `anchorflow mock-serve` runs as a child.
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Redis to write to (its database must be empty); without it a throwaway
+    /// redis-server is started.
+    #[arg(long)]
+    pub redis_url: Option<String>,
+    /// Slow the pipeline's Redis sink down by this factor (sleep factor × commit time
+    /// after each commit): memory must stay within the budget.
+    #[arg(long, default_value_t = 0)]
+    pub slow_sink_factor: u32,
+    /// `pipeline.checkpoint_interval_ms` of the pipeline run.
+    #[arg(long, default_value_t = 1000)]
+    pub checkpoint_interval_ms: u64,
+    /// `pipeline.memory_budget_mb` of the pipeline run (default: the configured one).
+    #[arg(long)]
+    pub memory_budget_mb: Option<u64>,
+    /// Events for the decode + route + aggregate measurement.
+    #[arg(long, default_value_t = 2_000_000)]
+    pub cpu_events: usize,
+    /// Skip the reference job (e.g. for memory runs).
+    #[arg(long)]
+    pub skip_reference: bool,
+    /// Keep the pipeline's folder (its log and warehouse) and print where it is.
+    #[arg(long)]
+    pub keep: bool,
+    /// Run the soak for this long instead (`90s`, `10m`, `1h`).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Events per second produced during the soak.
+    #[arg(long, default_value_t = 5_000)]
+    pub rate: u64,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text.split_at(text.trim_end_matches(char::is_alphabetic).len());
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}`: expected e.g. 90s, 10m or 1h"))?;
+    match unit {
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("`{text}`: the unit must be s, m or h")),
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// The services one benchmark run talks to; they stop when this is dropped.
+struct Ground {
+    redis_url: String,
+    brokers: String,
+    topic: String,
+    _redis: Option<ThrowawayRedis>,
+    _broker: Option<broker::MockBroker>,
+}
+
+impl Ground {
+    fn start(options: &BenchOptions) -> anyhow::Result<Self> {
+        let (redis_url, redis) = match &options.redis_url {
+            Some(url) => (url.clone(), None),
+            None => {
+                let redis = start_throwaway_redis()
+                    .context("the benchmark needs redis-server (or --redis-url)")?;
+                (redis.url.clone(), Some(redis))
+            }
+        };
+        let topic = format!("anchorflow-bench-{}", chrono::Utc::now().timestamp_millis());
+        let (brokers, broker) = match &options.brokers {
+            Some(brokers) => {
+                create_topic(brokers, &topic, options.partitions)?;
+                (brokers.clone(), None)
+            }
+            None => {
+                let broker = broker::MockBroker::start(&topic, options.partitions)?;
+                (broker.bootstrap.clone(), Some(broker))
+            }
+        };
+        Ok(Ground {
+            redis_url,
+            brokers,
+            topic,
+            _redis: redis,
+            _broker: broker,
+        })
+    }
+
+    /// The `--set` overrides that point `anchorflow run` at this ground.
+    fn pipeline_sets(&self, options: &BenchOptions, warehouse: &std::path::Path) -> Vec<String> {
+        let mut sets = vec![
+            format!("kafka.bootstrap.servers={}", self.brokers),
+            format!("source.topic={}", self.topic),
+            format!("source.group_id={}-pipeline", self.topic),
+            format!("redis.url={}", self.redis_url),
+            format!("redis.slowdown_factor={}", options.slow_sink_factor),
+            format!("warehouse.root={}", warehouse.display()),
+            // Files are durable (and the warehouse fence moves) when they are published;
+            // publishing at every checkpoint, as Flink's bulk-format sink does, makes
+            // "committed" mean the same in both sinks.
+            "warehouse.roll_interval_secs=1".to_string(),
+            format!(
+                "pipeline.checkpoint_interval_ms={}",
+                options.checkpoint_interval_ms
+            ),
+        ];
+        if let Some(budget) = options.memory_budget_mb {
+            sets.push(format!("pipeline.memory_budget_mb={budget}"));
+        }
+        sets
+    }
+
+    fn start_pipeline(
+        &self,
+        options: &BenchOptions,
+        dir: &std::path::Path,
+    ) -> anyhow::Result<PipelineChild> {
+        let warehouse = dir.join("warehouse");
+        std::fs::create_dir_all(&warehouse)?;
+        let group = format!("{}-pipeline", self.topic);
+        PipelineChild::start(
+            &self.pipeline_sets(options, &warehouse),
+            &self.redis_url,
+            (&group, &self.topic, options.partitions),
+            dir,
+        )
+    }
+}
+
+fn create_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<_> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let results = runtime.block_on(admin.create_topics(
+        &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+        &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+    ))?;
+    for result in results {
+        if let Err((name, code)) = result {
+            bail!("creating topic {name}: {code}");
+        }
+    }
+    Ok(())
+}
+
+fn generator(options: &BenchOptions, config: &Config) -> Generator {
+    Generator::new(GeneratorConfig {
+        bad_per_mille: 1,
+        max_ids: config.decode.max_ids,
+        shape: match options.data {
+            Data::RedisHeavy => Shape::RedisHeavy {
+                receivers: 1_000_000,
+            },
+            Data::Funnel => Shape::Funnel,
+        },
+        ..Default::default()
+    })
+}
+
+/// Reads `expected` records from every partition with a bare consumer; returns the rate.
+fn bare_read(ground: &Ground, partitions: i32, expected: usize) -> anyhow::Result<f64> {
+    let group = format!("bench-bare-{}", std::process::id());
+    let consumer = broker::assigned_consumer(&ground.brokers, &ground.topic, partitions, &group)?;
+    let mut started = None;
+    let (mut read, mut bytes) = (0usize, 0usize);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while read < expected {
+        if Instant::now() > deadline {
+            bail!("bare consumer read only {read} of {expected} records");
+        }
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            let message = message?;
+            started.get_or_insert_with(Instant::now);
+            bytes += message.payload().map_or(0, <[u8]>::len);
+            read += 1;
+        }
+    }
+    std::hint::black_box(bytes);
+    let took = started.map_or(Duration::ZERO, |s: Instant| s.elapsed());
+    Ok(read as f64 / took.as_secs_f64())
+}
+
+/// What the pipeline run measured.
+struct PipelineRun {
+    committed_per_sec: f64,
+    drain_secs: f64,
+    join_secs: f64,
+    redis_cpu_secs: f64,
+    rss_samples: Vec<u64>,
+    peak_rss: u64,
+    checkpoints: Vec<f64>,
+    longest: Option<redis_probe::Longest>,
+    uncommitted_pauses: f64,
+    exit_code: i32,
+}
+
+/// Runs `anchorflow run` until every preloaded record is durable in both sinks.
+fn run_pipeline(
+    ground: &Ground,
+    options: &BenchOptions,
+    probe: &mut RedisProbe,
+) -> anyhow::Result<PipelineRun> {
+    let dir = tempfile::tempdir()?;
+    let (path, _removed_at_end) = if options.keep {
+        let path = dir.keep();
+        println!("pipeline folder (kept): {}", path.display());
+        (path, None)
+    } else {
+        (dir.path().to_path_buf(), Some(dir))
+    };
+    let begin = Instant::now();
+    let mut child = ground.start_pipeline(options, &path)?;
+    child.wait_assigned(Duration::from_secs(60))?;
+    let assigned = Instant::now();
+    let cpu_before = probe.cpu_seconds()?;
+    probe.watch_slowlog()?;
+    let total = options.events as i64;
+    let (mut rss_samples, mut last_sample) = (Vec::new(), Instant::now());
+    while child.committed()? < total {
+        child.check_running()?;
+        if assigned.elapsed() > Duration::from_secs(900) {
+            bail!("the pipeline did not commit {total} records within 900 s");
+        }
+        if last_sample.elapsed() >= Duration::from_millis(500) {
+            rss_samples.push(rss_of(&child.pid()).0);
+            last_sample = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let drain = assigned.elapsed();
+    let redis_cpu_secs = probe.cpu_seconds()? - cpu_before;
+    let longest = probe.longest()?;
+    let checkpoints = child.checkpoints();
+    let uncommitted_pauses = child
+        .metric("anchorflow_uncommitted_pauses_total")
+        .unwrap_or(0.0);
+    let peak_rss = rss_of(&child.pid()).1;
+    let exit_code = child.stop()?;
+    Ok(PipelineRun {
+        committed_per_sec: total as f64 / drain.as_secs_f64(),
+        drain_secs: drain.as_secs_f64(),
+        join_secs: assigned.duration_since(begin).as_secs_f64(),
+        redis_cpu_secs,
+        rss_samples,
+        peak_rss,
+        checkpoints,
+        longest,
+        uncommitted_pauses,
+        exit_code,
+    })
+}
+
+/// The reference job's figures: committed ev/s and Redis CPU seconds.
+fn run_reference(
+    ground: &Ground,
+    options: &BenchOptions,
+    config: &Config,
+    probe: &mut RedisProbe,
+    writes: reference::Writes,
+) -> anyhow::Result<(f64, f64)> {
+    let dir = tempfile::tempdir()?;
+    let target = reference::Target {
+        writes,
+        brokers: &ground.brokers,
+        topic: &ground.topic,
+        partitions: options.partitions,
+        redis_url: &ground.redis_url,
+        warehouse: dir.path(),
+    };
+    let cpu_before = probe.cpu_seconds()?;
+    let started = Instant::now();
+    let rate = reference::run(config, &target, options.events)?;
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = probe.cpu_seconds()? - cpu_before;
+    // The pipeline must start from an empty database, as the reference did.
+    probe.flush()?;
+    println!("reference_{writes:?}_committed_events_per_sec: {rate:.0}");
+    println!(
+        "redis_cpu_us_per_event_reference_{writes:?}: {:.2}   (Redis busy {:.0} % of its {wall:.2} s)",
+        cpu * 1e6 / options.events as f64,
+        100.0 * cpu / wall,
+    );
+    Ok((rate, cpu))
+}
+
+/// Both reference runs: `(writes, committed ev/s, Redis CPU s)`.
+fn run_references(
+    ground: &Ground,
+    options: &BenchOptions,
+    config: &Config,
+    probe: &mut RedisProbe,
+) -> anyhow::Result<Vec<(reference::Writes, f64, f64)>> {
+    let mut out = Vec::new();
+    if !options.skip_reference {
+        for writes in [reference::Writes::Script, reference::Writes::Multi] {
+            let (rate, cpu) = run_reference(ground, options, config, probe, writes)?;
+            out.push((writes, rate, cpu));
+        }
+    }
+    Ok(out)
+}
+
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 * q).ceil() as usize).saturating_sub(1))
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+fn report_pipeline(options: &BenchOptions, config: &Config, run: &PipelineRun, bare: f64) {
+    let events = options.events as f64;
+    println!(
+        "pipeline_committed_events_per_sec: {:.0}   (headline: {} records durable in both sinks in {:.2} s after assignment; group join {:.2} s not counted)",
+        run.committed_per_sec, options.events, run.drain_secs, run.join_secs
+    );
+    println!(
+        "ratio_committed_to_bare_consumer: {:.2}",
+        run.committed_per_sec / bare
+    );
+    println!(
+        "redis_busy_while_draining: {:.0} %   ({:.2} Redis CPU-s over {:.2} s)",
+        100.0 * run.redis_cpu_secs / run.drain_secs,
+        run.redis_cpu_secs,
+        run.drain_secs
+    );
+    println!(
+        "redis_cpu_us_per_event_pipeline: {:.2}",
+        run.redis_cpu_secs * 1e6 / events
+    );
+    let mut sorted = run.checkpoints.clone();
+    sorted.sort_by(f64::total_cmp);
+    println!(
+        "checkpoint_duration_ms: p50 {:.1} p99 {:.1} max {:.1} over {} checkpoints (interval {} ms)",
+        quantile(&sorted, 0.5),
+        quantile(&sorted, 0.99),
+        quantile(&sorted, 1.0),
+        sorted.len(),
+        options.checkpoint_interval_ms
+    );
+    match &run.longest {
+        Some(l) => println!(
+            "longest_redis_command_ms: {:.1} ({}; redis.max_commit_ms = {})",
+            l.millis, l.command, config.redis.max_commit_ms
+        ),
+        None => println!(
+            "longest_redis_command_ms: < 1 (none logged; redis.max_commit_ms = {})",
+            config.redis.max_commit_ms
+        ),
+    }
+    println!("uncommitted_pauses: {}", run.uncommitted_pauses);
+    let shown: Vec<String> = run
+        .rss_samples
+        .iter()
+        .map(|b| format!("{:.0}", mib(*b)))
+        .collect();
+    println!("pipeline_rss_mib_every_500ms: [{}]", shown.join(", "));
+    let budget = options
+        .memory_budget_mb
+        .unwrap_or(config.pipeline.memory_budget_mb);
+    println!(
+        "pipeline_peak_rss_mib: {:.1} of a {budget} MiB budget ({:.0} %)",
+        mib(run.peak_rss),
+        100.0 * mib(run.peak_rss) / budget as f64
+    );
+    println!("pipeline_exit_code: {}", run.exit_code);
+}
+
+/// Generates the benchmark's records and preloads them into the topic.
+fn preload(
+    config: &Config,
+    options: &BenchOptions,
+    ground: &Ground,
+) -> anyhow::Result<Vec<Option<Vec<u8>>>> {
+    let payloads: Vec<Option<Vec<u8>>> = generator(options, config)
+        .take(options.events)
+        .map(|g| g.value)
+        .collect();
+    let bytes: usize = payloads
+        .iter()
+        .map(|p| p.as_ref().map_or(0, Vec::len))
+        .sum();
+    let started = Instant::now();
+    produce(
+        &ground.brokers,
+        &ground.topic,
+        options.partitions,
+        payloads.iter().cloned(),
+        // A real broker (tansu) gets one record per batch; see `demo::produce`.
+        options.brokers.is_some(),
+    )?;
+    println!(
+        "preloaded: {} {:?} events, {:.1} MiB ({:.0} B each), {} partitions, in {:.1} s",
+        options.events,
+        options.data,
+        mib(bytes as u64),
+        bytes as f64 / options.events as f64,
+        options.partitions,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(payloads)
+}
+
+pub fn run(config: Config, options: BenchOptions) -> anyhow::Result<()> {
+    let ground = Ground::start(&options)?;
+    let mut probe = RedisProbe::connect(&ground.redis_url)?;
+    if probe.keys()? > 0 {
+        bail!("the benchmark's Redis database must be empty (it is flushed between runs)");
+    }
+    if let Some(duration) = options.duration {
+        return soak::run(&ground, &options, &config, duration);
+    }
+    let payloads = preload(&config, &options, &ground)?;
+    let bare = bare_read(&ground, options.partitions, options.events)?;
+    println!("bare_consumer_events_per_sec: {bare:.0}");
+    let references = run_references(&ground, &options, &config, &mut probe)?;
+    let run = run_pipeline(&ground, &options, &mut probe)?;
+    report_pipeline(&options, &config, &run, bare);
+    for (writes, rate, cpu) in references {
+        println!(
+            "ratio_committed_to_reference_{writes:?}: {:.2}",
+            run.committed_per_sec / rate
+        );
+        println!(
+            "ratio_redis_cpu_per_event_pipeline_to_reference_{writes:?}: {:.2}",
+            run.redis_cpu_secs / cpu
+        );
+    }
+    let straight = cpu::straight_loop_rate(&payloads, options.cpu_events, &config);
+    let ours = cpu::anchorflow_rate(&payloads, options.cpu_events, &config);
+    println!("decode_route_aggregate_events_per_sec_per_core: {ours:.0}");
+    println!("straight_loop_events_per_sec_per_core: {straight:.0}");
+    println!(
+        "ratio_decode_route_aggregate_to_straight_loop: {:.2}",
+        ours / straight
+    );
+    Ok(())
+}
