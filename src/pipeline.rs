@@ -37,8 +37,8 @@ use anchorflow_actors::sinks::warehouse::marks::PublishedMarks;
 use anchorflow_actors::sinks::warehouse::partition_committer::{
     PartitionCommitter, COMMITTER_MAILBOX,
 };
-use anchorflow_actors::sinks::warehouse::storage::{LocalFs, Storage};
 use anchorflow_actors::sinks::warehouse::warehouse_sink::{WarehouseSink, WAREHOUSE_SINK_MAILBOX};
+use anchorflow_actors::sinks::warehouse::{self, storage::Storage};
 use anchorflow_actors::source::flow::ReaderFactory;
 use anchorflow_actors::source::held::Held;
 use anchorflow_actors::source::kafka_source::{KafkaSource, SOURCE_MAILBOX};
@@ -176,7 +176,7 @@ fn start_sinks(
     });
     // The warehouse sink and its partition committer are built from the same parts.
     let parts = (
-        config.warehouse.clone(),
+        warehouse_config(config),
         config.redis.clone(),
         config.source.instance_id.clone(),
         shared.clone(),
@@ -351,7 +351,7 @@ pub fn run(
     let shutdown_timeout = Duration::from_secs(config.pipeline.shutdown_timeout_secs);
     let setup: anyhow::Result<()> = system.block_on(async {
         let (notices_tx, notices_rx) = std::sync::mpsc::channel();
-        let storage: Arc<dyn Storage> = Arc::new(LocalFs);
+        let storage: Arc<dyn Storage> = warehouse::open(&config.warehouse)?;
         let clock = Clock::default();
         let shared = SinkShared {
             metrics: telemetry.metrics.clone(),
@@ -371,4 +371,19 @@ pub fn run(
     // A partition-commit hook still running would outlive the process.
     anchorflow_actors::sinks::warehouse::hook::kill_running_hook();
     code
+}
+
+/// The warehouse's settings as the sink uses them: on object storage every open file
+/// buffers one upload part, so the files open at once are held to the memory budget
+/// (`runtime/memory.rs`).
+fn warehouse_config(config: &Config) -> anchorflow_actors::config::WarehouseConfig {
+    let mut warehouse = config.warehouse.clone();
+    if warehouse.root.starts_with("s3://") {
+        let part_bytes = warehouse.s3.part_size_mb << 20;
+        warehouse.max_open_files = config
+            .pipeline
+            .memory()
+            .open_uploads(warehouse.max_open_files, part_bytes);
+    }
+    warehouse
 }

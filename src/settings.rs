@@ -122,6 +122,7 @@ pub fn render_redacted(config: &Config) -> String {
     let mut shown = config.clone();
     shown.kafka.0 = config.kafka.redacted();
     shown.redis.url = config.redis.redacted_url();
+    shown.warehouse.s3 = config.warehouse.s3.redacted();
     toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
 }
 

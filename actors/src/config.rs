@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 use crate::logic::decode::DecodeLimits;
 
 mod validate;
+mod warehouse;
+
+pub use warehouse::{S3Config, WarehouseConfig};
 
 /// The whole configuration of one anchorflow instance.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -261,49 +264,6 @@ pub fn redact_url_password(url: &str) -> String {
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct WarehouseConfig {
-    /// Local folder holding one sub-folder per table (`ods_anchor_log`, `dead_letter`).
-    pub root: String,
-    /// A file is rolled (closed and published) at the next checkpoint once it reaches
-    /// this many bytes.
-    pub target_file_bytes: u64,
-    /// A file is rolled at the next checkpoint once it has been open this many seconds.
-    pub roll_interval_secs: u64,
-    /// Rows per Parquet row group; bounds the memory an open file buffers.
-    pub row_group_rows: usize,
-    /// Most files open for writing at once. Data spread over more folders (event times
-    /// over many hours) closes the longest-idle file early; it is published with the
-    /// rest at the next roll. Bounds the writers' memory whatever the event times.
-    pub max_open_files: usize,
-    /// Partition commit: once the watermark passes the end of an `ods_anchor_log` hour
-    /// folder (or a `dws_template_state_1m` day folder, plus the allowed lateness) by
-    /// this many milliseconds, `_SUCCESS` is written into it and the hook runs.
-    pub partition_commit_delay_ms: u64,
-    /// Command run once per committed folder by `sh -c`, with `ANCHORFLOW_TABLE`,
-    /// `ANCHORFLOW_PARTITION_PATH`, `ANCHORFLOW_DT` and `ANCHORFLOW_HOUR` (empty for a
-    /// day folder) in its environment, e.g. a metastore `ADD PARTITION`. Empty: none.
-    pub partition_commit_hook: String,
-    /// Seconds the hook may run before it is killed and retried at a later checkpoint.
-    pub partition_commit_hook_timeout_secs: u64,
-}
-
-impl Default for WarehouseConfig {
-    fn default() -> Self {
-        WarehouseConfig {
-            root: "./warehouse".into(),
-            target_file_bytes: 128 << 20,
-            roll_interval_secs: 60,
-            row_group_rows: 64 * 1024,
-            max_open_files: 64,
-            partition_commit_delay_ms: 0,
-            partition_commit_hook: String::new(),
-            partition_commit_hook_timeout_secs: 60,
-        }
-    }
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
 pub struct TimeConfig {
     /// IANA time zone name (e.g. `Asia/Shanghai`, `UTC`).
     pub timezone: String,
@@ -497,12 +457,36 @@ mod tests {
             .0
             .insert("sasl.password".into(), "hunter2".into());
         config.redis.url = "rediss://default:s3cret@cache:6380/2".into();
+        config.warehouse.s3.secret_access_key = "bucket-s3cret".into();
         let shown = format!("{config:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(
             shown.contains("rediss://default:***@cache:6380/2"),
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn the_warehouse_is_a_folder_or_a_bucket() {
+        let field = |root: &str, part_mb: u64| {
+            let mut config = valid();
+            config.warehouse.root = root.into();
+            config.warehouse.s3.part_size_mb = part_mb;
+            config.validate().err().map(|e| e.field)
+        };
+        assert_eq!(
+            field("/data/warehouse", 1),
+            None,
+            "parts matter on a bucket only"
+        );
+        assert_eq!(field("s3://lake/anchorflow", 5), None);
+        assert_eq!(field("s3://lake", 64), None);
+        assert_eq!(field("s3://", 5).as_deref(), Some("warehouse.root"));
+        assert_eq!(field("gs://lake/x", 5).as_deref(), Some("warehouse.root"));
+        assert_eq!(
+            field("s3://lake/x", 4).as_deref(),
+            Some("warehouse.s3.part_size_mb")
         );
     }
 

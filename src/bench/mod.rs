@@ -93,6 +93,10 @@ pub struct BenchOptions {
     /// Events per second produced during the soak.
     #[arg(long, default_value_t = 5_000)]
     pub rate: u64,
+    /// More `section.field=value` overrides for the pipeline run, applied last (e.g.
+    /// `warehouse.root=s3://bucket/prefix` and `warehouse.s3.*` for a bucket).
+    #[arg(long = "pipeline-set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -172,6 +176,7 @@ impl Ground {
         if let Some(budget) = options.memory_budget_mb {
             sets.push(format!("pipeline.memory_budget_mb={budget}"));
         }
+        sets.extend(options.sets.iter().cloned());
         sets
     }
 

@@ -40,6 +40,8 @@ pub struct Setup {
     pub foreign: Vec<String>,
     /// `decode.max_ids` of the children (set by [`Setup::set`]).
     pub max_ids: usize,
+    /// The warehouse's prefix in the test bucket when it lives there ([`Setup::on_s3`]).
+    pub s3_prefix: Option<String>,
     spawned: Arc<AtomicUsize>,
 }
 
@@ -101,6 +103,7 @@ impl Setup {
             window_ms: 60_000,
             foreign: Vec::new(),
             max_ids: MAX_IDS,
+            s3_prefix: None,
             spawned: Arc::default(),
         }
     }
@@ -130,6 +133,15 @@ impl Setup {
         .chain(self.extra.iter().cloned())
         .flat_map(|s| ["--set".to_string(), s])
         .collect()
+    }
+
+    /// Puts the warehouse in the test bucket (SeaweedFS), under a prefix of its own;
+    /// [`Self::check`] reads it back from there.
+    pub fn on_s3(mut self) -> Self {
+        let prefix = self.topic.clone();
+        self.extra.extend(super::bucket::s3_sets(&prefix));
+        self.s3_prefix = Some(prefix);
+        self
     }
 
     /// Adds a `--set` override for every instance started from now on.
@@ -267,6 +279,16 @@ impl Setup {
 
     /// [`Self::check`] with an explicit expectation of the dws side.
     pub fn check_with(&self, produced: &Produced, dws: Dws) {
+        if let Some(prefix) = &self.s3_prefix {
+            let copied = super::bucket::download(prefix, self.warehouse.path());
+            println!("read {copied} objects back from s3 prefix {prefix}");
+            // Every crashed run's upload was aborted and its marker removed.
+            let markers = hidden_files(self.warehouse.path());
+            assert!(
+                markers.is_empty(),
+                "upload markers left in the bucket: {markers:?}"
+            );
+        }
         check_redis_except(
             &self.url,
             produced,

@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod bucket;
 pub mod child;
 pub mod servers;
 

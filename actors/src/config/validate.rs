@@ -172,7 +172,28 @@ impl Config {
             warehouse.partition_commit_hook_timeout_secs,
         )?;
         positive("warehouse.row_group_rows", warehouse.row_group_rows as u64)?;
-        positive("warehouse.max_open_files", warehouse.max_open_files as u64)
+        positive("warehouse.max_open_files", warehouse.max_open_files as u64)?;
+        if let Some(rest) = warehouse.root.strip_prefix("s3://") {
+            let bucket = rest.split('/').next().unwrap_or_default();
+            if bucket.is_empty() {
+                return Err(ConfigError::new(
+                    "warehouse.root",
+                    "an s3:// root must name a bucket: s3://bucket/prefix",
+                ));
+            }
+            if warehouse.s3.part_size_mb < 5 {
+                return Err(ConfigError::new(
+                    "warehouse.s3.part_size_mb",
+                    "must be at least 5 (S3's smallest part)",
+                ));
+            }
+        } else if warehouse.root.contains("://") {
+            return Err(ConfigError::new(
+                "warehouse.root",
+                "must be a local folder or s3://bucket/prefix",
+            ));
+        }
+        Ok(())
     }
 
     fn validate_outputs(&self) -> Result<(), ConfigError> {

@@ -13,6 +13,11 @@
 pub const AFTER_REDIS_COMMIT: &str = "after_redis_commit";
 /// After a warehouse commit was recorded in Redis, before its files are renamed.
 pub const AFTER_WAREHOUSE_RECORD: &str = "after_warehouse_record";
+/// Between publishing two files of a recorded warehouse commit.
+pub const BETWEEN_PUBLISHES: &str = "between_publishes";
+/// After every file of a recorded warehouse commit is published, before the record is
+/// forgotten.
+pub const BEFORE_FORGETTING_RECORD: &str = "before_forgetting_record";
 /// After both sinks committed a checkpoint, before the offsets go to Kafka.
 pub const AFTER_SINKS_COMMITTED: &str = "after_sinks_committed";
 /// A partition reader processing a batch (a panic point: see [`panic_point`]).

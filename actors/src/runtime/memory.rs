@@ -5,7 +5,7 @@
 //! | 1/8 | librdkafka's prefetch | `queued.max.messages.kbytes` (at most the 16 MiB it always had), `fetch.max.bytes` below a 128 MiB budget |
 //! | 1/8 | records on their way to the readers | batch size per assigned partition (a slot holds at most [`BATCHES_PER_PARTITION`] batches) |
 //! | 1/2 | input read but not yet durable in both sinks (aggregates, commit plans, open Parquet files) | a partition is paused at its share, counted as payload bytes × [`EXPANSION`] |
-//! | 1/4 | the rest: code, threads, allocator slack, clients | — |
+//! | 1/4 | the rest: code, threads, allocator slack, clients; on object storage half of it holds the open files' upload parts | files open at once per generation ([`MemoryBudget::open_uploads`]) |
 //!
 //! The shares are split over the partitions assigned at the time, so the bound holds
 //! at 1 partition as at 64. `pipeline.max_uncommitted_records` stays as a second,
@@ -51,6 +51,15 @@ impl MemoryBudget {
         configured.min(share.max(MIN_BATCH_BYTES))
     }
 
+    /// Files each of the warehouse's two generations (the one being written and the
+    /// next) may keep open on object storage, where every open file buffers one part
+    /// of `part_bytes`: their parts fit in 1/8 of the budget. Never above `configured`,
+    /// never below 1.
+    pub fn open_uploads(&self, configured: usize, part_bytes: u64) -> usize {
+        let fit = self.bytes / 8 / part_bytes.max(1) / 2;
+        configured.min((fit as usize).max(1))
+    }
+
     /// Payload bytes (plus [`RECORD_OVERHEAD`] each) one of `partitions` partitions may
     /// have read beyond its durable fence.
     pub fn uncommitted_bytes(&self, partitions: usize) -> u64 {
@@ -76,5 +85,12 @@ mod tests {
         let one = budget.uncommitted_bytes(1);
         assert_eq!(one, (128 << 20) / EXPANSION);
         assert_eq!(budget.uncommitted_bytes(64), one / 64);
+        assert_eq!(
+            budget.open_uploads(64, 8 << 20),
+            2,
+            "2 × 2 parts of 8 MiB in 32 MiB"
+        );
+        assert_eq!(MemoryBudget::from_mb(2048).open_uploads(64, 5 << 20), 25);
+        assert_eq!(MemoryBudget::from_mb(32).open_uploads(64, 8 << 20), 1);
     }
 }

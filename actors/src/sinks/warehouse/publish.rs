@@ -66,7 +66,10 @@ pub fn publish_file(
 
 /// Publishes every file of a recorded commit and makes the new names durable.
 pub fn roll_forward(storage: &dyn Storage, record: &PublishRecord) -> anyhow::Result<()> {
-    for (hidden, visible) in &record.files {
+    for (n, (hidden, visible)) in record.files.iter().enumerate() {
+        if n > 0 {
+            fault::point(fault::BETWEEN_PUBLISHES);
+        }
         publish_file(storage, hidden, visible, &record.id)?;
     }
     sync_parents(storage, record.files.iter().map(|(_, v)| v.as_path()))
@@ -262,6 +265,7 @@ impl Publisher {
         if !publishing.record.files.is_empty() {
             fault::point(fault::AFTER_WAREHOUSE_RECORD);
             roll_forward(self.storage.as_ref(), &publishing.record)?;
+            fault::point(fault::BEFORE_FORGETTING_RECORD);
             self.uncleared.push(publishing.record.id.clone());
             self.forget_records();
             self.count(&publishing.closed);

@@ -1,11 +1,14 @@
 //! Where the warehouse's files live, behind one trait: everything the warehouse sink,
 //! the partition committer, crash recovery and `anchorflow fences` do to files goes
-//! through [`Storage`]. [`LocalFs`] is a local (or mounted) filesystem; object storage
-//! implements the same contract.
+//! through [`Storage`]. [`LocalFs`] is a local (or mounted) filesystem;
+//! `object_storage.rs` implements the same contract on S3-compatible storage, and
+//! `open` (in `mod.rs`) picks one from `warehouse.root`.
 //!
 //! The contract the exactly-once protocol relies on (`docs/exactly-once.md`):
 //! - [`Storage::create`] writes a new file under its in-progress name, and
-//!   [`FileWriter::finish`] returns only once it is durable there;
+//!   [`FileWriter::finish`] returns only once it is durable there, with what
+//!   [`Storage::publish`] needs to find it ([`Finished::hidden`], which the commit
+//!   record stores);
 //! - [`Storage::publish`] makes a finished file visible under its final name, never
 //!   replaces a different file, and is idempotent (publishing again, or after the
 //!   in-progress name is gone because it was published, is success); a file found
@@ -22,8 +25,18 @@ use anyhow::Context as _;
 
 /// A file being written.
 pub trait FileWriter: Write + Send {
-    /// Makes everything written durable; returns the file's size.
-    fn finish(self: Box<Self>) -> io::Result<u64>;
+    /// Makes everything written durable.
+    fn finish(self: Box<Self>) -> io::Result<Finished>;
+}
+
+/// A file [`FileWriter::finish`] made durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finished {
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// What [`Storage::publish`] needs to find it: its in-progress path on a
+    /// filesystem; on object storage the marker, the upload and its parts.
+    pub hidden: PathBuf,
 }
 
 /// What [`Storage::publish`] found.
@@ -46,8 +59,9 @@ pub struct Entry {
 
 /// The warehouse's files (see the module docs for the contract).
 pub trait Storage: Send + Sync {
-    /// Creates a new file (and its folders) for writing.
-    fn create(&self, path: &Path) -> io::Result<Box<dyn FileWriter>>;
+    /// Creates a new file (and its folders) for writing under its in-progress name
+    /// `hidden`; it will be published as `visible`.
+    fn create(&self, hidden: &Path, visible: &Path) -> io::Result<Box<dyn FileWriter>>;
     /// Makes the finished file `hidden` visible as `visible`.
     fn publish(&self, hidden: &Path, visible: &Path) -> io::Result<Published>;
     /// Makes the names in each of `folders` durable.
@@ -70,7 +84,7 @@ pub trait Storage: Send + Sync {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LocalFs;
 
-struct LocalFile(File);
+struct LocalFile(File, PathBuf);
 
 impl Write for LocalFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
@@ -83,9 +97,12 @@ impl Write for LocalFile {
 }
 
 impl FileWriter for LocalFile {
-    fn finish(self: Box<Self>) -> io::Result<u64> {
+    fn finish(self: Box<Self>) -> io::Result<Finished> {
         self.0.sync_all()?;
-        Ok(self.0.metadata()?.len())
+        Ok(Finished {
+            bytes: self.0.metadata()?.len(),
+            hidden: self.1,
+        })
     }
 }
 
@@ -104,7 +121,7 @@ impl LocalFs {
 }
 
 impl Storage for LocalFs {
-    fn create(&self, path: &Path) -> io::Result<Box<dyn FileWriter>> {
+    fn create(&self, path: &Path, _visible: &Path) -> io::Result<Box<dyn FileWriter>> {
         if let Some(folder) = path.parent() {
             fs::create_dir_all(folder)?;
         }
@@ -112,7 +129,7 @@ impl Storage for LocalFs {
             .write(true)
             .create_new(true)
             .open(path)?;
-        Ok(Box::new(LocalFile(file)))
+        Ok(Box::new(LocalFile(file, path.to_path_buf())))
     }
 
     fn publish(&self, hidden: &Path, visible: &Path) -> io::Result<Published> {
@@ -213,10 +230,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (hidden, visible) = (dir.path().join(".a.inprogress"), dir.path().join("a"));
         let fs = LocalFs;
-        let mut file = fs.create(&hidden).unwrap();
+        let mut file = fs.create(&hidden, &visible).unwrap();
         file.write_all(b"rows").unwrap();
-        assert_eq!(file.finish().unwrap(), 4);
-        assert!(fs.create(&hidden).is_err(), "never truncates a file");
+        let finished = file.finish().unwrap();
+        assert_eq!((finished.bytes, &finished.hidden), (4, &hidden));
+        assert!(
+            fs.create(&hidden, &visible).is_err(),
+            "never truncates a file"
+        );
         assert_eq!(fs.publish(&hidden, &visible).unwrap(), Published::Done);
         assert_eq!(fs.publish(&hidden, &visible).unwrap(), Published::Done);
         assert!(!hidden.exists());

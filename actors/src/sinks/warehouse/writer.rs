@@ -95,14 +95,14 @@ impl OpenFile {
             .writer
             .into_inner()
             .with_context(|| format!("closing {}", self.hidden.display()))?;
-        let bytes = file
+        let finished = file
             .finish()
-            .with_context(|| format!("fsync {}", self.hidden.display()))?;
+            .with_context(|| format!("finishing {}", self.hidden.display()))?;
         Ok(Closed {
             table: self.table,
             rows: self.rows,
-            bytes,
-            hidden: self.hidden,
+            bytes: finished.bytes,
+            hidden: finished.hidden,
             visible: self.visible,
         })
     }
@@ -200,7 +200,7 @@ fn open_file(
     let visible = new.names.visible(&dir, new.seq);
     let file = new
         .storage
-        .create(&hidden)
+        .create(&hidden, &visible)
         .with_context(|| format!("creating {}", hidden.display()))?;
     let writer = ArrowWriter::try_new(file, sample.schema(), Some(new.properties))
         .with_context(|| format!("starting a parquet writer for {}", hidden.display()))?;

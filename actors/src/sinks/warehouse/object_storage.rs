@@ -1,0 +1,450 @@
+//! The warehouse on S3-compatible object storage: [`ObjectStorage`], the other
+//! [`Storage`] (the contract is in `storage.rs`), through the `object_store` crate.
+//!
+//! Nothing is renamed. A file is a multipart upload to its final key, invisible until
+//! it is completed. While it is written, a small *marker* object under the file's
+//! in-progress name (`.{instance}.{run}.{seq}.parquet.inprogress`) holds the upload's
+//! id, so that a crashed run's uploads are found by the same listing as on a filesystem
+//! and aborted. Parts of `warehouse.s3.part_size_mb` are sent as the file grows (one
+//! part buffered per open file, never a whole file); [`FileWriter::finish`] sends the
+//! last one and returns a *handle* naming the marker, the upload, the size and the
+//! parts' ETags. The warehouse records the handle in Redis before anything is completed
+//! (`publish.rs`); publishing completes the upload and deletes the marker, and finding
+//! the object already there with the recorded size (completed before) is success.
+//!
+//! Never replacing a published file: markers are created with `If-None-Match`
+//! ([`PutMode::Create`]), and publishing looks before it completes: an object already
+//! under the name with another size is [`Published::NameTaken`]. `object_store`'s
+//! low-level multipart API (the one that exposes upload ids and parts, which the record
+//! needs) cannot send `If-None-Match` with `CompleteMultipartUpload`, so that last step
+//! is a check, not a condition; what makes it safe is that final names carry the run's
+//! random id (`writer.rs`), so only the record's own upload ever completes to a name.
+//!
+//! The trait is synchronous (a sink waits for its files, as on a filesystem); the
+//! requests run on a small runtime of their own, which the calling thread waits on.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use anyhow::Context as _;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path as Key;
+use object_store::{GetOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::config::S3Config;
+use crate::sinks::warehouse::storage::{Entry, FileWriter, Finished, Published, Storage};
+
+/// The runtime every object-store request runs on; never dropped (an actor thread may
+/// hold the last handle to the storage, and a runtime cannot be dropped there).
+fn runtime() -> io::Result<&'static tokio::runtime::Runtime> {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    if let Some(runtime) = RUNTIME.get() {
+        return Ok(runtime);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("object-store")
+        .enable_all()
+        .build()?;
+    Ok(RUNTIME.get_or_init(|| runtime))
+}
+
+/// Runs `request` on the object-store runtime and waits for it on this thread.
+fn block<T: Send + 'static>(
+    request: impl Future<Output = object_store::Result<T>> + Send + 'static,
+) -> io::Result<T> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    runtime()?.spawn(async move {
+        let _ = tx.send(request.await);
+    });
+    rx.recv()
+        .map_err(|_| io::Error::other("the object-store runtime stopped"))?
+        .map_err(to_io)
+}
+
+fn to_io(error: object_store::Error) -> io::Error {
+    let kind = match &error {
+        object_store::Error::NotFound { .. } => io::ErrorKind::NotFound,
+        object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
+            io::ErrorKind::AlreadyExists
+        }
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, error)
+}
+
+fn invalid(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, message)
+}
+
+/// A bucket (and a prefix in it) holding the warehouse; paths are
+/// `s3://bucket/prefix/...`, as `warehouse.root` gives them.
+#[derive(Clone, Debug)]
+pub struct ObjectStorage {
+    s3: Arc<AmazonS3>,
+    root: PathBuf,
+    prefix: Key,
+    part_size: usize,
+}
+
+impl ObjectStorage {
+    /// The bucket of `root` (`s3://bucket/prefix`), reached as `config` says.
+    pub fn new(root: &str, config: &S3Config) -> anyhow::Result<Self> {
+        let rest = root
+            .strip_prefix("s3://")
+            .with_context(|| format!("{root} is not an s3:// location"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(bucket)
+            .with_virtual_hosted_style_request(!config.path_style)
+            .with_allow_http(config.allow_http);
+        let settings = [
+            (
+                &config.endpoint,
+                AmazonS3Builder::with_endpoint as fn(_, String) -> _,
+            ),
+            (&config.region, AmazonS3Builder::with_region),
+            (&config.access_key_id, AmazonS3Builder::with_access_key_id),
+            (
+                &config.secret_access_key,
+                AmazonS3Builder::with_secret_access_key,
+            ),
+        ];
+        for (value, set) in settings {
+            if !value.is_empty() {
+                builder = set(builder, value.clone());
+            }
+        }
+        let s3 = builder
+            .build()
+            .with_context(|| format!("configuring the bucket of {root}"))?;
+        Ok(ObjectStorage {
+            s3: Arc::new(s3),
+            root: PathBuf::from(root.trim_end_matches('/')),
+            prefix: Key::from(prefix.trim_matches('/')),
+            part_size: (config.part_size_mb.max(5) << 20) as usize,
+        })
+    }
+
+    fn key(&self, path: &Path) -> io::Result<Key> {
+        let relative = path.strip_prefix(&self.root).map_err(|_| {
+            invalid(format!(
+                "{} is outside the warehouse {}",
+                path.display(),
+                self.root.display()
+            ))
+        })?;
+        Ok(relative
+            .components()
+            .fold(self.prefix.clone(), |key, part| {
+                key.join(part.as_os_str().to_string_lossy().as_ref())
+            }))
+    }
+
+    fn path(&self, key: &Key) -> PathBuf {
+        let parts = key.prefix_match(&self.prefix).into_iter().flatten();
+        parts.fold(self.root.clone(), |path, part| path.join(part.as_ref()))
+    }
+
+    fn head(&self, key: &Key) -> io::Result<Option<u64>> {
+        let (s3, key) = (self.s3.clone(), key.clone());
+        let options = GetOptions {
+            head: true,
+            ..GetOptions::default()
+        };
+        match block(async move { s3.get_opts(&key, options).await }) {
+            Ok(found) => Ok(Some(found.meta.size)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn put(&self, key: &Key, bytes: Vec<u8>, mode: PutMode) -> io::Result<()> {
+        let (s3, key) = (self.s3.clone(), key.clone());
+        block(async move {
+            s3.put_opts(&key, PutPayload::from(bytes), PutOptions::from(mode))
+                .await
+        })
+        .map(drop)
+    }
+
+    fn delete(&self, key: &Key) -> io::Result<()> {
+        let (s3, key) = (self.s3.clone(), key.clone());
+        block(async move { s3.delete(&key).await })
+    }
+
+    /// Aborts the upload a marker names, then deletes the marker.
+    fn abandon(&self, handle: &Handle) -> io::Result<()> {
+        let (s3, key, upload) = (self.s3.clone(), handle.key.clone(), handle.upload.clone());
+        match block(async move { s3.abort_multipart(&key, &upload).await }) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        self.delete(&self.key(&handle.marker)?)
+    }
+
+    /// What a marker (or a handle) says about its upload.
+    fn handle(&self, hidden: &Path) -> io::Result<Option<Handle>> {
+        if let Some(handle) = Handle::decode(hidden)? {
+            return Ok(Some(handle));
+        }
+        let Some(bytes) = self.read(hidden)? else {
+            return Ok(None);
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        let (key, upload) = text
+            .split_once('\n')
+            .ok_or_else(|| invalid(format!("malformed upload marker {}", hidden.display())))?;
+        Ok(Some(Handle {
+            marker: hidden.to_path_buf(),
+            key: Key::from(key),
+            upload: upload.trim().to_string(),
+            size: 0,
+            parts: Vec::new(),
+        }))
+    }
+}
+
+/// A finished upload, as a commit record stores it: the marker's path, then
+/// `#key#upload#size#etag,etag,…` (keys, upload ids and ETags never hold `#`, `,`, tabs
+/// or newlines; `encode` refuses them if one ever did).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Handle {
+    marker: PathBuf,
+    key: Key,
+    upload: String,
+    size: u64,
+    parts: Vec<String>,
+}
+
+impl Handle {
+    fn encode(&self) -> io::Result<PathBuf> {
+        let clean = |s: &str| !s.contains(['#', ',', '\t', '\n']);
+        let key = self.key.to_string();
+        if !clean(&key) || !clean(&self.upload) || !self.parts.iter().all(|p| clean(p)) {
+            return Err(invalid(format!(
+                "the key, upload id or an ETag of {key} holds a reserved character"
+            )));
+        }
+        Ok(PathBuf::from(format!(
+            "{}#{key}#{}#{}#{}",
+            self.marker.display(),
+            self.upload,
+            self.size,
+            self.parts.join(",")
+        )))
+    }
+
+    /// `None` when `hidden` is a plain path (a marker), not a handle.
+    fn decode(hidden: &Path) -> io::Result<Option<Handle>> {
+        let text = hidden.to_string_lossy();
+        let fields: Vec<&str> = text.splitn(5, '#').collect();
+        let [marker, key, upload, size, parts] = fields[..] else {
+            return Ok(None);
+        };
+        Ok(Some(Handle {
+            marker: PathBuf::from(marker),
+            key: Key::from(key),
+            upload: upload.to_string(),
+            size: size
+                .parse()
+                .map_err(|_| invalid(format!("malformed upload handle {text}")))?,
+            parts: parts
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .map(String::from)
+                .collect(),
+        }))
+    }
+}
+
+/// A file being uploaded.
+struct Upload {
+    storage: ObjectStorage,
+    marker: PathBuf,
+    key: Key,
+    upload: String,
+    buffer: Vec<u8>,
+    parts: Vec<String>,
+    size: u64,
+}
+
+impl Upload {
+    fn send_part(&mut self) -> io::Result<()> {
+        let data = std::mem::take(&mut self.buffer);
+        let (s3, key, upload, index) = (
+            self.storage.s3.clone(),
+            self.key.clone(),
+            self.upload.clone(),
+            self.parts.len(),
+        );
+        let part = block(async move {
+            s3.put_part(&key, &upload, index, PutPayload::from(data))
+                .await
+        })?;
+        self.parts.push(part.content_id);
+        Ok(())
+    }
+}
+
+impl Write for Upload {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.buffer.extend_from_slice(buf);
+        self.size += buf.len() as u64;
+        if self.buffer.len() >= self.storage.part_size {
+            self.send_part()?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl FileWriter for Upload {
+    fn finish(mut self: Box<Self>) -> io::Result<Finished> {
+        if !self.buffer.is_empty() || self.parts.is_empty() {
+            self.send_part()?;
+        }
+        let handle = Handle {
+            marker: self.marker.clone(),
+            key: self.key.clone(),
+            upload: self.upload.clone(),
+            size: self.size,
+            parts: std::mem::take(&mut self.parts),
+        };
+        Ok(Finished {
+            bytes: self.size,
+            hidden: handle.encode()?,
+        })
+    }
+}
+
+impl Storage for ObjectStorage {
+    fn create(&self, hidden: &Path, visible: &Path) -> io::Result<Box<dyn FileWriter>> {
+        let key = self.key(visible)?;
+        let (s3, target) = (self.s3.clone(), key.clone());
+        let upload = block(async move { s3.create_multipart(&target).await })?;
+        // The marker first names the upload, so that a crash leaves nothing unfound.
+        let marker = format!("{key}\n{upload}\n").into_bytes();
+        self.put(&self.key(hidden)?, marker, PutMode::Create)?;
+        Ok(Box::new(Upload {
+            storage: self.clone(),
+            marker: hidden.to_path_buf(),
+            key,
+            upload,
+            buffer: Vec::with_capacity(self.part_size),
+            parts: Vec::new(),
+            size: 0,
+        }))
+    }
+
+    fn publish(&self, hidden: &Path, visible: &Path) -> io::Result<Published> {
+        let handle = Handle::decode(hidden)?
+            .ok_or_else(|| invalid(format!("{} is not an upload handle", hidden.display())))?;
+        let key = self.key(visible)?;
+        let parts = handle
+            .parts
+            .iter()
+            .map(|id| PartId {
+                content_id: id.clone(),
+            })
+            .collect();
+        // Published before (a roll-forward runs again), or another file has the name.
+        if let Some(size) = self.head(&key)? {
+            if size != handle.size {
+                return Ok(Published::NameTaken);
+            }
+            self.delete(&self.key(&handle.marker)?)?;
+            return Ok(Published::Done);
+        }
+        let (s3, target, upload) = (self.s3.clone(), key.clone(), handle.upload.clone());
+        let completed = block(async move { s3.complete_multipart(&target, &upload, parts).await });
+        // Completed meanwhile by another claimer, or never: the object tells.
+        if let Err(error) = completed {
+            match self.head(&key)? {
+                Some(size) if size == handle.size => {}
+                Some(_) => return Ok(Published::NameTaken),
+                None if error.kind() == io::ErrorKind::NotFound => return Ok(Published::Missing),
+                None => return Err(error),
+            }
+        }
+        self.delete(&self.key(&handle.marker)?)?;
+        Ok(Published::Done)
+    }
+
+    /// Objects are durable once their request succeeded.
+    fn sync_folders(&self, _folders: &BTreeSet<&Path>) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn list(&self, folder: &Path) -> io::Result<Vec<Entry>> {
+        let (s3, prefix) = (self.s3.clone(), self.key(folder)?);
+        let listed = prefix.clone();
+        let listing = block(async move { s3.list_with_delimiter(Some(&listed)).await })?;
+        // Some stores (SeaweedFS) list a folder's own directory marker in it.
+        let folders = listing.common_prefixes.iter().filter(|key| **key != prefix);
+        let files = listing.objects.iter().map(|object| &object.location);
+        let files = files.filter(|key| **key != prefix);
+        let folders = folders.map(|key| Entry {
+            path: self.path(key),
+            is_dir: true,
+        });
+        let files = files.map(|key| Entry {
+            path: self.path(key),
+            is_dir: false,
+        });
+        Ok(folders.chain(files).collect())
+    }
+
+    /// Removes a file; an in-progress file (a marker or a handle) also aborts its upload.
+    fn remove(&self, path: &Path) -> io::Result<bool> {
+        let name = path.to_string_lossy();
+        if name.contains(".inprogress") {
+            return match self.handle(path)? {
+                Some(handle) => self.abandon(&handle).map(|()| true),
+                None => Ok(false),
+            };
+        }
+        let key = self.key(path)?;
+        if self.head(&key)?.is_none() {
+            return Ok(false);
+        }
+        self.delete(&key).map(|()| true)
+    }
+
+    fn remove_folder(&self, folder: &Path) -> io::Result<()> {
+        for entry in self.list(folder)? {
+            if entry.is_dir {
+                self.remove_folder(&entry.path)?;
+            } else {
+                self.remove(&entry.path)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn read(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
+        let (s3, key) = (self.s3.clone(), self.key(path)?);
+        let read = block(async move {
+            let found = s3.get_opts(&key, GetOptions::default()).await?;
+            found.bytes().await
+        });
+        match read {
+            Ok(bytes) => Ok(Some(bytes.to_vec())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One PUT replaces an object whole; it is durable once it succeeded.
+    fn replace(&self, path: &Path, bytes: &[u8], _durable: bool) -> io::Result<()> {
+        self.put(&self.key(path)?, bytes.to_vec(), PutMode::Overwrite)
+    }
+}
