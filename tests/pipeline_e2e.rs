@@ -82,13 +82,27 @@ fn shanghai_end(ts: i64, unit: i64) -> i64 {
 /// `dws_template_state_1m` rows, `_SUCCESS` markers and hook runs all equal the oracle.
 #[test]
 fn redis_and_warehouse_equal_the_oracle() {
+    equal_the_oracle(fixture("e2e", PARTITIONS, 1), false);
+}
+
+/// The same with the warehouse in the test bucket: `_SUCCESS` objects, hook runs with
+/// the folder's `s3://` path, and every row read back from the bucket.
+#[test]
+fn redis_and_a_bucket_warehouse_equal_the_oracle() {
+    equal_the_oracle(fixture("e2e-s3", PARTITIONS, 49), true);
+}
+
+fn equal_the_oracle(fixture: Fixture, on_s3: bool) {
     let Fixture {
         started,
         topic,
         url,
         warehouse,
         mut config,
-    } = fixture("e2e", PARTITIONS, 1);
+    } = fixture;
+    if on_s3 {
+        common::bucket::use_bucket(&mut config, &topic);
+    }
     let hook_dir = tempfile::tempdir().unwrap();
     let hook_log = hook_dir.path().join("hook.log");
     config.warehouse.partition_commit_hook = format!(
@@ -176,6 +190,13 @@ fn redis_and_warehouse_equal_the_oracle() {
     assert_eq!(handle.stop().expect("stops"), 0);
 
     check_redis(&url, &produced, max_ids, started);
+    if on_s3 {
+        common::bucket::download(&topic, warehouse.path());
+        assert_eq!(
+            hidden_files(warehouse.path()),
+            Vec::<std::path::PathBuf>::new()
+        );
+    }
     check_warehouse(warehouse.path(), &produced, max_ids, false);
 
     // Windows: everything is conserved, and exactly the windows the final watermark

@@ -38,6 +38,21 @@ pub fn s3_sets(prefix: &str) -> Vec<String> {
     ]
 }
 
+/// Puts an in-process pipeline's warehouse at `s3://bucket/{prefix}`.
+pub fn use_bucket(config: &mut anchorflow_actors::config::Config, prefix: &str) {
+    let warehouse = &mut config.warehouse;
+    warehouse.root = format!("s3://{}/{prefix}", service("ANCHORFLOW_TEST_S3_BUCKET"));
+    warehouse.s3 = anchorflow_actors::config::S3Config {
+        endpoint: service("ANCHORFLOW_TEST_S3_ENDPOINT"),
+        region: "us-east-1".into(),
+        path_style: true,
+        allow_http: true,
+        access_key_id: service("ANCHORFLOW_TEST_S3_ACCESS_KEY_ID"),
+        secret_access_key: service("ANCHORFLOW_TEST_S3_SECRET_ACCESS_KEY"),
+        part_size_mb: 5,
+    };
+}
+
 /// Copies every object under `prefix` into `into`, keeping the layout (a directory
 /// marker some stores list is skipped). Returns how many objects it copied.
 pub fn download(prefix: &str, into: &Path) -> usize {
