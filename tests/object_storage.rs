@@ -10,10 +10,8 @@ mod common;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use anchorflow_actors::config::S3Config;
 use anchorflow_actors::sinks::warehouse::object_storage::ObjectStorage;
 use anchorflow_actors::sinks::warehouse::storage::{LocalFs, Published, Storage};
-use common::service;
 
 /// Bytes that need more than one part at the smallest part size (5 MiB).
 fn content(seed: u8, len: usize) -> Vec<u8> {
@@ -130,20 +128,8 @@ fn a_local_folder_keeps_the_storage_contract() {
 
 #[test]
 fn an_s3_bucket_keeps_the_storage_contract() {
-    let root = format!(
-        "s3://{}/contract-{}",
-        service("ANCHORFLOW_TEST_S3_BUCKET"),
-        std::process::id()
-    );
-    let config = S3Config {
-        endpoint: service("ANCHORFLOW_TEST_S3_ENDPOINT"),
-        region: "us-east-1".into(),
-        path_style: true,
-        allow_http: true,
-        access_key_id: service("ANCHORFLOW_TEST_S3_ACCESS_KEY_ID"),
-        secret_access_key: service("ANCHORFLOW_TEST_S3_SECRET_ACCESS_KEY"),
-        part_size_mb: 5,
-    };
+    let root = common::bucket::s3_root(&format!("contract-{}", std::process::id()));
+    let config = common::bucket::s3_config();
     let storage = ObjectStorage::new(&root, &config).unwrap();
     check_contract(&storage, Path::new(&root));
 }

@@ -38,11 +38,9 @@ pub fn s3_sets(prefix: &str) -> Vec<String> {
     ]
 }
 
-/// Puts an in-process pipeline's warehouse at `s3://bucket/{prefix}`.
-pub fn use_bucket(config: &mut anchorflow_actors::config::Config, prefix: &str) {
-    let warehouse = &mut config.warehouse;
-    warehouse.root = format!("s3://{}/{prefix}", service("ANCHORFLOW_TEST_S3_BUCKET"));
-    warehouse.s3 = anchorflow_actors::config::S3Config {
+/// How to reach the test bucket.
+pub fn s3_config() -> anchorflow_actors::config::S3Config {
+    anchorflow_actors::config::S3Config {
         endpoint: service("ANCHORFLOW_TEST_S3_ENDPOINT"),
         region: "us-east-1".into(),
         path_style: true,
@@ -50,7 +48,18 @@ pub fn use_bucket(config: &mut anchorflow_actors::config::Config, prefix: &str) 
         access_key_id: service("ANCHORFLOW_TEST_S3_ACCESS_KEY_ID"),
         secret_access_key: service("ANCHORFLOW_TEST_S3_SECRET_ACCESS_KEY"),
         part_size_mb: 5,
-    };
+    }
+}
+
+/// `s3://bucket/{prefix}` in the test bucket.
+pub fn s3_root(prefix: &str) -> String {
+    format!("s3://{}/{prefix}", service("ANCHORFLOW_TEST_S3_BUCKET"))
+}
+
+/// Puts an in-process pipeline's warehouse at `s3://bucket/{prefix}`.
+pub fn use_bucket(config: &mut anchorflow_actors::config::Config, prefix: &str) {
+    config.warehouse.root = s3_root(prefix);
+    config.warehouse.s3 = s3_config();
 }
 
 /// Copies every object under `prefix` into `into`, keeping the layout (a directory
