@@ -1,9 +1,12 @@
 //! `anchorflow fences show|recover`: the operator's view of the exactly-once
 //! bookkeeping, and the recovery after Redis lost it (`docs/exactly-once.md`).
+//!
+//! The warehouse is read through the same [`Storage`] as the sinks use
+//! (`warehouse::open`), so recovery works on a local folder and on a bucket alike.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anchorflow_actors::config::Config;
@@ -11,8 +14,9 @@ use anchorflow_actors::protocol::fences;
 use anchorflow_actors::protocol::keys::FenceKeys;
 use anchorflow_actors::protocol::publish::{pending_publishes, publish_done};
 use anchorflow_actors::sinks::warehouse::marks::{cap_published, published_fences};
+use anchorflow_actors::sinks::warehouse::open as open_warehouse;
 use anchorflow_actors::sinks::warehouse::publish::{discard, roll_forward};
-use anchorflow_actors::sinks::warehouse::storage::LocalFs;
+use anchorflow_actors::sinks::warehouse::storage::Storage;
 use anyhow::{bail, Context as _};
 use arrow_array::{Array, Int32Array, Int64Array, StringArray};
 use clap::{Subcommand, ValueEnum};
@@ -98,31 +102,37 @@ fn kafka_offsets(config: &Config) -> anyhow::Result<KafkaOffsets> {
 
 /// Next offset after the highest one in published warehouse files, per partition of
 /// `topic` (over `ods_anchor_log` and `dead_letter`, which together hold a row for
-/// every record).
-pub fn warehouse_fences(root: &Path, topic: &str) -> anyhow::Result<BTreeMap<i32, i64>> {
+/// every record). Each file is read whole into memory, one at a time: files are rolled
+/// at `warehouse.target_file_bytes`, and this runs only in an operator's recovery.
+pub fn warehouse_fences(
+    storage: &dyn Storage,
+    root: &Path,
+    topic: &str,
+) -> anyhow::Result<BTreeMap<i32, i64>> {
     let mut out: BTreeMap<i32, i64> = BTreeMap::new();
     let mut stack: Vec<PathBuf> = ["ods_anchor_log", "dead_letter"]
         .iter()
         .map(|t| root.join(t))
         .collect();
     while let Some(dir) = stack.pop() {
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
-        };
+        let entries = storage
+            .list(&dir)
+            .with_context(|| format!("listing {}", dir.display()))?;
         for entry in entries {
-            let path = entry
-                .with_context(|| format!("listing {}", dir.display()))?
-                .path();
-            let name = path
+            let name = entry
+                .path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            if path.is_dir() {
-                stack.push(path);
+            if entry.is_dir {
+                stack.push(entry.path);
             } else if name.starts_with("part-") && name.ends_with(".parquet") {
-                scan_file(&path, topic, &mut out)
+                let path = entry.path;
+                let bytes = storage
+                    .read(&path)
+                    .with_context(|| format!("reading {}", path.display()))?
+                    .with_context(|| format!("{} vanished while it was read", path.display()))?;
+                scan_file(bytes.into(), topic, &mut out)
                     .with_context(|| format!("reading {}", path.display()))?;
             }
         }
@@ -130,8 +140,8 @@ pub fn warehouse_fences(root: &Path, topic: &str) -> anyhow::Result<BTreeMap<i32
     Ok(out)
 }
 
-fn scan_file(path: &Path, topic: &str, out: &mut BTreeMap<i32, i64>) -> anyhow::Result<()> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path)?)?;
+fn scan_file(file: bytes::Bytes, topic: &str, out: &mut BTreeMap<i32, i64>) -> anyhow::Result<()> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)?;
     let schema = builder.parquet_schema();
     let wanted = ["kafka_topic", "kafka_partition", "kafka_offset"];
     let indices: Vec<usize> = (0..schema.num_columns())
@@ -171,6 +181,7 @@ fn scan_file(path: &Path, topic: &str, out: &mut BTreeMap<i32, i64>) -> anyhow::
 /// discarded whole (its other files removed) and its ranges are re-read: returns, per
 /// partition, where the earliest discarded range started.
 fn complete_or_discard(
+    storage: &Arc<dyn Storage>,
     conn: &mut redis::Connection,
     keys: &FenceKeys,
     root: &Path,
@@ -179,14 +190,14 @@ fn complete_or_discard(
 ) -> anyhow::Result<BTreeMap<i32, i64>> {
     let mut repaired: BTreeMap<i32, i64> = BTreeMap::new();
     for record in pending_publishes(conn, keys)? {
-        match roll_forward(&LocalFs, &record) {
+        match roll_forward(storage.as_ref(), &record) {
             Ok(()) => println!("published recorded commit {}", record.id),
             Err(error) => {
                 println!(
                     "recorded commit {} cannot be published ({error:#}): its files are removed and its ranges read again",
                     record.id
                 );
-                discard(&LocalFs, &record)?;
+                discard(storage.as_ref(), &record)?;
                 for range in &record.ranges {
                     let start = repaired.entry(range.partition).or_insert(range.from);
                     *start = (*start).min(range.from);
@@ -196,7 +207,7 @@ fn complete_or_discard(
         publish_done(conn, keys, &record.id)?;
     }
     if !repaired.is_empty() {
-        cap_published(std::sync::Arc::new(LocalFs), root, group, topic, &repaired)?;
+        cap_published(storage.clone(), root, group, topic, &repaired)?;
     }
     Ok(repaired)
 }
@@ -274,11 +285,12 @@ fn recover(
     stored: &fences::StoredFences,
     redis_from: RedisFrom,
 ) -> anyhow::Result<()> {
+    let storage = open_warehouse(&config.warehouse)?;
     let root = Path::new(&config.warehouse.root);
     let (group, topic) = (&config.source.group_id, &config.source.topic);
-    let repaired = complete_or_discard(conn, keys, root, group, topic)?;
-    let files = warehouse_fences(root, topic)?;
-    let marks = published_fences(&LocalFs, root, group, topic)?;
+    let repaired = complete_or_discard(&storage, conn, keys, root, group, topic)?;
+    let files = warehouse_fences(storage.as_ref(), root, topic)?;
+    let marks = published_fences(storage.as_ref(), root, group, topic)?;
     let mut new = BTreeMap::new();
     for (&p, &(low, _, committed)) in kafka {
         let redis = match redis_from {

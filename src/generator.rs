@@ -49,6 +49,10 @@ pub struct GeneratorConfig {
     pub start_ms: i64,
     /// Milliseconds of event time between consecutive sends.
     pub step_ms: i64,
+    /// Each send's event time is moved later by a uniform draw below this many
+    /// milliseconds (0: sends in event-time order). Spread over hours, the rows of one
+    /// checkpoint land in many `dt=/hour=` folders at once.
+    pub spread_ms: u64,
     /// Per-mille of records that are malformed.
     pub bad_per_mille: u64,
     /// `decode.max_ids` of the pipeline, so that oversize arrays can be produced.
@@ -76,6 +80,7 @@ impl Default for GeneratorConfig {
             templates: 24,
             start_ms: 1_700_450_000_000,
             step_ms: 7,
+            spread_ms: 0,
             bad_per_mille: 5,
             max_ids: 10_000,
             shape: Shape::Funnel,
@@ -204,7 +209,10 @@ impl Generator {
 
     fn enqueue_send(&mut self) {
         self.sends += 1;
-        let ts = self.config.start_ms + self.sends as i64 * self.config.step_ms;
+        let mut ts = self.config.start_ms + self.sends as i64 * self.config.step_ms;
+        if self.config.spread_ms > 0 {
+            ts += self.rng.below(self.config.spread_ms) as i64;
+        }
         let template = self.rng.below(self.config.templates);
         let business_id = Self::business_id(template, ts);
         if let Shape::RedisHeavy { receivers } = self.config.shape {

@@ -283,11 +283,24 @@ fn lost_marker(url: &str, setup: &Setup) -> Option<String> {
 
 #[test]
 fn redis_restarted_empty_is_detected_and_recovered_exactly() {
+    redis_restarted_empty(false);
+}
+
+/// The same with the warehouse in the bucket: `fences recover` must find the published
+/// files and the publish marks there, or it would send the warehouse back to offset 0
+/// and every row would be written twice.
+#[test]
+fn redis_restarted_empty_is_detected_and_recovered_exactly_on_s3() {
+    redis_restarted_empty(true);
+}
+
+fn redis_restarted_empty(on_s3: bool) {
     // A redis-server of the test's own, so that it can restart it empty.
     let redis = anchorflow::demo::start_throwaway_redis()
         .expect("redis-server (installed by scripts/test-env.sh)");
     let (url, port) = (redis.url.clone(), redis.port);
     let setup = Setup::new("lost", 2, url.clone());
+    let setup = if on_s3 { setup.on_s3() } else { setup };
     let mut produced = setup.produce(700, 1500);
     let metrics = format!("127.0.0.1:{}", free_port());
     let mut instance = setup.spawn("lost", &[], &metrics);

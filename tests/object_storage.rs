@@ -133,3 +133,50 @@ fn an_s3_bucket_keeps_the_storage_contract() {
     let storage = ObjectStorage::new(&root, &config).unwrap();
     check_contract(&storage, Path::new(&root));
 }
+
+/// The race the look-before-complete cannot close: an object appears under the final
+/// name after `publish` looked. The store itself must refuse the completion (it is sent
+/// with `If-None-Match: *`). With the condition turned off, the same completion
+/// replaces the object, which shows the test ground can tell the two apart.
+#[test]
+fn an_s3_bucket_refuses_to_complete_over_an_object_that_appeared_meanwhile() {
+    let root = common::bucket::s3_root(&format!("conditional-{}", std::process::id()));
+    let folder = Path::new(&root).join("ods_anchor_log/dt=2026-12-05/hour=21");
+    let mut config = common::bucket::s3_config();
+    for (n, conditional) in [(1, true), (2, false)] {
+        config.conditional_complete = conditional;
+        let storage = ObjectStorage::new(&root, &config).unwrap();
+        let visible = folder.join(format!("part-a.r.00000{n}.parquet"));
+        let hidden = folder.join(format!(".a.r.00000{n}.parquet.inprogress"));
+        let rows = content(n, 6 << 20);
+        let handle = write(&storage, &hidden, &visible, &rows);
+        // The handle is `marker#key#upload#size#etag,…` (object_storage.rs).
+        let text = handle.to_string_lossy().into_owned();
+        let fields: Vec<&str> = text.splitn(5, '#').collect();
+        let (upload, parts) = (fields[2], fields[4].split(',').map(String::from));
+        let parts: Vec<String> = parts.collect();
+        assert_eq!(parts.len(), 2, "6 MiB is two parts of 5 MiB: {text}");
+
+        let intruder = content(9, 1000);
+        storage.replace(&visible, &intruder, true).unwrap();
+        let key = storage.key_of(&visible).unwrap();
+        let completed = storage.complete(&key, upload, &parts);
+        let now = storage.read(&visible).unwrap().unwrap();
+        if conditional {
+            let error = completed.expect_err("completed over an existing object");
+            assert_eq!(error.kind(), std::io::ErrorKind::AlreadyExists, "{error}");
+            assert_eq!(now, intruder, "the object under the name is untouched");
+            assert!(
+                storage.remove(&handle).unwrap(),
+                "the refused upload is aborted"
+            );
+        } else {
+            completed.unwrap();
+            assert_eq!(now, rows, "without the condition the object is replaced");
+        }
+    }
+    ObjectStorage::new(&root, &config)
+        .unwrap()
+        .remove_folder(Path::new(&root))
+        .unwrap();
+}

@@ -58,6 +58,11 @@ pub struct BenchOptions {
     /// events × ~150 bytes / partitions below that).
     #[arg(long, default_value_t = 400_000)]
     pub events: usize,
+    /// Spread the events' times uniformly over this many hours (0: in order), so that
+    /// every checkpoint writes into that many `hour=` folders at once: the open-file
+    /// cap and, on a bucket, the part buffers are what hold memory then.
+    #[arg(long, default_value_t = 0)]
+    pub spread_hours: u64,
     /// Partitions of the benchmark topic.
     #[arg(long, default_value_t = 16)]
     pub partitions: i32,
@@ -226,6 +231,7 @@ fn generator(options: &BenchOptions, config: &Config) -> Generator {
             },
             Data::Funnel => Shape::Funnel,
         },
+        spread_ms: options.spread_hours * 3_600_000,
         ..Default::default()
     })
 }

@@ -48,6 +48,7 @@ pub fn s3_config() -> anchorflow_actors::config::S3Config {
         access_key_id: service("ANCHORFLOW_TEST_S3_ACCESS_KEY_ID"),
         secret_access_key: service("ANCHORFLOW_TEST_S3_SECRET_ACCESS_KEY"),
         part_size_mb: 5,
+        conditional_complete: true,
     }
 }
 

@@ -76,6 +76,11 @@ pub struct S3Config {
     /// Size of each uploaded part of a file, in MiB (at least 5, S3's minimum): what
     /// one open file buffers before it is sent.
     pub part_size_mb: u64,
+    /// Complete each file's upload with `If-None-Match: *`, so that the store itself
+    /// refuses to replace an object already under the name (AWS S3 and SeaweedFS
+    /// honour it); set false only for a store that rejects the header (a
+    /// publish then fails with its answer), and publishing only looks before completing.
+    pub conditional_complete: bool,
 }
 
 impl Default for S3Config {
@@ -88,6 +93,7 @@ impl Default for S3Config {
             access_key_id: String::new(),
             secret_access_key: String::new(),
             part_size_mb: 5,
+            conditional_complete: true,
         }
     }
 }
@@ -114,6 +120,7 @@ impl fmt::Debug for S3Config {
             .field("access_key_id", &shown.access_key_id)
             .field("secret_access_key", &shown.secret_access_key)
             .field("part_size_mb", &shown.part_size_mb)
+            .field("conditional_complete", &shown.conditional_complete)
             .finish()
     }
 }

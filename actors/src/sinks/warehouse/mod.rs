@@ -2,8 +2,10 @@
 //! (`roll.rs`), the files being written (`writer.rs`), publishing and crash cleanup
 //! (`publish.rs`), what each instance published (`marks.rs`), `_SUCCESS` and the hook
 //! (`partition_committer.rs`, `hook.rs`), and where the files live (`storage.rs`: a local folder, or
-//! `object_storage.rs`: S3-compatible object storage).
+//! `object_storage.rs`: S3-compatible object storage, with `complete_upload.rs` for
+//! the conditional completion `object_store` cannot send).
 
+pub mod complete_upload;
 pub mod hook;
 pub mod marks;
 pub mod object_storage;

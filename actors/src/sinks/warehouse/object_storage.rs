@@ -13,12 +13,13 @@
 //! the object already there with the recorded size (completed before) is success.
 //!
 //! Never replacing a published file: markers are created with `If-None-Match`
-//! ([`PutMode::Create`]), and publishing looks before it completes: an object already
-//! under the name with another size is [`Published::NameTaken`]. `object_store`'s
-//! low-level multipart API (the one that exposes upload ids and parts, which the record
-//! needs) cannot send `If-None-Match` with `CompleteMultipartUpload`, so that last step
-//! is a check, not a condition; what makes it safe is that final names carry the run's
-//! random id (`writer.rs`), so only the record's own upload ever completes to a name.
+//! ([`PutMode::Create`]), and uploads are completed with `If-None-Match: *`
+//! (`complete_upload.rs`, since `object_store`'s low-level multipart API cannot send
+//! it), so the store itself refuses to complete over an object that is already there:
+//! an object under the name with another size is [`Published::NameTaken`]. Final names
+//! also carry the run's random id (`writer.rs`), so only the record's own upload ever
+//! completes to a name. A store that rejects the condition can be told not to send it
+//! (`warehouse.s3.conditional_complete = false`); publishing then only looks first.
 //!
 //! The trait is synchronous (a sink waits for its files, as on a filesystem); the
 //! requests run on a small runtime of their own, which the calling thread waits on.
@@ -36,6 +37,7 @@ use object_store::path::Path as Key;
 use object_store::{GetOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 
 use crate::config::S3Config;
+use crate::sinks::warehouse::complete_upload::ConditionalCompleter;
 use crate::sinks::warehouse::storage::{Entry, FileWriter, Finished, Published, Storage};
 
 /// The runtime every object-store request runs on; never dropped (an actor thread may
@@ -89,6 +91,9 @@ pub struct ObjectStorage {
     root: PathBuf,
     prefix: Key,
     part_size: usize,
+    /// Sends completions with `If-None-Match: *`; `None` when the configuration says
+    /// the store rejects that condition.
+    completer: Option<Arc<ConditionalCompleter>>,
 }
 
 impl ObjectStorage {
@@ -119,6 +124,13 @@ impl ObjectStorage {
                 builder = set(builder, value.clone());
             }
         }
+        let completer = match config.conditional_complete {
+            true => Some(Arc::new(
+                ConditionalCompleter::new(&builder, config.allow_http)
+                    .with_context(|| format!("configuring the bucket of {root}"))?,
+            )),
+            false => None,
+        };
         let s3 = builder
             .build()
             .with_context(|| format!("configuring the bucket of {root}"))?;
@@ -127,6 +139,7 @@ impl ObjectStorage {
             root: PathBuf::from(root.trim_end_matches('/')),
             prefix: Key::from(prefix.trim_matches('/')),
             part_size: (config.part_size_mb.max(5) << 20) as usize,
+            completer,
         })
     }
 
@@ -175,6 +188,33 @@ impl ObjectStorage {
     fn delete(&self, key: &Key) -> io::Result<()> {
         let (s3, key) = (self.s3.clone(), key.clone());
         block(async move { s3.delete(&key).await })
+    }
+
+    /// Completes `upload` to `key` from its parts' ETags: with `If-None-Match: *` unless
+    /// the configuration turned the condition off. An object already under `key` makes
+    /// the store refuse (`AlreadyExists`); the caller looks at what is there.
+    pub fn complete(&self, key: &Key, upload: &str, parts: &[String]) -> io::Result<()> {
+        let (s3, key, upload, parts) = (
+            self.s3.clone(),
+            key.clone(),
+            upload.to_string(),
+            parts.to_vec(),
+        );
+        match self.completer.clone() {
+            Some(completer) => {
+                block(async move { completer.complete(s3, &key, &upload, &parts).await })
+            }
+            None => block(async move {
+                let parts = parts.into_iter().map(|content_id| PartId { content_id });
+                s3.complete_multipart(&key, &upload, parts.collect()).await
+            })
+            .map(drop),
+        }
+    }
+
+    /// The key of a path under the warehouse root.
+    pub fn key_of(&self, path: &Path) -> io::Result<Key> {
+        self.key(path)
     }
 
     /// Aborts the upload a marker names, then deletes the marker.
@@ -349,13 +389,6 @@ impl Storage for ObjectStorage {
         let handle = Handle::decode(hidden)?
             .ok_or_else(|| invalid(format!("{} is not an upload handle", hidden.display())))?;
         let key = self.key(visible)?;
-        let parts = handle
-            .parts
-            .iter()
-            .map(|id| PartId {
-                content_id: id.clone(),
-            })
-            .collect();
         // Published before (a roll-forward runs again), or another file has the name.
         if let Some(size) = self.head(&key)? {
             if size != handle.size {
@@ -364,10 +397,8 @@ impl Storage for ObjectStorage {
             self.delete(&self.key(&handle.marker)?)?;
             return Ok(Published::Done);
         }
-        let (s3, target, upload) = (self.s3.clone(), key.clone(), handle.upload.clone());
-        let completed = block(async move { s3.complete_multipart(&target, &upload, parts).await });
         // Completed meanwhile by another claimer, or never: the object tells.
-        if let Err(error) = completed {
+        if let Err(error) = self.complete(&key, &handle.upload, &handle.parts) {
             match self.head(&key)? {
                 Some(size) if size == handle.size => {}
                 Some(_) => return Ok(Published::NameTaken),
