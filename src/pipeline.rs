@@ -201,10 +201,12 @@ fn start_sinks(
         &config.source.instance_id,
     )?;
     let (c, r, i, s, st) = parts;
+    let row_group_bytes = config.pipeline.memory().row_group_bytes();
     let warehouse = Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |_| {
         WarehouseSink::new(c, &r, windows, i, s, st)
             .with_committer(committer)
             .with_marks(marks)
+            .with_row_group_bytes(row_group_bytes)
     });
     // One link per receiving actor, shared by all its senders (`mailbox.rs`).
     Ok(Sinks {

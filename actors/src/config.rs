@@ -122,14 +122,16 @@ pub struct PipelineConfig {
     /// Milliseconds a rebalance may spend checkpointing revoked partitions; must be
     /// below the consumer's `session.timeout.ms` (checked by `validate`).
     pub revoke_timeout_ms: u64,
-    /// Records a partition may have read beyond what both sinks have made durable; at
-    /// this many the partition is paused until a checkpoint commits. Bounds what a
-    /// stalled sink leaves in memory (uncommitted aggregates and open files).
+    /// Records a partition may have read beyond what Redis has made durable; at this
+    /// many the partition is paused until a checkpoint commits. Bounds what a stalled
+    /// Redis leaves in memory (uncommitted aggregates and commit plans). The warehouse
+    /// does not count here: rows it has not published are in its files and in row
+    /// groups held to their own share of `memory_budget_mb`.
     pub max_uncommitted_records: u64,
     /// Memory the process may use for records in flight, in MiB: librdkafka's prefetch,
-    /// batches on their way to the readers, and input not yet durable in both sinks are
-    /// cut to shares of it (`runtime/memory.rs`), so RSS stays near it at any partition
-    /// count and behind a slow sink. At least 32.
+    /// batches on their way to the readers, input not yet durable in Redis, and the
+    /// warehouse's open row groups are cut to shares of it (`runtime/memory.rs`), so
+    /// RSS stays near it at any partition count and behind a slow sink. At least 32.
     pub memory_budget_mb: u64,
 }
 

@@ -125,11 +125,16 @@ impl PipelineChild {
 
     /// Records durable in both sinks, from the fences.
     pub fn committed(&mut self) -> anyhow::Result<i64> {
+        Ok(self.fenced()?.0)
+    }
+
+    /// Records durable in both sinks, and in Redis, from the fences.
+    pub fn fenced(&mut self) -> anyhow::Result<(i64, i64)> {
         let stored = fences::read(&mut self.conn, &self.keys, &self.partitions)?;
-        Ok(stored
-            .values()
-            .map(|(_, redis, warehouse)| redis.unwrap_or(0).min(warehouse.unwrap_or(0)))
-            .sum())
+        let redis = |r: &Option<i64>| r.unwrap_or(0);
+        Ok(stored.values().fold((0, 0), |(both, in_redis), (_, r, w)| {
+            (both + redis(r).min(redis(w)), in_redis + redis(r))
+        }))
     }
 
     /// Durations (ms) of the pipeline's recent checkpoints.

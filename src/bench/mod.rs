@@ -25,6 +25,7 @@ mod child;
 mod cpu;
 mod redis_probe;
 mod reference;
+mod report;
 mod soak;
 
 use std::time::{Duration, Instant};
@@ -37,6 +38,7 @@ use rdkafka::{ClientConfig, Message};
 pub use broker::serve as mock_serve;
 use child::{rss_of, PipelineChild};
 use redis_probe::RedisProbe;
+use report::{report_pipeline, PipelineRun};
 
 use crate::demo::{produce, start_throwaway_redis, ThrowawayRedis};
 use crate::generator::{Generator, GeneratorConfig, Shape};
@@ -259,20 +261,6 @@ fn bare_read(ground: &Ground, partitions: i32, expected: usize) -> anyhow::Resul
     Ok(read as f64 / took.as_secs_f64())
 }
 
-/// What the pipeline run measured.
-struct PipelineRun {
-    committed_per_sec: f64,
-    drain_secs: f64,
-    join_secs: f64,
-    redis_cpu_secs: f64,
-    rss_samples: Vec<u64>,
-    peak_rss: u64,
-    checkpoints: Vec<f64>,
-    longest: Option<redis_probe::Longest>,
-    uncommitted_pauses: f64,
-    exit_code: i32,
-}
-
 /// Runs `anchorflow run` until every preloaded record is durable in both sinks.
 fn run_pipeline(
     ground: &Ground,
@@ -295,7 +283,15 @@ fn run_pipeline(
     probe.watch_slowlog()?;
     let total = options.events as i64;
     let (mut rss_samples, mut last_sample) = (Vec::new(), Instant::now());
-    while child.committed()? < total {
+    let mut redis_drain = None;
+    loop {
+        let (both, in_redis) = child.fenced()?;
+        if in_redis >= total && redis_drain.is_none() {
+            redis_drain = Some(assigned.elapsed());
+        }
+        if both >= total {
+            break;
+        }
         child.check_running()?;
         if assigned.elapsed() > Duration::from_secs(900) {
             bail!("the pipeline did not commit {total} records within 900 s");
@@ -318,6 +314,7 @@ fn run_pipeline(
     Ok(PipelineRun {
         committed_per_sec: total as f64 / drain.as_secs_f64(),
         drain_secs: drain.as_secs_f64(),
+        redis_drain_secs: redis_drain.unwrap_or(drain).as_secs_f64(),
         join_secs: assigned.duration_since(begin).as_secs_f64(),
         redis_cpu_secs,
         rss_samples,
@@ -377,71 +374,6 @@ fn run_references(
         }
     }
     Ok(out)
-}
-
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    sorted
-        .get(((sorted.len() as f64 * q).ceil() as usize).saturating_sub(1))
-        .copied()
-        .unwrap_or(f64::NAN)
-}
-
-fn report_pipeline(options: &BenchOptions, config: &Config, run: &PipelineRun, bare: f64) {
-    let events = options.events as f64;
-    println!(
-        "pipeline_committed_events_per_sec: {:.0}   (headline: {} records durable in both sinks in {:.2} s after assignment; group join {:.2} s not counted)",
-        run.committed_per_sec, options.events, run.drain_secs, run.join_secs
-    );
-    println!(
-        "ratio_committed_to_bare_consumer: {:.2}",
-        run.committed_per_sec / bare
-    );
-    println!(
-        "redis_busy_while_draining: {:.0} %   ({:.2} Redis CPU-s over {:.2} s)",
-        100.0 * run.redis_cpu_secs / run.drain_secs,
-        run.redis_cpu_secs,
-        run.drain_secs
-    );
-    println!(
-        "redis_cpu_us_per_event_pipeline: {:.2}",
-        run.redis_cpu_secs * 1e6 / events
-    );
-    let mut sorted = run.checkpoints.clone();
-    sorted.sort_by(f64::total_cmp);
-    println!(
-        "checkpoint_duration_ms: p50 {:.1} p99 {:.1} max {:.1} over {} checkpoints (interval {} ms)",
-        quantile(&sorted, 0.5),
-        quantile(&sorted, 0.99),
-        quantile(&sorted, 1.0),
-        sorted.len(),
-        options.checkpoint_interval_ms
-    );
-    match &run.longest {
-        Some(l) => println!(
-            "longest_redis_command_ms: {:.1} ({}; redis.max_commit_ms = {})",
-            l.millis, l.command, config.redis.max_commit_ms
-        ),
-        None => println!(
-            "longest_redis_command_ms: < 1 (none logged; redis.max_commit_ms = {})",
-            config.redis.max_commit_ms
-        ),
-    }
-    println!("uncommitted_pauses: {}", run.uncommitted_pauses);
-    let shown: Vec<String> = run
-        .rss_samples
-        .iter()
-        .map(|b| format!("{:.0}", mib(*b)))
-        .collect();
-    println!("pipeline_rss_mib_every_500ms: [{}]", shown.join(", "));
-    let budget = options
-        .memory_budget_mb
-        .unwrap_or(config.pipeline.memory_budget_mb);
-    println!(
-        "pipeline_peak_rss_mib: {:.1} of a {budget} MiB budget ({:.0} %)",
-        mib(run.peak_rss),
-        100.0 * mib(run.peak_rss) / budget as f64
-    );
-    println!("pipeline_exit_code: {}", run.exit_code);
 }
 
 /// Generates the benchmark's records and preloads them into the topic.

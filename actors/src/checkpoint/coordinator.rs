@@ -26,6 +26,13 @@ pub struct Completed {
     /// Per partition, the offset below which everything is durable in every sink
     /// (partitions where nothing was read yet are left out).
     pub durable: BTreeMap<i32, i64>,
+    /// Per partition, the offset below which the input holds no memory any more: the
+    /// Redis sink's fence, since its aggregates and commit plans are what grow with
+    /// uncommitted input. The warehouse holds rows it has not published in its files
+    /// (on disk or in the bucket) and in row groups kept within a share of their own
+    /// (`sinks/warehouse/writer.rs`), so a warehouse that publishes once a minute does
+    /// not hold reading back.
+    pub released: BTreeMap<i32, i64>,
 }
 
 /// A sink's report that does not belong to the checkpoint in flight.
@@ -107,13 +114,18 @@ impl Coordinator {
             id: done.spec.id,
             kind: done.spec.kind,
             took: done.started.elapsed(),
-            durable: durable(&done.spec.partitions, &done.fences),
+            durable: lowest(&done.spec.partitions, &done.fences, &SinkKind::ALL),
+            released: lowest(&done.spec.partitions, &done.fences, &[SinkKind::Redis]),
         }))
     }
 }
 
-/// Per partition, the lowest fence over the sinks; -1 (nothing read) is left out.
-fn durable(partitions: &[i32], fences: &BTreeMap<SinkKind, Vec<(i32, i64)>>) -> BTreeMap<i32, i64> {
+/// Per partition, the lowest fence over `sinks`; -1 (nothing read) is left out.
+fn lowest(
+    partitions: &[i32],
+    fences: &BTreeMap<SinkKind, Vec<(i32, i64)>>,
+    sinks: &[SinkKind],
+) -> BTreeMap<i32, i64> {
     let fence = |sink: &SinkKind, partition: i32| {
         fences
             .get(sink)?
@@ -124,7 +136,7 @@ fn durable(partitions: &[i32], fences: &BTreeMap<SinkKind, Vec<(i32, i64)>>) -> 
     partitions
         .iter()
         .filter_map(|&p| {
-            let offsets: Option<Vec<i64>> = SinkKind::ALL.iter().map(|s| fence(s, p)).collect();
+            let offsets: Option<Vec<i64>> = sinks.iter().map(|s| fence(s, p)).collect();
             let lowest = offsets?.into_iter().min()?;
             (lowest >= 0).then_some((p, lowest))
         })
@@ -166,6 +178,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(done.durable, [(0, 8), (1, 7)].into(), "nothing read on 2");
+        assert_eq!(done.released, [(0, 10), (1, 7)].into(), "the Redis sink's");
         assert_eq!(coordinator.in_flight(), None);
         let next = coordinator.start(vec![0], CheckpointKind::Final).unwrap();
         assert_eq!(next.id, 2);

@@ -11,11 +11,15 @@
 //! while, so rebalances and other partitions carry on.
 //!
 //! A partition is also paused (*throttled*) once it has read
-//! `pipeline.max_uncommitted_records` beyond what both sinks have made durable, and
-//! resumes when a checkpoint brings it back under. The shards and the warehouse sink
-//! accept records until the next barrier, so without this bound a stalled sink (Redis
-//! paused, say) would let the whole backlog into memory, and the partitions, read to
-//! their ends, would turn idle while nothing of theirs was committed.
+//! `pipeline.max_uncommitted_records`, or its share of the memory budget, beyond what
+//! the Redis sink has made durable, and resumes when a checkpoint brings it back under.
+//! The shards accept records until the next barrier, so without this bound a stalled
+//! Redis would let the whole backlog into memory, and the partitions, read to their
+//! ends, would turn idle while nothing of theirs was committed. The bound is held
+//! against the Redis sink alone (`Completed::released`): the warehouse keeps the rows it
+//! has not published in files and in row groups held to a share of their own, so a
+//! warehouse that publishes once a minute (`warehouse.roll_interval_secs`) must not
+//! stop reading in between; a stalled warehouse sink stops it through its mailbox.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
@@ -124,9 +128,9 @@ impl SourceState {
             blocked: false,
             throttled: false,
             next_offset: claim.start(),
-            durable: claim.start(),
+            released: claim.start(),
             read_bytes: 0,
-            durable_bytes: 0,
+            released_bytes: 0,
             barrier_bytes: VecDeque::new(),
             claim,
         };
@@ -277,8 +281,8 @@ impl SourceState {
         self.dispatch(control, partition);
     }
 
-    /// Pauses a partition that has read `pipeline.max_uncommitted_records` beyond its
-    /// durable fence, until a checkpoint commits.
+    /// Pauses a partition that has read `pipeline.max_uncommitted_records` (or its
+    /// share of the budget) beyond its released fence, until a checkpoint commits.
     fn throttle(&mut self, control: &impl PartitionControl, partition: i32) {
         self.hold(control, partition, Pause::Uncommitted);
     }
@@ -306,7 +310,7 @@ impl SourceState {
             ?why,
             queued = slot.outbox.len(),
             next_offset = slot.next_offset,
-            durable = slot.durable,
+            released = slot.released,
             "partition paused"
         );
         if !was_paused {
@@ -333,13 +337,13 @@ impl SourceState {
         control.resume(partition, slot.next_offset);
     }
 
-    /// A checkpoint made records durable: throttled partitions back under the bound
-    /// resume.
-    fn advance_durable(&mut self, control: &impl PartitionControl, durable: &BTreeMap<i32, i64>) {
+    /// A checkpoint released input (`Completed::released`): throttled partitions back
+    /// under the bound resume.
+    fn advance_released(&mut self, control: &impl PartitionControl, released: &BTreeMap<i32, i64>) {
         let pipeline = &self.factory.config.pipeline;
         let max_records = pipeline.max_uncommitted_records as i64;
         let max_bytes = pipeline.memory().uncommitted_bytes(self.slots.len());
-        for (&partition, &fence) in durable {
+        for (&partition, &fence) in released {
             let Some(slot) = self.slots.get_mut(&partition) else {
                 continue;
             };
@@ -410,7 +414,7 @@ impl SourceState {
 
     fn complete(&mut self, control: &impl PartitionControl, done: Completed, sync: bool) {
         fault::point(fault::AFTER_SINKS_COMMITTED);
-        self.advance_durable(control, &done.durable);
+        self.advance_released(control, &done.released);
         let metrics = &self.factory.context.metrics;
         let mut committed = BTreeMap::new();
         if !done.durable.is_empty() {

@@ -3,7 +3,7 @@
 //! with nothing to read. A partition is *held*, and never turns idle, while
 //! - its reader has input it has not finished (it may be blocked on a slow sink),
 //! - the source paused it because that reader is full, or because it has read
-//!   `pipeline.max_uncommitted_records` beyond its durable fences,
+//!   `pipeline.max_uncommitted_records` (or its budget share) beyond its Redis fence,
 //! - the broker holds records it has not delivered yet (it is behind), or
 //! - its broker does not answer (nothing is known about its records).
 //!

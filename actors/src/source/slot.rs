@@ -1,7 +1,8 @@
 //! One assigned partition as the source sees it ([`Slot`]): its reader, the batch
 //! being cut, what is queued for the reader, why it is paused, and how far it has read
-//! beyond what both sinks made durable, in records and in bytes (the memory budget's
-//! uncommitted share, `runtime/memory.rs`). `flow.rs` drives it.
+//! beyond what the Redis sink made durable (where the input stops holding memory,
+//! `Completed::released`), in records and in bytes (the memory budget's uncommitted
+//! share, `runtime/memory.rs`). `flow.rs` drives it.
 
 use std::collections::VecDeque;
 
@@ -23,13 +24,14 @@ pub struct Slot {
     pub(super) throttled: bool,
     /// Offset after the last record handed on; starts at the claim's lower fence.
     pub next_offset: i64,
-    /// Where both sinks are durable (the last completed checkpoint, or the claim).
-    pub(super) durable: i64,
+    /// Where the input stops holding memory: the Redis sink's fence at the last
+    /// completed checkpoint, or the claim (`Completed::released`).
+    pub(super) released: i64,
     /// Bytes read so far (payloads plus `RECORD_OVERHEAD` each), the same counted up to
-    /// `durable`, and the count at each barrier not yet durable, as `(next_offset,
+    /// `released`, and the count at each barrier not yet released, as `(next_offset,
     /// bytes)`: what the memory budget's uncommitted share is held against.
     pub(super) read_bytes: u64,
-    pub(super) durable_bytes: u64,
+    pub(super) released_bytes: u64,
     pub(super) barrier_bytes: VecDeque<(i64, u64)>,
     pub(super) claim: Claim,
 }
@@ -48,20 +50,20 @@ impl Slot {
         self.blocked || self.throttled
     }
 
-    /// Whether the partition read as much beyond its durable fence as it may.
+    /// Whether the partition read as much beyond its released fence as it may.
     pub(super) fn over_uncommitted(&self, max_records: i64, max_bytes: u64) -> bool {
-        self.next_offset - self.durable >= max_records
-            || self.read_bytes - self.durable_bytes >= max_bytes
+        self.next_offset - self.released >= max_records
+            || self.read_bytes - self.released_bytes >= max_bytes
     }
 
-    /// The durable fence moved to `fence`: bytes up to the barriers it passed are too.
+    /// The released fence moved to `fence`: bytes up to the barriers it passed are too.
     pub(super) fn advance(&mut self, fence: i64) {
-        self.durable = self.durable.max(fence);
+        self.released = self.released.max(fence);
         while let Some(&(offset, bytes)) = self.barrier_bytes.front() {
-            if offset > self.durable {
+            if offset > self.released {
                 break;
             }
-            self.durable_bytes = bytes;
+            self.released_bytes = bytes;
             self.barrier_bytes.pop_front();
         }
     }

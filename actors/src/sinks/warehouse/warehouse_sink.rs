@@ -103,6 +103,8 @@ pub struct WarehouseSink {
     /// Whether earlier runs' in-progress files still wait for the lease.
     orphans_pending: bool,
     counters: WarehouseCounters,
+    /// Row-group bytes each generation's open files may buffer (`with_row_group_bytes`).
+    row_group_bytes: u64,
 }
 
 impl WarehouseSink {
@@ -136,7 +138,15 @@ impl WarehouseSink {
             lease,
             orphans_pending: true,
             counters: WarehouseCounters::default(),
+            row_group_bytes: u64::MAX,
         }
+    }
+
+    /// Holds each generation's open row groups to `bytes` (a share of the memory
+    /// budget, `runtime/memory.rs`); unbounded until set.
+    pub fn with_row_group_bytes(mut self, bytes: u64) -> Self {
+        self.row_group_bytes = bytes;
+        self
     }
 
     /// Keeps `marks` up to date with every published commit.
@@ -245,7 +255,7 @@ impl WarehouseSink {
             part.table,
             part.folder,
             &part.rows,
-            self.config.max_open_files,
+            (self.config.max_open_files, self.row_group_bytes),
             || {
                 *seq += 1;
                 NewFile {

@@ -128,8 +128,9 @@ pub struct NewFile<'a> {
 
 /// The files one checkpoint will publish: open ones, one per (table, folder), and
 /// ones closed early because more than `max_open` folders were written at once (data
-/// spread over many hours). Open writers buffer a row group each, so the cap bounds
-/// memory whatever the event times.
+/// spread over many hours). Open writers buffer a row group each; the cap on open
+/// files and the row-group budget (`max_buffered`, a share of the memory budget) bound
+/// that memory whatever the event times and however long the files stay open.
 #[derive(Default)]
 pub struct Generation {
     open: HashMap<(Table, String), OpenFile>,
@@ -147,15 +148,17 @@ impl Generation {
     }
 
     /// Appends `rows` to the open file of (table, folder), opening one (and, at the
-    /// cap, closing the longest-idle one) when needed.
+    /// cap, closing the longest-idle one) when needed; then, while the open files'
+    /// row groups buffer more than `max_buffered` bytes, writes the largest out early.
     pub fn append<'a>(
         &mut self,
         table: Table,
         folder: String,
         rows: &ArrowBatch,
-        max_open: usize,
+        limits: (usize, u64),
         new_file: impl FnOnce() -> NewFile<'a>,
     ) -> anyhow::Result<()> {
+        let (max_open, max_buffered) = limits;
         let key = (table, folder);
         if !self.open.contains_key(&key) {
             if self.open.len() >= max_open.max(1) {
@@ -174,7 +177,36 @@ impl Generation {
         self.open
             .get_mut(&key)
             .context("an open file vanished")?
-            .write(rows)
+            .write(rows)?;
+        self.hold_buffers(max_buffered)
+    }
+
+    /// Row-group bytes the open files buffer.
+    pub fn buffered(&self) -> u64 {
+        self.open
+            .values()
+            .map(|f| f.writer.in_progress_size() as u64)
+            .sum()
+    }
+
+    /// Writes the largest row groups out (smaller row groups, same rows) until the open
+    /// files buffer at most `max` bytes.
+    fn hold_buffers(&mut self, max: u64) -> anyhow::Result<()> {
+        while self.buffered() > max {
+            let Some(largest) = self
+                .open
+                .values_mut()
+                .filter(|f| f.writer.in_progress_rows() > 0)
+                .max_by_key(|f| f.writer.in_progress_size())
+            else {
+                break;
+            };
+            largest
+                .writer
+                .flush()
+                .with_context(|| format!("writing a row group of {}", largest.hidden.display()))?;
+        }
+        Ok(())
     }
 
     /// Closes every file (footer, fsync) and fsyncs their folders, so that the hidden
@@ -214,4 +246,77 @@ fn open_file(
         last_write: now,
         rows: 0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow_array::{ArrayRef, Int64Array};
+    use parquet::file::reader::{FileReader as _, SerializedFileReader};
+
+    use super::*;
+    use crate::sinks::warehouse::storage::LocalFs;
+
+    fn rows(from: i64, n: i64) -> ArrowBatch {
+        let values: ArrayRef = Arc::new(Int64Array::from_iter_values(from..from + n));
+        ArrowBatch::try_from_iter([("v", values)]).unwrap()
+    }
+
+    /// Appends 40 batches over 4 folders; returns the most the files ever buffered and
+    /// the rows read back from the closed files.
+    fn fill(max_buffered: u64) -> (u64, i64) {
+        let dir = tempfile::tempdir().unwrap();
+        let names = FileNames {
+            instance: "t".into(),
+            run: "r".into(),
+        };
+        let mut generation = Generation::default();
+        let (mut seq, mut most) = (0, 0);
+        for n in 0..40 {
+            let folder = format!("dt=2026-12-0{}", n % 4 + 1);
+            generation
+                .append(
+                    Table::OdsAnchorLog,
+                    folder,
+                    &rows(n * 1000, 1000),
+                    (8, max_buffered),
+                    || {
+                        seq += 1;
+                        NewFile {
+                            storage: &LocalFs,
+                            root: dir.path(),
+                            names: &names,
+                            seq,
+                            properties: WriterProperties::builder().build(),
+                        }
+                    },
+                )
+                .unwrap();
+            most = most.max(generation.buffered());
+        }
+        let closed = generation.close(&LocalFs).unwrap();
+        let read: i64 = closed
+            .iter()
+            .map(|c| {
+                let file = std::fs::File::open(&c.hidden).unwrap();
+                SerializedFileReader::new(file)
+                    .unwrap()
+                    .metadata()
+                    .file_metadata()
+                    .num_rows()
+            })
+            .sum();
+        (most, read)
+    }
+
+    #[test]
+    fn open_row_groups_are_held_to_their_budget_without_losing_rows() {
+        let (unbounded, read) = fill(u64::MAX);
+        assert_eq!(read, 40_000);
+        let max = unbounded / 4;
+        let (most, read) = fill(max);
+        assert!(most <= max, "{most} bytes buffered, budget {max}");
+        assert_eq!(read, 40_000, "rows written early are still in the files");
+    }
 }
