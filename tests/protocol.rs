@@ -4,7 +4,7 @@
 //! under the current epoch and from the stored fence, a refused commit writes nothing
 //! at all (for any partition), a retry of an applied commit is recognised, a key Redis
 //! refuses does not take the rest of the commit down, a split commit leaves unit
-//! fences that a claim returns, lost fences are marked, a warehouse record stores what
+//! fences that a claim returns and a replay never lowers, lost fences are marked, a warehouse record stores what
 //! it says, an instance lease has one holder, and arguments that do not match a
 //! script's layout fail it with nothing written.
 
@@ -369,6 +369,62 @@ fn a_split_commit_leaves_unit_fences_until_its_final_script() {
     let claimed = fences::claim(&mut conn, &keys, &[0], |_| panic!("fences exist")).unwrap();
     assert_eq!(claimed[&0].claim.redis, 50);
     assert!(claimed[&0].unit_fences.is_empty());
+}
+
+/// A replay never lowers a unit fence. A crashed run's part fenced some units of
+/// partition 0 at 50; the new owner's checkpoint ends partition 0 at 30 and also carries
+/// partition 1, whose events touch the same units, so a part applies them (partition 1
+/// needs them) while partition 0's records in them are left out. The part must move
+/// partition 1's unit fences and leave partition 0's at 50: lowered to 30, the next
+/// replay of partition 0 from 30 would write its records between 30 and 50 again.
+#[test]
+fn a_replay_never_lowers_a_unit_fence() {
+    let (mut conn, keys) = fresh_db(12);
+    claim_fresh(&mut conn, &keys, &[0, 1], 0);
+    let receivers: Vec<String> = (0..300).map(|n| format!("r{n}")).collect();
+    let refs: Vec<&str> = receivers.iter().map(String::as_str).collect();
+    let crashed = plan(&keys, &[range(0, 1, 0, 50)], 1, &refs, 120);
+    assert!(matches!(
+        run(&mut conn, &keys, &crashed.scripts[0].args),
+        Reply::Applied { .. }
+    ));
+    let claimed = fences::claim(&mut conn, &keys, &[0, 1], |_| panic!("fences exist")).unwrap();
+    let fenced: BTreeMap<u16, i64> = claimed[&0].unit_fences.clone();
+    assert!(!fenced.is_empty() && fenced.values().all(|f| *f == 50));
+    let epoch = claimed[&0].claim.epoch;
+
+    // Partition 1's records touch every unit; partition 0 ends at 30.
+    let replay = plan(
+        &keys,
+        &[range(1, epoch, 0, 10), range(0, epoch, 0, 30)],
+        1,
+        &refs,
+        120,
+    );
+    let (_, parts) = replay.scripts.split_last().unwrap();
+    let mut touched = 0;
+    for part in parts {
+        assert!(matches!(
+            run(&mut conn, &keys, &part.args),
+            Reply::Applied { .. }
+        ));
+        touched += 1;
+    }
+    assert!(touched >= 2, "the replay is split: {touched} parts");
+    let claimed = fences::claim(&mut conn, &keys, &[0, 1], |_| panic!("fences exist")).unwrap();
+    for (unit, fence) in &fenced {
+        assert_eq!(
+            claimed[&0].unit_fences.get(unit),
+            Some(fence),
+            "partition 0's unit {unit} fence was lowered"
+        );
+    }
+    assert!(
+        claimed[&1].unit_fences.values().all(|f| *f == 10),
+        "partition 1's units move to its range end: {:?}",
+        claimed[&1].unit_fences
+    );
+    assert!(!claimed[&1].unit_fences.is_empty());
 }
 
 #[test]
