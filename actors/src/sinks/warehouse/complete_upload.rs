@@ -10,6 +10,7 @@
 //! published file, however their requests interleave.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey, AwsAuthorizer};
 use object_store::client::{
@@ -17,6 +18,7 @@ use object_store::client::{
 };
 use object_store::path::Path as Key;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use tracing::warn;
 
 const STORE: &str = "S3";
 
@@ -67,7 +69,10 @@ impl ConditionalCompleter {
 
     /// Completes `upload` of `key` from `parts` (their ETags, in order) unless an
     /// object is already there: then `Error::Precondition`. An upload the store no
-    /// longer knows is `Error::NotFound`.
+    /// longer knows is `Error::NotFound`. A lost connection or a 5xx answer is tried
+    /// again, as `object_store` does for its own requests: completing is idempotent, and
+    /// a retry of a completion that did apply finds the object there (`Precondition`),
+    /// which `publish` recognises by its size.
     pub async fn complete(
         &self,
         s3: Arc<AmazonS3>,
@@ -75,6 +80,27 @@ impl ConditionalCompleter {
         upload: &str,
         parts: &[String],
     ) -> object_store::Result<()> {
+        let (mut attempt, mut backoff) = (1, Duration::from_millis(100));
+        loop {
+            match self.attempt(&s3, key, upload, parts).await {
+                Err(Attempt::Transient(error)) if attempt < ATTEMPTS => {
+                    warn!(%key, attempt, %error, "completing an upload failed; trying again");
+                    tokio::time::sleep(backoff).await;
+                    (attempt, backoff) = (attempt + 1, backoff * 2);
+                }
+                Err(Attempt::Transient(error) | Attempt::Final(error)) => return Err(error),
+                Ok(()) => return Ok(()),
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        s3: &AmazonS3,
+        key: &Key,
+        upload: &str,
+        parts: &[String],
+    ) -> Result<(), Attempt> {
         let url = format!(
             "{}/{}?uploadId={}",
             self.bucket_endpoint,
@@ -84,25 +110,34 @@ impl ConditionalCompleter {
         let mut request: HttpRequest = http::Request::post(&url)
             .header(http::header::CONTENT_TYPE, "application/xml")
             .body(HttpRequestBody::from(completion_body(parts)))
-            .map_err(|e| generic(format!("building the completion of {key}: {e}")))?;
-        let credential = s3.credentials().get_credential().await?;
-        AwsAuthorizer::new(&credential, "s3", &self.region).try_authorize(&mut request, None)?;
+            .map_err(|e| {
+                Attempt::Final(generic(format!("building the completion of {key}: {e}")))
+            })?;
+        let credential = s3
+            .credentials()
+            .get_credential()
+            .await
+            .map_err(Attempt::Final)?;
+        AwsAuthorizer::new(&credential, "s3", &self.region)
+            .try_authorize(&mut request, None)
+            .map_err(Attempt::Final)?;
         // Like `object_store`'s own conditional requests, the condition is sent unsigned.
         request.headers_mut().insert(
             http::header::IF_NONE_MATCH,
             http::HeaderValue::from_static("*"),
         );
+        let transient = |e: String| Attempt::Transient(generic(e));
         let response = self
             .client
             .execute(request)
             .await
-            .map_err(|e| generic(format!("completing the upload of {key}: {e}")))?;
+            .map_err(|e| transient(format!("completing the upload of {key}: {e}")))?;
         let status = response.status();
         let body = response
             .into_body()
             .bytes()
             .await
-            .map_err(|e| generic(format!("reading the completion of {key}: {e}")))?;
+            .map_err(|e| transient(format!("reading the completion of {key}: {e}")))?;
         let text = String::from_utf8_lossy(&body);
         // S3 may answer 200 and put the error in the body once it started streaming.
         if status.is_success() && !text.contains("<Error>") {
@@ -110,21 +145,34 @@ impl ConditionalCompleter {
         }
         let source = format!("{status}: {}", text.trim()).into();
         let path = key.to_string();
-        Err(match status.as_u16() {
-            412 => object_store::Error::Precondition { path, source },
-            404 => object_store::Error::NotFound { path, source },
-            _ if text.contains("<Code>PreconditionFailed</Code>") => {
-                object_store::Error::Precondition { path, source }
-            }
-            _ if text.contains("<Code>NoSuchUpload</Code>") => {
-                object_store::Error::NotFound { path, source }
-            }
-            _ => object_store::Error::Generic {
+        let code = |c: &str| text.contains(&format!("<Code>{c}</Code>"));
+        Err(if status.as_u16() == 412 || code("PreconditionFailed") {
+            Attempt::Final(object_store::Error::Precondition { path, source })
+        } else if status.as_u16() == 404 || code("NoSuchUpload") {
+            Attempt::Final(object_store::Error::NotFound { path, source })
+        } else if status.is_server_error() || code("InternalError") || code("SlowDown") {
+            Attempt::Transient(object_store::Error::Generic {
                 store: STORE,
                 source,
-            },
+            })
+        } else {
+            Attempt::Final(object_store::Error::Generic {
+                store: STORE,
+                source,
+            })
         })
     }
+}
+
+/// Tries a completion gets before its error is returned.
+const ATTEMPTS: u32 = 5;
+
+/// How one try of a completion failed.
+enum Attempt {
+    /// Worth another try: the connection, or the store, failed.
+    Transient(object_store::Error),
+    /// The answer stands.
+    Final(object_store::Error),
 }
 
 fn generic(message: String) -> object_store::Error {
