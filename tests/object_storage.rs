@@ -159,7 +159,7 @@ fn an_s3_bucket_refuses_to_complete_over_an_object_that_appeared_meanwhile() {
 
         let intruder = content(9, 1000);
         storage.replace(&visible, &intruder, true).unwrap();
-        let key = storage.key_of(&visible).unwrap();
+        let key = storage.key(&visible).unwrap();
         let completed = storage.complete(&key, upload, &parts);
         let now = storage.read(&visible).unwrap().unwrap();
         if conditional {

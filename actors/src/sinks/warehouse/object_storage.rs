@@ -143,7 +143,8 @@ impl ObjectStorage {
         })
     }
 
-    fn key(&self, path: &Path) -> io::Result<Key> {
+    /// The object key of a path under the warehouse root.
+    pub fn key(&self, path: &Path) -> io::Result<Key> {
         let relative = path.strip_prefix(&self.root).map_err(|_| {
             invalid(format!(
                 "{} is outside the warehouse {}",
@@ -210,11 +211,6 @@ impl ObjectStorage {
             })
             .map(drop),
         }
-    }
-
-    /// The key of a path under the warehouse root.
-    pub fn key_of(&self, path: &Path) -> io::Result<Key> {
-        self.key(path)
     }
 
     /// Aborts the upload a marker names, then deletes the marker.
