@@ -368,6 +368,59 @@ fn a_warehouse_that_publishes_rarely_does_not_hold_reading_back() {
     setup.check(&produced);
 }
 
+/// The other side of holding the uncommitted bound against Redis alone: a warehouse far
+/// slower than the input (a slow disk or bucket: 40 ms per batch of rows here) with
+/// Redis keeping up and no record bound to speak of. Reading is held back by the
+/// handoff itself (a reader's `send().await` returns only once the warehouse handled
+/// the batch, and every barrier waits behind the rows before it), so the records read
+/// never run more than the batches in flight ahead of the rows the warehouse took in,
+/// and the result is exact. The gap bound is loose: with the handoff made
+/// fire-and-forget (a mutation) the gap stayed at 3,072, under it; the oracle is what
+/// this row chiefly checks.
+#[test]
+fn a_slow_warehouse_holds_reading_back_and_loses_nothing() {
+    const BATCH: i64 = 256; // `source.batch_max_records` of the test setup
+    const PARTITIONS: i64 = 4;
+    let mut setup = Setup::new("slow-warehouse", PARTITIONS as i32, redis_url(50));
+    setup.set("pipeline.max_uncommitted_records=1000000");
+    let produced = setup.produce_records(generate(1_008, 30_000, MAX_IDS));
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let run = setup.supervise(
+        "slow-warehouse",
+        &[("ANCHORFLOW_FAULT_WAREHOUSE_DELAY_MS", "40")],
+        &metrics,
+    );
+    let mut worst = 0;
+    setup.wait_until(
+        "every partition is durable",
+        Duration::from_secs(240),
+        || {
+            // Rows first: they only grow, so the pair never overstates the gap.
+            let sample = http_get(&metrics, "/metrics").and_then(|(_, text)| {
+                let rows = metric(&text, "anchorflow_warehouse_rows_total")?;
+                let read = metric(&text, "anchorflow_records_read_total")?;
+                Some(read - rows)
+            });
+            worst = worst.max(sample.map_or(0, |gap| gap as i64));
+            fenced_to_end(&setup.url, &setup.group, &setup.topic, &produced)
+        },
+    );
+    let exits = run.stop();
+    // Per partition: the batches a slot holds (`BATCHES_PER_PARTITION`), plus one the
+    // reader works on; and the warehouse's mailbox. Every record is at least one row.
+    let slots = PARTITIONS * (anchorflow_actors::runtime::memory::BATCHES_PER_PARTITION as i64 + 1);
+    let mailbox =
+        anchorflow_actors::sinks::warehouse::warehouse_sink::WAREHOUSE_SINK_MAILBOX as i64;
+    let bound = (slots + mailbox) * BATCH;
+    println!("at most {worst} records read beyond the rows the warehouse took in (bound {bound})");
+    assert_eq!(exits.len(), 1, "{exits:?}");
+    assert!(
+        worst <= bound,
+        "{worst} records were read beyond what the slow warehouse took in (bound {bound})"
+    );
+    setup.check(&produced);
+}
+
 /// Issue 9, item 2: a receiver key that already holds a string (a shared Redis, or a
 /// receiver id equal to another key). Before, the commit script failed halfway with
 /// its fences moved, every retry was refused as not contiguous, and every restart

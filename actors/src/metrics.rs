@@ -145,6 +145,8 @@ metrics! {
     /// 1 while Redis has lost anchorflow's fences and an operator must recover.
     redis_state_lost: Gauge = Default::default(), "Whether Redis has lost the fences (restarted empty): 1 until an operator recovers; see docs/exactly-once.md";
     parquet_rows: Family<TableLabel, Counter> = Default::default(), "Rows written to published Parquet files";
+    /// Rows the warehouse sink took in (appended to open files, published at a later roll).
+    warehouse_rows: Counter = Default::default(), "Rows the warehouse sink appended to its open files (all tables; published at a later roll)";
     parquet_files: Family<TableLabel, Counter> = Default::default(), "Parquet files published";
     parquet_bytes: Family<TableLabel, Counter> = Default::default(), "Bytes of published Parquet files";
     mailbox_depth: Family<ActorLabel, Gauge> = Default::default(), "Messages waiting in an actor kind's mailboxes";

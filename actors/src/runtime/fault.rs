@@ -98,6 +98,27 @@ pub fn point(name: &str) {
 #[inline(always)]
 pub fn point(_name: &str) {}
 
+/// With the feature, `ANCHORFLOW_FAULT_WAREHOUSE_DELAY_MS` makes the warehouse sink
+/// sleep that long per batch of rows: a slow disk or bucket, for the test that a slow
+/// warehouse holds reading back through its mailbox. Nothing without the feature.
+#[cfg(feature = "fault-points")]
+pub fn warehouse_delay() {
+    static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let ms = *DELAY.get_or_init(|| {
+        std::env::var("ANCHORFLOW_FAULT_WAREHOUSE_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    });
+    if ms > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
+#[cfg(not(feature = "fault-points"))]
+#[inline(always)]
+pub fn warehouse_delay() {}
+
 /// Milliseconds to add to this host's wall clock: with the feature,
 /// `ANCHORFLOW_FAULT_CLOCK_OFFSET_MS` plays a host whose clock is wrong (tests of the
 /// clock-skew fault). Always 0 without the feature.

@@ -19,7 +19,8 @@
 //! against the Redis sink alone (`Completed::released`): the warehouse keeps the rows it
 //! has not published in files and in row groups held to a share of their own, so a
 //! warehouse that publishes once a minute (`warehouse.roll_interval_secs`) must not
-//! stop reading in between; a stalled warehouse sink stops it through its mailbox.
+//! stop reading in between; a slow or stalled warehouse sink stops it through the
+//! handoff (a reader waits until the warehouse took each batch).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};

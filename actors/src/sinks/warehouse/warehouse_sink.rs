@@ -45,6 +45,7 @@ use crate::metrics::SinkLabel;
 use crate::protocol::fences::BlockingLink;
 use crate::protocol::lease::InstanceLease;
 use crate::runtime::exit;
+use crate::runtime::fault;
 use crate::runtime::mailbox::Mailbox;
 use crate::runtime::supervision::{self, Failure, Restarts};
 use crate::sinks::fenced::SinkShared;
@@ -226,6 +227,7 @@ impl WarehouseSink {
     }
 
     fn write_rows(&mut self, batch: DetailBatch) -> anyhow::Result<()> {
+        fault::warehouse_delay();
         let into_next = self
             .roll
             .as_ref()
@@ -268,6 +270,7 @@ impl WarehouseSink {
             },
         )?;
         self.counters.rows += rows;
+        self.shared.metrics.warehouse_rows.inc_by(rows);
         Ok(())
     }
 
