@@ -100,7 +100,8 @@ pub fn point(_name: &str) {}
 
 /// With the feature, `ANCHORFLOW_FAULT_WAREHOUSE_DELAY_MS` makes the warehouse sink
 /// sleep that long per batch of rows: a slow disk or bucket, for the test that a slow
-/// warehouse holds reading back through its mailbox. Nothing without the feature.
+/// warehouse holds reading back (through the readers' awaited handoff) and loses
+/// nothing. Nothing without the feature.
 #[cfg(feature = "fault-points")]
 pub fn warehouse_delay() {
     static DELAY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
