@@ -7,7 +7,8 @@
 //! so later records of *p* belong to *n + 1* while other partitions carry on untouched:
 //! no partition ever waits for another's barrier. Once the barrier of every partition
 //! in the checkpoint has arrived, the shard hands its flush to the Redis sink and waits
-//! until the sink has taken it, which is how a slow Redis holds the readers back.
+//! until the sink has taken it (queued for planning, not yet in Redis: a slow Redis
+//! holds the readers back through the source's uncommitted share).
 //!
 //! The shard also keeps each partition's open event-time windows for the series hash
 //! ([`PartitionWindows`]). Unlike the deltas they outlive a barrier: at each barrier the

@@ -1,10 +1,19 @@
-//! The checkpoint coordinator, as plain code: it numbers checkpoints, lets one run at a
-//! time, collects each sink's fences, and says when a checkpoint is complete — when
-//! every sink ([`SinkKind::ALL`]) reported it — and which offsets are then durable in
-//! both (the lowest fence over the sinks, per partition). The Kafka source drives it
-//! (`source/flow.rs`) and commits those offsets to Kafka.
+//! The checkpoint coordinator, as plain code: it numbers checkpoints, decides when the
+//! next may start, collects each sink's fences, and says when a checkpoint is complete
+//! — when every sink ([`SinkKind::ALL`]) reported it — and which offsets are then
+//! durable in both (the lowest fence over the sinks, per partition). The Kafka source
+//! drives it (`source/flow.rs`) and commits those offsets to Kafka.
+//!
+//! **Two checkpoints may be in flight, and only the Redis sink may be behind.** The
+//! next checkpoint starts once every other sink has reported the one in flight: its
+//! barriers, the shards' flushes and the Redis sink's plan then overlap the scripts of
+//! the checkpoint before (Flink's `maxConcurrentCheckpoints = 2`). Without it Redis
+//! waited 300–500 ms per checkpoint for its first script (docs/benchmarks.md). The
+//! Redis sink applies its commits in checkpoint order, each planned from where the one
+//! before ends, so checkpoints still complete in order. A final checkpoint (shutdown,
+//! revocation) starts only when none is in flight.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,17 +51,38 @@ pub struct Stale {
     pub current: Option<u64>,
 }
 
+/// Checkpoints in flight at most: one being committed by the Redis sink while the next
+/// travels (see the module doc).
+pub const MAX_IN_FLIGHT: usize = 2;
+
 #[derive(Default)]
 pub struct Coordinator {
     last_id: u64,
-    in_flight: Option<InFlight>,
+    /// Oldest first; they complete in this order.
+    in_flight: VecDeque<InFlight>,
     /// The latest instance watermark the timer sent; every checkpoint carries it.
     watermark: Option<i64>,
 }
 
 impl Coordinator {
+    /// The oldest checkpoint in flight.
     pub fn in_flight(&self) -> Option<u64> {
-        self.in_flight.as_ref().map(|f| f.spec.id)
+        self.in_flight.front().map(|f| f.spec.id)
+    }
+
+    /// Whether a checkpoint of `kind` may start now: when none is in flight, or (a
+    /// periodic one) when every sink but Redis has reported the one in flight.
+    pub fn may_start(&self, kind: CheckpointKind) -> bool {
+        match (self.in_flight.len(), self.in_flight.back()) {
+            (0, _) => true,
+            (n, Some(last)) if n < MAX_IN_FLIGHT && kind == CheckpointKind::Periodic => {
+                SinkKind::ALL
+                    .iter()
+                    .filter(|sink| **sink != SinkKind::Redis)
+                    .all(|sink| last.fences.contains_key(sink))
+            }
+            _ => false,
+        }
     }
 
     /// Keeps the timer's latest watermark (an unknown one does not erase a known one).
@@ -62,14 +92,14 @@ impl Coordinator {
         }
     }
 
-    /// Starts a checkpoint over `partitions` (sorted), unless one is in flight or there
-    /// is nothing to checkpoint.
+    /// Starts a checkpoint over `partitions` (sorted), unless it may not start yet
+    /// ([`Self::may_start`]) or there is nothing to checkpoint.
     pub fn start(
         &mut self,
         partitions: Vec<i32>,
         kind: CheckpointKind,
     ) -> Option<Arc<CheckpointSpec>> {
-        if self.in_flight.is_some() || partitions.is_empty() {
+        if !self.may_start(kind) || partitions.is_empty() {
             return None;
         }
         self.last_id += 1;
@@ -79,7 +109,7 @@ impl Coordinator {
             kind,
             watermark: self.watermark,
         });
-        self.in_flight = Some(InFlight {
+        self.in_flight.push_back(InFlight {
             spec: spec.clone(),
             started: Instant::now(),
             fences: BTreeMap::new(),
@@ -87,36 +117,36 @@ impl Coordinator {
         Some(spec)
     }
 
-    /// A sink committed `checkpoint` with `fences`; returns the checkpoint once every
-    /// sink has.
+    /// A sink committed `checkpoint` with `fences`; returns the checkpoints that are
+    /// complete now (every sink reported them), oldest first. A checkpoint completes
+    /// only after every older one has.
     pub fn sink_committed(
         &mut self,
         sink: SinkKind,
         checkpoint: u64,
         fences: Vec<(i32, i64)>,
-    ) -> Result<Option<Completed>, Stale> {
+    ) -> Result<Vec<Completed>, Stale> {
         let current = self.in_flight();
-        let Some(in_flight) = self.in_flight.as_mut().filter(|f| f.spec.id == checkpoint) else {
+        let Some(in_flight) = self.in_flight.iter_mut().find(|f| f.spec.id == checkpoint) else {
             return Err(Stale {
                 checkpoint,
                 current,
             });
         };
         in_flight.fences.insert(sink, fences);
-        if SinkKind::ALL
-            .iter()
-            .any(|sink| !in_flight.fences.contains_key(sink))
-        {
-            return Ok(None);
+        let mut completed = Vec::new();
+        let reported = |f: &InFlight| SinkKind::ALL.iter().all(|s| f.fences.contains_key(s));
+        while self.in_flight.front().is_some_and(reported) {
+            let done = self.in_flight.pop_front().expect("checked above");
+            completed.push(Completed {
+                id: done.spec.id,
+                kind: done.spec.kind,
+                took: done.started.elapsed(),
+                durable: lowest(&done.spec.partitions, &done.fences, &SinkKind::ALL),
+                released: lowest(&done.spec.partitions, &done.fences, &[SinkKind::Redis]),
+            });
         }
-        let done = self.in_flight.take().expect("checked above");
-        Ok(Some(Completed {
-            id: done.spec.id,
-            kind: done.spec.kind,
-            took: done.started.elapsed(),
-            durable: lowest(&done.spec.partitions, &done.fences, &SinkKind::ALL),
-            released: lowest(&done.spec.partitions, &done.fences, &[SinkKind::Redis]),
-        }))
+        Ok(completed)
     }
 }
 
@@ -164,7 +194,7 @@ mod tests {
         let warehouse = vec![(0, 8), (1, 9), (2, -1)];
         assert_eq!(
             coordinator.sink_committed(SinkKind::Redis, 1, redis),
-            Ok(None)
+            Ok(vec![])
         );
         assert_eq!(
             coordinator.sink_committed(SinkKind::Warehouse, 7, vec![]),
@@ -176,6 +206,7 @@ mod tests {
         let done = coordinator
             .sink_committed(SinkKind::Warehouse, 1, warehouse)
             .unwrap()
+            .pop()
             .unwrap();
         assert_eq!(done.durable, [(0, 8), (1, 7)].into(), "nothing read on 2");
         assert_eq!(done.released, [(0, 10), (1, 7)].into(), "the Redis sink's");
@@ -183,5 +214,49 @@ mod tests {
         let next = coordinator.start(vec![0], CheckpointKind::Final).unwrap();
         assert_eq!(next.id, 2);
         assert!(coordinator.start(vec![], CheckpointKind::Final).is_none());
+    }
+
+    /// The next checkpoint overlaps only the Redis sink's commit of the one before;
+    /// they still complete in order, and a final checkpoint waits for both.
+    #[test]
+    fn a_second_checkpoint_starts_once_only_redis_is_behind() {
+        let mut coordinator = Coordinator::default();
+        let periodic = CheckpointKind::Periodic;
+        coordinator.start(vec![0], periodic).unwrap();
+        assert!(
+            coordinator.start(vec![0], periodic).is_none(),
+            "the warehouse has not reported 1"
+        );
+        let redis_first = coordinator.sink_committed(SinkKind::Redis, 1, vec![(0, 5)]);
+        assert_eq!(redis_first, Ok(vec![]));
+        assert!(
+            coordinator.start(vec![0], periodic).is_none(),
+            "Redis ahead of the warehouse does not let a second start"
+        );
+        let done = coordinator.sink_committed(SinkKind::Warehouse, 1, vec![(0, 5)]);
+        assert_eq!(done.unwrap().len(), 1);
+
+        coordinator.start(vec![0], periodic).unwrap();
+        let none = coordinator.sink_committed(SinkKind::Warehouse, 2, vec![(0, 9)]);
+        assert_eq!(none, Ok(vec![]));
+        assert!(!coordinator.may_start(CheckpointKind::Final), "2 in flight");
+        let third = coordinator.start(vec![0], periodic).unwrap();
+        assert_eq!(third.id, 3, "only Redis is behind on 2");
+        assert!(
+            coordinator.start(vec![0], periodic).is_none(),
+            "at most two in flight"
+        );
+        let early = coordinator.sink_committed(SinkKind::Warehouse, 3, vec![(0, 12)]);
+        assert_eq!(early, Ok(vec![]));
+        let early = coordinator.sink_committed(SinkKind::Redis, 3, vec![(0, 12)]);
+        assert_eq!(early, Ok(vec![]), "3 waits for 2");
+        assert_eq!(coordinator.in_flight(), Some(2));
+        let both = coordinator
+            .sink_committed(SinkKind::Redis, 2, vec![(0, 9)])
+            .unwrap();
+        let ids: Vec<u64> = both.iter().map(|c| c.id).collect();
+        assert_eq!(ids, [2, 3], "in order");
+        assert_eq!(both[1].durable, [(0, 12)].into());
+        assert!(coordinator.may_start(CheckpointKind::Final));
     }
 }

@@ -77,6 +77,8 @@ pub struct SourceState {
     coordinator: Coordinator,
     /// The last checkpoint completed; whoever waits for a final one looks here.
     completed: Option<u64>,
+    /// A partition read half its uncommitted share since its last barrier.
+    due: bool,
 }
 
 impl SourceState {
@@ -93,6 +95,7 @@ impl SourceState {
             notices_tx,
             coordinator: Coordinator::default(),
             completed: None,
+            due: false,
         }
     }
 
@@ -192,6 +195,7 @@ impl SourceState {
         slot.next_offset = offset + 1;
         slot.read_bytes += payload.map_or(0, <[u8]>::len) as u64 + RECORD_OVERHEAD;
         let throttle = !slot.throttled && slot.over_uncommitted(uncommitted.0, uncommitted.1);
+        self.due |= slot.half_full(uncommitted.0, uncommitted.1);
         if throttle
             || slot.building.records.len() >= max_records
             || slot.building.data.len() >= max_bytes
@@ -200,6 +204,15 @@ impl SourceState {
         }
         if throttle {
             self.throttle(control, partition);
+        }
+        self.start_if_due(control);
+    }
+
+    /// The size trigger (`docs/checkpoints.md`): a partition read half its share since
+    /// its last barrier, so a checkpoint starts as soon as one may.
+    fn start_if_due(&mut self, control: &impl PartitionControl) {
+        if self.due && self.may_start_periodic() {
+            self.start_checkpoint(control, CheckpointKind::Periodic);
         }
     }
 
@@ -365,6 +378,11 @@ impl SourceState {
         self.coordinator.in_flight().is_some()
     }
 
+    /// Whether a periodic checkpoint may start now (`checkpoint/coordinator.rs`).
+    pub fn may_start_periodic(&self) -> bool {
+        self.coordinator.may_start(CheckpointKind::Periodic)
+    }
+
     /// Starts a checkpoint: a barrier after each partition's last batch.
     pub fn start_checkpoint(
         &mut self,
@@ -372,6 +390,7 @@ impl SourceState {
         kind: CheckpointKind,
     ) -> Option<u64> {
         let spec = self.coordinator.start(self.assigned(), kind)?;
+        self.due = false;
         for &partition in &spec.partitions {
             self.flush_building(control, partition);
             if let Some(slot) = self.slots.get_mut(&partition) {
@@ -401,8 +420,11 @@ impl SourceState {
                 checkpoint,
                 fences,
             } => match self.coordinator.sink_committed(sink, checkpoint, fences) {
-                Ok(Some(done)) => self.complete(control, done, sync),
-                Ok(None) => {}
+                Ok(completed) => {
+                    for done in completed {
+                        self.complete(control, done, sync);
+                    }
+                }
                 Err(stale) => warn!(
                     checkpoint = stale.checkpoint,
                     current = stale.current,
@@ -451,6 +473,7 @@ impl SourceState {
         while let Ok(notice) = self.notices.try_recv() {
             self.on_notice(control, notice, false);
         }
+        self.start_if_due(control);
     }
 
     /// Waits for notices until `done` holds or `deadline` passes.

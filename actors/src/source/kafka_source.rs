@@ -234,8 +234,8 @@ impl Handler<TriggerCheckpoint> for KafkaSource {
         let context = consumer.context().clone();
         let mut state = context.lock();
         state.set_watermark(trigger.watermark);
-        if state.checkpoint_in_flight() {
-            debug!("previous checkpoint still running; tick skipped");
+        if !state.may_start_periodic() {
+            debug!("previous checkpoints still running; tick skipped");
             return;
         }
         state.start_checkpoint(consumer, CheckpointKind::Periodic);

@@ -56,6 +56,20 @@ impl Slot {
             || self.read_bytes - self.released_bytes >= max_bytes
     }
 
+    /// Whether the partition read half of what it may beyond its released fence since
+    /// its last barrier: a checkpoint then has enough to commit while the partition
+    /// reads the other half (`flow.rs`, the size trigger).
+    pub(super) fn half_full(&self, max_records: i64, max_bytes: u64) -> bool {
+        let since = self.barrier_bytes.back().copied();
+        let since = since.unwrap_or((self.released, self.released_bytes));
+        half_read(
+            (self.next_offset, self.read_bytes),
+            since,
+            max_records,
+            max_bytes,
+        )
+    }
+
     /// The released fence moved to `fence`: bytes up to the barriers it passed are too.
     pub(super) fn advance(&mut self, fence: i64) {
         self.released = self.released.max(fence);
@@ -66,5 +80,28 @@ impl Slot {
             self.released_bytes = bytes;
             self.barrier_bytes.pop_front();
         }
+    }
+}
+
+/// Whether `read` (next offset, bytes read) is at least half of either bound beyond
+/// `since` (the last barrier's, or the released fence's).
+fn half_read(read: (i64, u64), since: (i64, u64), max_records: i64, max_bytes: u64) -> bool {
+    read.0 - since.0 >= max_records / 2 || read.1.saturating_sub(since.1) >= max_bytes / 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::half_read;
+
+    #[test]
+    fn half_of_either_bound_is_due() {
+        let since = (100, 1_000);
+        assert!(!half_read((100, 1_000), since, 100, 1_000));
+        assert!(!half_read((149, 1_499), since, 100, 1_000));
+        assert!(half_read((120, 1_500), since, 100, 1_000), "half the bytes");
+        assert!(
+            half_read((150, 1_100), since, 100, 1_000),
+            "half the records"
+        );
     }
 }

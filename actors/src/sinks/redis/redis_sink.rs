@@ -18,6 +18,15 @@
 //! fences. A retry of a script that Redis applied but whose reply was lost is
 //! recognised by the fence check and not applied twice.
 //!
+//! **Commits run beside the mailbox.** Taking a flush never waits for Redis: while one
+//! commit's scripts run, the next checkpoint's flushes arrive and its plan is built on
+//! the blocking pool (`checkpoint/coordinator.rs` lets that checkpoint start once only
+//! Redis is behind), so Redis does not wait for anchorflow between commits. Plans are applied one at a
+//! time in checkpoint order, each planned from where the one before ends ([`RedisSink`]'s
+//! `fences`). What bounds the queue is the coordinator (two checkpoints in flight) and
+//! what bounds the memory is the source's uncommitted share, held against this sink's
+//! fence.
+//!
 //! **Failures restart the sink** (`runtime/supervision.rs`): when Redis does not answer,
 //! refuses connections, or has lost the fences, the sink stops and its supervisor
 //! restarts it after a capped backoff. The commit in flight stays with the sink and is
@@ -32,7 +41,7 @@
 //! `anchorflow_redis_conflicts_total{reason}`, logged with the key, and recorded in the
 //! conflicts hash (`anchorflow fences show` lists it).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
 use actix::prelude::*;
@@ -53,7 +62,8 @@ use crate::sinks::redis::client::Link;
 use crate::sinks::redis::commit::{self, CommitInput, CommitPlan, OpsBudget, Ttls};
 
 /// Mailbox capacity: one flush per shard per checkpoint is all that is ever queued,
-/// because a shard waits for its flush to be taken before it handles anything else.
+/// because a shard waits for its flush to be taken before it handles anything else, and
+/// at most two checkpoints are in flight.
 pub const REDIS_SINK_MAILBOX: usize = 64;
 
 /// Conflicts logged per commit with their key; the rest are counted.
@@ -89,11 +99,20 @@ pub struct RedisSink {
     shared: SinkShared,
     /// Lent to the commit future while one runs.
     link: Option<Link>,
+    /// The link's clock (shared with it), for planning while the link is lent.
+    clock: Clock,
     layout: KeyLayout,
     budget: OpsBudget,
-    /// Per partition: the epoch and where our last accepted commit ended.
+    /// Per partition: the epoch and where our last planned commit ends. Plans apply in
+    /// order, each only if the one before did (else the process stops or the sink
+    /// retries it), so the next plan starts there.
     fences: BTreeMap<i32, (i64, i64)>,
+    /// Flushes per checkpoint, until every shard's is in.
     pending: BTreeMap<u64, Vec<ShardFlush>>,
+    /// A plan is being built ([`RedisSink::plan_next`]).
+    planning: bool,
+    /// Plans waiting for the one in flight (at most one: two checkpoints in flight).
+    queued: VecDeque<CommitPlan>,
     in_flight: Option<InFlight>,
     counters: RedisSinkCounters,
 }
@@ -110,13 +129,16 @@ impl RedisSink {
             restarts: Restarts::new("redis_sink", &shared.metrics, &shared.health),
             layout: KeyLayout::new(&config),
             budget: OpsBudget::new(config.max_commit_ms),
-            link: Some(Link::new(&config, clock)),
+            link: Some(Link::new(&config, clock.clone())),
+            clock,
             config,
             tz,
             shards,
             shared,
             fences: BTreeMap::new(),
             pending: BTreeMap::new(),
+            planning: false,
+            queued: VecDeque::new(),
             in_flight: None,
             counters: RedisSinkCounters::default(),
         }
@@ -138,26 +160,69 @@ impl RedisSink {
         }
     }
 
-    /// Plans the commit of a checkpoint once every shard's flush is in.
-    fn plan(&mut self, flush: ShardFlush) -> Option<CommitPlan> {
-        let id = flush.spec.id;
-        let arrived = self.pending.entry(id).or_default();
-        arrived.push(flush);
-        if arrived.len() < self.shards {
-            return None;
+    /// Plans the oldest checkpoint whose every flush is in, on the blocking pool: a
+    /// big plan takes 50–350 ms, and on the sink's own thread it would keep the replies
+    /// of the commit before from being read, so Redis would wait. One plan at a time:
+    /// each starts where the one before ends. The plan comes back as [`Planned`], to the
+    /// sink's address, so a restart of the sink meanwhile does not lose it.
+    fn plan_next(&mut self, ctx: &mut Context<Self>) {
+        if self.planning {
+            return;
         }
-        // The link is only lent while a commit runs, and handlers wait for that; still,
-        // take the flushes only once the plan can be made.
-        let clock = self.link.as_ref()?.clock.clone();
-        let flushes = self.pending.remove(&id).unwrap_or_default();
-        let input = CommitInput {
-            layout: &self.layout,
-            ttls: self.ttls(&clock),
-            tracked: &self.fences,
-            units_prefix: &self.shared.keys.units_prefix,
-            budget_ops: self.budget.ops(),
+        let Some(id) = self
+            .pending
+            .iter()
+            .find(|(_, arrived)| arrived.len() >= self.shards)
+            .map(|(id, _)| *id)
+        else {
+            return;
         };
-        commit::plan(&input, flushes)
+        let flushes = self.pending.remove(&id).unwrap_or_default();
+        let (layout, ttls, tracked) = (
+            self.layout.clone(),
+            self.ttls(&self.clock),
+            self.fences.clone(),
+        );
+        let (units_prefix, budget_ops) = (self.shared.keys.units_prefix.clone(), self.budget.ops());
+        self.planning = true;
+        let sink = ctx.address();
+        actix::spawn(async move {
+            let plan = move || {
+                let started = Instant::now();
+                let input = CommitInput {
+                    layout: &layout,
+                    ttls,
+                    tracked: &tracked,
+                    units_prefix: &units_prefix,
+                    budget_ops,
+                };
+                let plan = commit::plan(&input, flushes);
+                let took_ms = started.elapsed().as_millis() as u64;
+                debug!(checkpoint = id, took_ms, "redis commit planned");
+                plan
+            };
+            let planned = tokio::task::spawn_blocking(move || supervision::catch(plan))
+                .await
+                .unwrap_or_else(|error| Err(error.to_string()));
+            // Only fails when the system is stopping.
+            let _ = sink.send(Planned(planned)).await;
+        });
+    }
+
+    /// Starts the next queued plan unless a commit is running or waits for a restart.
+    fn start_next(&mut self, ctx: &mut Context<Self>) {
+        if self.in_flight.is_some() || self.link.is_none() {
+            return;
+        }
+        let Some(plan) = self.queued.pop_front() else {
+            return;
+        };
+        self.in_flight = Some(InFlight {
+            plan,
+            applied: 0,
+            started: Instant::now(),
+        });
+        ctx.spawn(self.apply_in_flight());
     }
 
     /// Applies the scripts of the commit in flight that have not applied yet.
@@ -199,7 +264,10 @@ impl RedisSink {
         }
         self.counters.scripts += outcome.scripts;
         match outcome.result {
-            Ok(()) => self.applied(in_flight),
+            Ok(()) => {
+                self.applied(in_flight);
+                self.start_next(ctx);
+            }
             Err(Stop::Refused) => {}
             Err(Stop::Failed(error)) => {
                 self.counters.errors += 1;
@@ -226,9 +294,6 @@ impl RedisSink {
         self.restarts.succeeded();
         fault::point(fault::AFTER_REDIS_COMMIT);
         self.counters.commits += 1;
-        for range in &plan.ranges {
-            self.fences.insert(range.partition, (range.epoch, range.to));
-        }
         let fences = plan.ranges.iter().map(|r| (r.partition, r.to)).collect();
         self.shared.committed(SinkKind::Redis, plan.spec.id, fences);
     }
@@ -368,8 +433,12 @@ impl Actor for RedisSink {
         ctx.set_mailbox_capacity(crate::runtime::mailbox::actix_capacity(REDIS_SINK_MAILBOX));
         // After a restart: wait out the backoff, then finish the commit in flight
         // before anything else (`wait` holds the mailbox).
-        self.restarts
-            .started_then(ctx, |sink: &mut Self, _| sink.apply_in_flight());
+        self.restarts.started_then(ctx, |sink: &mut Self, _| {
+            Box::pin(
+                sink.apply_in_flight()
+                    .map(|(), sink, ctx| sink.start_next(ctx)),
+            )
+        });
     }
 }
 
@@ -380,24 +449,165 @@ impl Supervised for RedisSink {
 }
 
 impl Handler<ShardFlush> for RedisSink {
-    /// Atomic: the sink handles nothing else while a commit runs, so a slow Redis
-    /// holds the shards back.
-    type Result = AtomicResponse<Self, ()>;
+    /// Returns once the flush is taken, not when Redis has it: a slow Redis holds
+    /// reading back through the source's uncommitted share, which is held against this
+    /// sink's fence.
+    type Result = ();
 
-    fn handle(&mut self, flush: ShardFlush, _ctx: &mut Self::Context) -> Self::Result {
-        let plan = match supervision::catch(|| self.plan(flush)) {
-            Ok(Some(plan)) => plan,
-            Ok(None) => return AtomicResponse::new(Box::pin(actix::fut::ready(()))),
-            Err(panic) => {
-                supervision::stateful_panic("redis_sink", &panic);
-                return AtomicResponse::new(Box::pin(actix::fut::ready(())));
+    fn handle(&mut self, flush: ShardFlush, ctx: &mut Self::Context) {
+        self.pending.entry(flush.spec.id).or_default().push(flush);
+        self.plan_next(ctx);
+    }
+}
+
+/// A checkpoint's plan, built off the sink's thread ([`RedisSink::plan_next`]), or the
+/// panic that building it raised.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Planned(Result<Option<CommitPlan>, String>);
+
+impl Handler<Planned> for RedisSink {
+    type Result = ();
+
+    fn handle(&mut self, Planned(planned): Planned, ctx: &mut Self::Context) {
+        self.planning = false;
+        match planned {
+            Ok(Some(plan)) => {
+                for range in &plan.ranges {
+                    self.fences.insert(range.partition, (range.epoch, range.to));
+                }
+                self.queued.push_back(plan);
             }
+            Ok(None) => {}
+            Err(panic) => return supervision::stateful_panic("redis_sink", &panic),
+        }
+        self.start_next(ctx);
+        self.plan_next(ctx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc::Receiver;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::checkpoint::barrier::{CheckpointKind, CheckpointSpec};
+    use crate::checkpoint::claim::Claim;
+    use crate::logic::decode::TraceValue;
+    use crate::messages::{ListPush, PartitionDelta, SourceNotice};
+    use crate::protocol::fences;
+    use crate::sinks::test_redis::{shared, test_redis};
+
+    /// One shard's flush of checkpoint `id`: partition 0 up to `next_offset`, one value
+    /// pushed onto `receiver`.
+    fn flush(id: u64, next_offset: i64, claim: Claim, receiver: &str) -> ShardFlush {
+        let value = TraceValue {
+            state: 60,
+            business_id: 1000001220231120,
+            timestamp: id as i64,
         };
-        self.in_flight = Some(InFlight {
-            plan,
-            applied: 0,
-            started: Instant::now(),
-        });
-        AtomicResponse::new(self.apply_in_flight())
+        ShardFlush {
+            shard: 0,
+            spec: Arc::new(CheckpointSpec {
+                id,
+                partitions: vec![0],
+                kind: CheckpointKind::Periodic,
+                watermark: None,
+            }),
+            partitions: vec![PartitionDelta {
+                partition: 0,
+                next_offset,
+                claim,
+                template_counts: vec![],
+                receiver_lists: vec![ListPush {
+                    key: receiver.to_string(),
+                    values: vec![value],
+                }],
+                message_lists: vec![],
+                series: vec![],
+                windows: String::new(),
+            }],
+        }
+    }
+
+    /// The sink's reports so far, waiting (on the actor's own runtime) for `n`.
+    async fn reports(notices: &Receiver<SourceNotice>, n: usize) -> Vec<(u64, Vec<(i32, i64)>)> {
+        let mut out = Vec::new();
+        for _ in 0..1000 {
+            while let Ok(SourceNotice::SinkCommitted {
+                checkpoint, fences, ..
+            }) = notices.try_recv()
+            {
+                out.push((checkpoint, fences));
+            }
+            if out.len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        out
+    }
+
+    /// Taking a flush never waits for Redis: while Redis holds checkpoint 1's script
+    /// (paused), the sink takes checkpoint 2's flush and plans it from where 1 ends;
+    /// once Redis runs again both apply, in order, each exactly once.
+    #[actix::test]
+    async fn a_flush_is_taken_while_redis_still_runs_the_commit_before() {
+        let (config, keys) = test_redis();
+        let mut conn = fences::connect(&config.url, Duration::from_secs(5)).unwrap();
+        let claims = fences::claim(&mut conn, &keys, &[0], |fresh| {
+            Ok(fresh.iter().map(|p| (*p, 0)).collect())
+        })
+        .unwrap();
+        let claim = claims[&0].claim;
+        let receiver = format!(
+            "unit-redis-sink-{}-{}",
+            std::process::id(),
+            chrono::Utc::now().timestamp_micros()
+        );
+        let (shared, notices) = shared(&keys);
+        let sink = RedisSink::new(config, chrono_tz::UTC, 1, shared, Clock::default()).start();
+
+        // Scripts wait while Redis is paused for writes; reads and UNPAUSE do not.
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(20_000)
+            .arg("WRITE")
+            .query(&mut conn)
+            .unwrap();
+        sink.send(flush(1, 2, claim, &receiver)).await.unwrap();
+        sink.send(flush(2, 5, claim, &receiver)).await.unwrap();
+        let before = reports(&notices, 0).await;
+        let stored = fences::read(&mut conn, &keys, &[0]).unwrap()[&0].1;
+        let _: () = redis::cmd("CLIENT")
+            .arg("UNPAUSE")
+            .query(&mut conn)
+            .unwrap();
+        assert_eq!(before, vec![], "both flushes taken, nothing applied yet");
+        assert_eq!(stored, Some(0), "Redis held the first script");
+
+        let applied = reports(&notices, 2).await;
+        assert_eq!(applied, vec![(1, vec![(0, 2)]), (2, vec![(0, 5)])]);
+        let stored = fences::read(&mut conn, &keys, &[0]).unwrap()[&0].1;
+        assert_eq!(stored, Some(5));
+        let values: Vec<String> = redis::cmd("LRANGE")
+            .arg(&receiver)
+            .arg(0)
+            .arg(-1)
+            .query(&mut conn)
+            .unwrap();
+        let timestamps: Vec<bool> = ["\"timestamp\":2", "\"timestamp\":1"]
+            .iter()
+            .zip(&values)
+            .map(|(t, v)| v.contains(t))
+            .collect();
+        assert_eq!(
+            (values.len(), timestamps),
+            (2, vec![true, true]),
+            "{values:?}"
+        );
+        let _: () = redis::cmd("DEL").arg(&receiver).query(&mut conn).unwrap();
     }
 }

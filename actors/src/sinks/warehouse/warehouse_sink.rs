@@ -447,25 +447,18 @@ mod tests {
     use crate::checkpoint::barrier::{CheckpointKind, CheckpointSpec};
     use crate::logic::tables::{OdsRows, Table};
     use crate::logic::window::Counts;
-    use crate::metrics::Metrics;
     use crate::protocol::fences;
     use crate::protocol::keys::FenceKeys;
     use crate::protocol::publish::pending_publishes;
     use crate::protocol::scripts::Claimed;
-    use crate::runtime::health::Health;
+    use crate::sinks::test_redis::test_redis;
     use crate::sinks::warehouse::partition_committer::PartitionCommitter;
     use crate::sinks::warehouse::storage::LocalFs;
     use std::fs::{self, File};
     use std::time::Duration;
 
     fn shared(keys: &FenceKeys) -> SinkShared {
-        let (tx, _rx) = std::sync::mpsc::channel();
-        SinkShared {
-            metrics: Metrics::new(),
-            health: Health::new(),
-            notices: tx,
-            keys: keys.clone(),
-        }
+        crate::sinks::test_redis::shared(keys).0
     }
 
     fn rows(partition: i32, offsets: std::ops::Range<i64>) -> DetailBatch {
@@ -711,23 +704,6 @@ mod tests {
             2,
             "one more hook run, for the day folder"
         );
-    }
-
-    /// The test Redis started by `scripts/test-env.sh` (database 12, which no other
-    /// test flushes), with fresh keys.
-    fn test_redis() -> (RedisConfig, FenceKeys) {
-        let base = std::env::var("ANCHORFLOW_TEST_REDIS_URL")
-            .expect("ANCHORFLOW_TEST_REDIS_URL is not set: run the tests with scripts/test.sh");
-        let redis = RedisConfig {
-            url: format!("{base}/12"),
-            ..Default::default()
-        };
-        let group = format!(
-            "unit-{}-{}",
-            std::process::id(),
-            chrono::Utc::now().timestamp_micros()
-        );
-        (redis, FenceKeys::new(&group, "t"))
     }
 
     fn published_offsets(root: &Path) -> Vec<(i32, i64)> {
