@@ -109,6 +109,8 @@ fn exit(code: i32) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: freed memory must not pile up in per-thread arenas.
+    anchorflow_actors::runtime::memory::cap_allocator_arenas();
     let cli = Cli::parse();
     // A panic no supervisor contains stops the process (exit 70) instead of leaving a
     // dead actor behind; systemd restarts it and the fences make that lose nothing.
