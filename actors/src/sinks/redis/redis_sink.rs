@@ -21,11 +21,11 @@
 //! **Commits run beside the mailbox.** Taking a flush never waits for Redis: while one
 //! commit's scripts run, the next checkpoint's flushes arrive and its plan is built on
 //! the blocking pool (`checkpoint/coordinator.rs` lets that checkpoint start once only
-//! Redis is behind), so Redis does not wait for anchorflow between commits. Plans are applied one at a
-//! time in checkpoint order, each planned from where the one before ends ([`RedisSink`]'s
-//! `fences`). What bounds the queue is the coordinator (two checkpoints in flight) and
-//! what bounds the memory is the source's uncommitted share, held against this sink's
-//! fence.
+//! Redis is behind), so Redis does not wait for anchorflow between commits. Plans are
+//! applied one at a time in checkpoint order, each planned from where the one before
+//! ends ([`RedisSink`]'s `fences`). The coordinator bounds the queue (two checkpoints in
+//! flight); the source's uncommitted share, held against this sink's fence, bounds the
+//! memory.
 //!
 //! **Failures restart the sink** (`runtime/supervision.rs`): when Redis does not answer,
 //! refuses connections, or has lost the fences, the sink stops and its supervisor
