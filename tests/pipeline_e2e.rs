@@ -326,6 +326,32 @@ fn equal_the_oracle(fixture: Fixture, on_s3: bool) {
     );
 }
 
+/// A backlog commits to its end without a tick. Ticks and the idle timeout are an hour
+/// here, so only the size trigger (half a partition's uncommitted share read) and the end-of-backlog
+/// trigger (a poll found nothing more while the size trigger had run) start
+/// checkpoints. Without the second, the last records of each partition, fewer than
+/// half a share, would wait for the tick and the run would not finish.
+#[test]
+fn a_backlog_commits_to_its_end_without_waiting_for_a_tick() {
+    let mut backlog = fixture("backlog", PARTITIONS, 27);
+    let config = &mut backlog.config;
+    config.pipeline.checkpoint_interval_ms = 3_600_000;
+    // Nor does idleness move the watermark past a window's close (which checkpoints).
+    config.time.idle_timeout_ms = 3_600_000;
+    config.pipeline.max_uncommitted_records = 300;
+    config.warehouse.roll_interval_secs = 0;
+    let max_ids = config.decode.max_ids;
+    let produced = produce_records(&backlog.topic, PARTITIONS, generate(17, 2000, max_ids));
+
+    let handle = PipelineHandle::spawn(backlog.config.clone(), Telemetry::default());
+    wait_for_ends(&[&handle.telemetry.health], &produced);
+    let completed = handle.telemetry.metrics.checkpoints.get();
+    assert_eq!(handle.stop().expect("stops"), 0);
+    assert!(completed >= 3, "size-triggered checkpoints: {completed}");
+    check_warehouse(backlog.warehouse.path(), &produced, max_ids, false);
+    check_redis(&backlog.url, &produced, max_ids, backlog.started);
+}
+
 #[test]
 fn graceful_restart_loses_and_duplicates_nothing() {
     let Fixture {

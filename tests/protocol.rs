@@ -371,6 +371,63 @@ fn a_split_commit_leaves_unit_fences_until_its_final_script() {
     assert!(claimed[&0].unit_fences.is_empty());
 }
 
+/// A part stores its unit fence once per partition, over the run of units it carries
+/// (`first-last`): a few fields per checkpoint, not one per unit and partition. A claim
+/// returns one fence per unit of every run ahead of the Redis fence, the highest where
+/// runs overlap, and still reads a single-unit field (how fences were stored before).
+#[test]
+fn a_part_fences_its_run_of_units_once_per_partition() {
+    let (mut conn, keys) = fresh_db(17);
+    claim_fresh(&mut conn, &keys, &[0, 1], 0);
+    let receivers: Vec<String> = (0..300).map(|n| format!("r{n}")).collect();
+    let refs: Vec<&str> = receivers.iter().map(String::as_str).collect();
+    let split = plan(
+        &keys,
+        &[range(0, 1, 0, 50), range(1, 1, 0, 20)],
+        1,
+        &refs,
+        120,
+    );
+    let part = &split.scripts[0];
+    assert_eq!(part.mode, Mode::Part);
+    let carried: Vec<u16> = refs
+        .iter()
+        .filter(|key| part.args.iter().any(|arg| arg.as_slice() == key.as_bytes()))
+        .map(|key| unit_of(key.as_bytes()))
+        .collect();
+    let (lo, hi) = (
+        *carried.iter().min().unwrap(),
+        *carried.iter().max().unwrap(),
+    );
+    assert!(matches!(
+        run(&mut conn, &keys, &part.args),
+        Reply::Applied { .. }
+    ));
+    for (p, to) in [(0, 50), (1, 20)] {
+        let stored: BTreeMap<String, i64> = redis::cmd("HGETALL")
+            .arg(format!("{}{p}", keys.units_prefix))
+            .query(&mut conn)
+            .unwrap();
+        assert_eq!(stored, BTreeMap::from([(format!("{lo}-{hi}"), to)]));
+    }
+    // A single-unit field, and a run overlapping the part's with a higher fence.
+    redis::cmd("HSET")
+        .arg(format!("{}0", keys.units_prefix))
+        .arg("1000")
+        .arg(70)
+        .arg(format!("{hi}-{}", hi + 2))
+        .arg(60)
+        .query::<()>(&mut conn)
+        .unwrap();
+    let claimed = fences::claim(&mut conn, &keys, &[0, 1], |_| panic!("fences exist")).unwrap();
+    let mut expected: BTreeMap<u16, i64> = (lo..hi).map(|u| (u, 50)).collect();
+    expected.extend((hi..=hi + 2).map(|u| (u, 60)));
+    expected.insert(1000, 70);
+    assert_eq!(claimed[&0].unit_fences, expected);
+    let expected: BTreeMap<u16, i64> = (lo..=hi).map(|u| (u, 20)).collect();
+    assert_eq!(claimed[&1].unit_fences, expected);
+}
+
 /// A replay never lowers a unit fence. A crashed run's part fenced some units of
 /// partition 0 at 50; the new owner's checkpoint ends partition 0 at 30 and also carries
 /// partition 1, whose events touch the same units, so a part applies them (partition 1

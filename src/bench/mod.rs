@@ -174,7 +174,7 @@ impl Ground {
             // Files are durable (and the warehouse fence moves) when they are published;
             // publishing at every checkpoint, as Flink's bulk-format sink does, makes
             // "committed" mean the same in both sinks.
-            "warehouse.roll_interval_secs=1".to_string(),
+            "warehouse.roll_interval_secs=0".to_string(),
             format!(
                 "pipeline.checkpoint_interval_ms={}",
                 options.checkpoint_interval_ms

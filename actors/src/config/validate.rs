@@ -166,7 +166,6 @@ impl Config {
         let warehouse = &self.warehouse;
         not_empty("warehouse.root", &warehouse.root)?;
         positive("warehouse.target_file_bytes", warehouse.target_file_bytes)?;
-        positive("warehouse.roll_interval_secs", warehouse.roll_interval_secs)?;
         positive(
             "warehouse.partition_commit_hook_timeout_secs",
             warehouse.partition_commit_hook_timeout_secs,

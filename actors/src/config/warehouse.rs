@@ -15,7 +15,9 @@ pub struct WarehouseConfig {
     /// A file is rolled (closed and published) at the next checkpoint once it reaches
     /// this many bytes.
     pub target_file_bytes: u64,
-    /// A file is rolled at the next checkpoint once it has been open this many seconds.
+    /// A file is rolled at the next checkpoint once it has been open this many seconds;
+    /// 0 rolls at every checkpoint (Flink's bulk-format file sink), so the warehouse is
+    /// as fresh as Redis at the price of a file per checkpoint.
     pub roll_interval_secs: u64,
     /// Rows per Parquet row group; bounds the memory an open file buffers.
     pub row_group_rows: usize,

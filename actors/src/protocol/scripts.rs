@@ -82,6 +82,11 @@ impl Args {
         self.0.push(value.to_string().into_bytes());
     }
 
+    /// An argument already built as text: moved in, not copied.
+    pub fn push_text(&mut self, value: String) {
+        self.0.push(value.into_bytes());
+    }
+
     /// A count, then each item as `write` puts it.
     pub fn counted<T>(&mut self, items: &[T], mut write: impl FnMut(&mut Args, &T)) {
         self.push(items.len());
@@ -286,7 +291,7 @@ impl CommitArgs<'_> {
             args.counted(&unit.lists, |args, list| {
                 args.push(&list.key);
                 args.push(list.ttl_ms);
-                args.counted(&list.values, |args, value| args.push(value.to_json()));
+                args.counted(&list.values, |args, value| args.push_text(value.to_json()));
             });
             push_hashes(args, &unit.hashes);
         });

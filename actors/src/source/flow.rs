@@ -35,7 +35,6 @@ use crate::checkpoint::claim::Claim;
 use crate::checkpoint::coordinator::{Completed, Coordinator};
 use crate::config::Config;
 use crate::messages::{PartitionInput, RecordBatch, SourceNotice};
-use crate::metrics::ReasonLabel;
 use crate::protocol::fences::StoredWindows;
 use crate::reader::links::ReaderContext;
 use crate::reader::partition_reader::{PartitionReader, READER_MAILBOX};
@@ -44,8 +43,8 @@ use crate::runtime::health::Health;
 use crate::runtime::mailbox::Mailbox;
 use crate::runtime::memory::RECORD_OVERHEAD;
 use crate::source::held::Held;
-use crate::source::slot::Pause;
 pub use crate::source::slot::Slot;
+use crate::source::slot::{self, Pause};
 
 /// What flow control and checkpoints need of the Kafka consumer.
 pub trait PartitionControl {
@@ -79,6 +78,8 @@ pub struct SourceState {
     completed: Option<u64>,
     /// A partition read half its uncommitted share since its last barrier.
     due: bool,
+    /// The size trigger started a checkpoint since the input last ran dry.
+    backlog: bool,
 }
 
 impl SourceState {
@@ -96,6 +97,7 @@ impl SourceState {
             coordinator: Coordinator::default(),
             completed: None,
             due: false,
+            backlog: false,
         }
     }
 
@@ -155,19 +157,8 @@ impl SourceState {
         self.export_paused();
     }
 
-    /// How many partitions are paused, by why (a partition may count under both).
     fn export_paused(&self) {
-        let metrics = &self.factory.context.metrics;
-        let count = |why: fn(&Slot) -> bool| self.slots.values().filter(|s| why(s)).count() as i64;
-        for (reason, why) in [
-            ("reader_full", (|s: &Slot| s.blocked) as fn(&Slot) -> bool),
-            ("uncommitted", |s: &Slot| s.throttled),
-        ] {
-            metrics
-                .paused_partitions
-                .get_or_create(&ReasonLabel { reason })
-                .set(count(why));
-        }
+        slot::export_paused(&self.factory.context.metrics, self.slots.values());
     }
 
     /// Adds a record to its partition's batch; hands the batch on once it is full.
@@ -203,7 +194,9 @@ impl SourceState {
             self.flush_building(control, partition);
         }
         if throttle {
-            self.throttle(control, partition);
+            // Read its uncommitted share beyond its released fence: paused until a
+            // checkpoint commits.
+            self.hold(control, partition, Pause::Uncommitted);
         }
         self.start_if_due(control);
     }
@@ -212,6 +205,18 @@ impl SourceState {
     /// its last barrier, so a checkpoint starts as soon as one may.
     fn start_if_due(&mut self, control: &impl PartitionControl) {
         if self.due && self.may_start_periodic() {
+            self.start_checkpoint(control, CheckpointKind::Periodic);
+            self.backlog = true;
+        }
+    }
+
+    /// The end-of-backlog trigger (`docs/checkpoints.md`): a poll found nothing to read,
+    /// no partition is paused, and the size trigger has run since the input last ran
+    /// dry. What was read since the last barriers is all there is: it commits now, not
+    /// at the next tick. Once per backlog, so a trickle still commits at the interval.
+    pub fn ran_dry(&mut self, control: &impl PartitionControl) {
+        if self.backlog && slot::caught_up(self.slots.values()) && self.may_start_periodic() {
+            self.backlog = false;
             self.start_checkpoint(control, CheckpointKind::Periodic);
         }
     }
@@ -293,12 +298,6 @@ impl SourceState {
             self.release(control, partition);
         }
         self.dispatch(control, partition);
-    }
-
-    /// Pauses a partition that has read `pipeline.max_uncommitted_records` (or its
-    /// share of the budget) beyond its released fence, until a checkpoint commits.
-    fn throttle(&mut self, control: &impl PartitionControl, partition: i32) {
-        self.hold(control, partition, Pause::Uncommitted);
     }
 
     /// Marks why a partition is paused, and pauses it in the consumer unless it was.

@@ -133,7 +133,7 @@ impl KafkaSource {
     fn poll_burst(&mut self) {
         let consumer = &*self.consumer;
         let context = consumer.context().clone();
-        let mut taken = 0;
+        let (mut taken, mut dry) = (0, false);
         while taken < POLL_BURST {
             let wait = if taken == 0 {
                 POLL_WAIT
@@ -141,7 +141,10 @@ impl KafkaSource {
                 Duration::ZERO
             };
             let message = match consumer.poll(wait) {
-                None => break,
+                None => {
+                    dry = taken == 0;
+                    break;
+                }
                 Some(Ok(message)) => message,
                 Some(Err(e)) => {
                     warn!(error = %e, "kafka consumer error");
@@ -171,6 +174,9 @@ impl KafkaSource {
         let mut state = context.lock();
         state.flush_all(consumer);
         state.drain_notices(consumer);
+        if dry {
+            state.ran_dry(consumer);
+        }
     }
 
     fn finish(&mut self) {

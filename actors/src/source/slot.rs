@@ -10,6 +10,7 @@ use actix::prelude::*;
 
 use crate::checkpoint::claim::Claim;
 use crate::messages::{PartitionInput, RecordBatch};
+use crate::metrics::{Metrics, ReasonLabel};
 use crate::runtime::mailbox::Mailbox;
 
 /// One assigned partition.
@@ -70,6 +71,16 @@ impl Slot {
         )
     }
 
+    /// Whether the partition read records after its last barrier (or, with none in
+    /// flight, after its released fence).
+    pub(super) fn read_since_barrier(&self) -> bool {
+        let since = self
+            .barrier_bytes
+            .back()
+            .map_or(self.released, |&(offset, _)| offset);
+        self.next_offset > since
+    }
+
     /// The released fence moved to `fence`: bytes up to the barriers it passed are too.
     pub(super) fn advance(&mut self, fence: i64) {
         self.released = self.released.max(fence);
@@ -80,6 +91,26 @@ impl Slot {
             self.released_bytes = bytes;
             self.barrier_bytes.pop_front();
         }
+    }
+}
+
+/// Whether, the input having run dry, these partitions hold records no barrier has
+/// followed yet, and none is paused (so nothing more is waiting behind a pause).
+pub(super) fn caught_up<'a>(slots: impl Iterator<Item = &'a Slot> + Clone) -> bool {
+    !slots.clone().any(Slot::paused) && slots.into_iter().any(Slot::read_since_barrier)
+}
+
+/// Exports how many partitions are paused, by why (a partition may count under both).
+pub(super) fn export_paused<'a>(metrics: &Metrics, slots: impl Iterator<Item = &'a Slot> + Clone) {
+    for (reason, why) in [
+        ("reader_full", (|s: &Slot| s.blocked) as fn(&Slot) -> bool),
+        ("uncommitted", |s: &Slot| s.throttled),
+    ] {
+        let count = slots.clone().filter(|s| why(s)).count() as i64;
+        metrics
+            .paused_partitions
+            .get_or_create(&ReasonLabel { reason })
+            .set(count);
     }
 }
 

@@ -6,8 +6,9 @@
 --
 -- Returns {-1} while the lost marker is set, {-2, p} when p has no fences and no
 -- cold-start offset was given, else per partition: p, epoch, Redis fence, warehouse
--- fence, the number k of unit fences ahead of the Redis fence (left by a crash in the
--- middle of a split commit, see redis_commit.lua), then k pairs of unit and fence.
+-- fence, the number k of units whose unit fence is ahead of the Redis fence (left by a
+-- crash in the middle of a split commit, see redis_commit.lua), then k pairs of unit
+-- and fence.
 local unit_prefix = next_arg()
 local claims = {}
 for _ = 1, next_int() do
@@ -42,17 +43,28 @@ for _, c in ipairs(claims) do
   out[#out + 1] = e
   out[#out + 1] = tonumber(r)
   out[#out + 1] = tonumber(w)
+  -- Unit fences are stored per run of units (`a-b`, or `u` for one unit); the reply
+  -- has one per unit, the highest where runs overlap.
   local units = redis.call('HGETALL', unit_prefix .. p)
-  local ahead = {}
+  local highest, ahead = {}, {}
   for k = 1, #units, 2 do
-    if tonumber(units[k + 1]) > tonumber(r) then
-      ahead[#ahead + 1] = tonumber(units[k])
-      ahead[#ahead + 1] = tonumber(units[k + 1])
+    local fence = tonumber(units[k + 1])
+    if fence > tonumber(r) then
+      local a, b = string.match(units[k], '^(%d+)-(%d+)$')
+      a = tonumber(a or units[k])
+      for u = a, tonumber(b or a) do
+        if not highest[u] then
+          ahead[#ahead + 1] = u
+        end
+        highest[u] = math.max(highest[u] or fence, fence)
+      end
     end
   end
-  out[#out + 1] = #ahead / 2
-  for _, v in ipairs(ahead) do
-    out[#out + 1] = v
+  table.sort(ahead)
+  out[#out + 1] = #ahead
+  for _, u in ipairs(ahead) do
+    out[#out + 1] = u
+    out[#out + 1] = highest[u]
   end
 end
 return out

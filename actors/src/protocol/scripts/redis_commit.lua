@@ -11,10 +11,11 @@
 -- values lost), and moves the fences.
 --
 -- A checkpoint too big for one script is split by key-hash unit: `part` scripts apply
--- some units and record, per partition, the range end they reached in that unit's
--- fence; the `final` one applies the rest, the series and window states, moves the
--- partitions' fences and drops the unit fences it passed. Replays skip, per unit, what
--- a unit fence says is there already (aggregator.rs).
+-- a run of units and record, per partition, the range end they reached as one unit
+-- fence over that run (field `first-last`); the `final` one applies the rest, the
+-- series and window states, moves the partitions' fences and drops the unit fences it
+-- passed. Replays skip, per unit, what a unit fence says is there already
+-- (aggregator.rs).
 --
 -- Every data write goes through redis.pcall: a command Redis refuses (a key of another
 -- type, a hash field that is not a number) changes nothing, is reported as a conflict
@@ -39,51 +40,62 @@ local function conflict(key, err, lost)
   conflicts[#conflicts + 1] = {key, reason, lost}
 end
 
--- One write. False, with Redis's error, when Redis refused it (nothing was written).
-local function attempt(...)
-  local reply = redis.pcall(...)
+-- Redis's error when it refused a write (nothing was written), else nil. Out of memory
+-- aborts the script.
+local function refusal(reply)
   if type(reply) == 'table' and reply.err then
     if string.sub(reply.err, 1, 3) == 'OOM' then
       return error(reply.err)
     end
-    return false, reply.err
+    return reply.err
   end
   ops = ops + 1
-  return true
+  return nil
 end
 
--- Sets a key's time to live; a refusal (which only a bug could cause) is reported.
-local function expire(key, ttl)
-  local ok, err = attempt('PEXPIRE', key, ttl)
-  if not ok then
-    conflict(key, err, 0)
-  end
+local argv, pcall_, unpack_, min = ARGV, redis.pcall, unpack, math.min
+
+-- One write. False, with Redis's error, when Redis refused it (nothing was written).
+local function attempt(...)
+  local err = refusal(pcall_(...))
+  return not err, err
 end
 
 -- Applies (when `apply`) or skips the lists whose count is ARGV[i]; leaves `i` at the
 -- argument after them.
 local function lists(apply)
-  for _ = 1, tonumber(ARGV[i]) do
-    local key, ttl, n = ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
-    local first, last = i + 4, i + 3 + n
-    i = last
+  local at = i
+  for _ = 1, tonumber(argv[at]) do
+    local key, ttl, n = argv[at + 1], argv[at + 2], tonumber(argv[at + 3])
+    local first, last = at + 4, at + 3 + n
+    at = last
     if apply then
-      local j, refused = first, nil
-      while j <= last and not refused do
-        local upto = math.min(j + 999, last)
-        local ok, err = attempt('LPUSH', key, unpack(ARGV, j, upto))
-        if not ok then
-          refused = err
-          conflict(key, err, last - j + 1)
+      local err
+      if n == 1 then
+        err = refusal(pcall_('LPUSH', key, argv[first]))
+        if err then
+          conflict(key, err, 1)
         end
-        j = upto + 1
+      else
+        local j = first
+        while j <= last and not err do
+          local upto = min(j + 999, last)
+          err = refusal(pcall_('LPUSH', key, unpack_(argv, j, upto)))
+          if err then
+            conflict(key, err, last - j + 1)
+          end
+          j = upto + 1
+        end
       end
-      if not refused then
-        expire(key, ttl)
+      if not err then
+        err = refusal(pcall_('PEXPIRE', key, ttl))
+        if err then
+          conflict(key, err, 0)
+        end
       end
     end
   end
-  i = i + 1
+  i = at + 1
 end
 
 -- Applies (when `apply`) or skips the hashes whose count is ARGV[i]; leaves `i` at the
@@ -110,7 +122,10 @@ local function hashes(apply)
         end
       end
       if wrote then
-        expire(key, ttl)
+        local ok, err = attempt('PEXPIRE', key, ttl)
+        if not ok then
+          conflict(key, err, 0)
+        end
       end
     end
   end
@@ -124,31 +139,50 @@ local function chunked(command, key, items)
   end
 end
 
--- The unit fences of this script's units, per range (`stored[r][unit]`), and the units
--- that are there already: every partition's unit fence has reached its range end (a
--- retry of this very script, or events all below the unit fences, which the
--- aggregators left out). One HMGET per partition, not one HGET per unit and
--- partition: a big checkpoint has ~1000 units over every partition.
-local function unit_fences(unit_ids)
-  local applied, stored = {}, {}
+-- A unit-fence field names the units it covers: `a-b` (units a to b), or `u` (one
+-- unit, as fences were stored before ranges).
+local function span(field)
+  local a, b = string.match(field, '^(%d+)-(%d+)$')
+  if a then
+    return tonumber(a), tonumber(b)
+  end
+  local u = tonumber(field)
+  return u, u
+end
+
+-- The units of this script that are there already: for every range, a stored unit
+-- fence at or beyond its end covers them (a retry of this very script, or events all
+-- below the unit fences, which the aggregators left out). A part records one span per
+-- partition, so each hash holds a few fields; the first range with none over this
+-- script's units ends the search (the usual case).
+local function applied_units(unit_ids, lo, hi)
+  local applied = {}
   for _, id in ipairs(unit_ids) do
     applied[id] = true
   end
-  for n, r in ipairs(ranges) do
-    stored[n] = {}
-    for j = 1, #unit_ids, 1000 do
-      local upto = math.min(j + 999, #unit_ids)
-      local found = redis.call('HMGET', unit_prefix .. r[1], unpack(unit_ids, j, upto))
-      for k = j, upto do
-        local fence = tonumber(found[k - j + 1])
-        stored[n][unit_ids[k]] = fence
-        if not fence or fence < r[4] then
-          applied[unit_ids[k]] = nil
-        end
+  for _, r in ipairs(ranges) do
+    local stored = redis.call('HGETALL', unit_prefix .. r[1])
+    local spans = {}
+    for k = 1, #stored, 2 do
+      local a, b = span(stored[k])
+      if tonumber(stored[k + 1]) >= r[4] and a <= hi and b >= lo then
+        spans[#spans + 1] = {a, b}
+      end
+    end
+    if #spans == 0 then
+      return {}
+    end
+    for _, id in ipairs(unit_ids) do
+      local u, inside = tonumber(id), false
+      for _, s in ipairs(spans) do
+        inside = inside or (s[1] <= u and u <= s[2])
+      end
+      if not inside then
+        applied[id] = nil
       end
     end
   end
-  return applied, stored
+  return applied
 end
 
 -- The tail of a `final` script: series hashes, window states, refused keys.
@@ -169,15 +203,27 @@ local function tail(apply)
   end
 end
 
--- Walks the units once without writing (skipping costs a few steps per key), so that
--- arguments that do not match this layout fail the script before its first write; notes
--- the units' ids on the way.
+-- Walks the units once without writing, reading only the counts (one step per key), so
+-- that arguments that do not match this layout fail the script before its first write;
+-- notes the units' ids on the way.
 local body = i
 local unit_ids = {}
-for _ = 1, next_int() do
-  unit_ids[#unit_ids + 1] = next_arg()
-  lists(false)
-  hashes(false)
+do
+  -- Each list is key, TTL, n and n values; each hash key, TTL, m and m pairs.
+  local at = i + 1
+  for _ = 1, tonumber(argv[i]) do
+    unit_ids[#unit_ids + 1] = argv[at]
+    at = at + 1
+    for _ = 1, tonumber(argv[at]) do
+      at = at + 3 + tonumber(argv[at + 3])
+    end
+    at = at + 1
+    for _ = 1, tonumber(argv[at]) do
+      at = at + 3 + 2 * tonumber(argv[at + 3])
+    end
+    at = at + 1
+  end
+  i = at
 end
 if mode == 'final' then
   tail(false)
@@ -190,32 +236,35 @@ if verdict then
   return verdict
 end
 
-local skip, stored = {}, {}
-if mode == 'part' then
-  skip, stored = unit_fences(unit_ids)
+-- A `part` script covers the units from its first to its last: those between carry no
+-- write of this commit, so they are as applied as the rest.
+local lo, hi = nil, nil
+for _, id in ipairs(unit_ids) do
+  local u = tonumber(id)
+  lo, hi = math.min(lo or u, u), math.max(hi or u, u)
 end
-local moved = {}
+local skip = {}
+if mode == 'part' and lo then
+  skip = applied_units(unit_ids, lo, hi)
+end
 for _ = 1, next_int() do
   local unit = next_arg()
   local apply = not skip[unit]
   lists(apply)
   hashes(apply)
-  if mode == 'part' and apply then
-    moved[#moved + 1] = unit
-  end
 end
--- A `part` script moves the unit fences of the units it applied, never back (a
--- crashed run's fence may be ahead of this replay's range end): one HSET per partition.
-for n, r in ipairs(#moved > 0 and ranges or {}) do
-  local pairs_ = {}
-  for _, unit in ipairs(moved) do
-    local fence = stored[n][unit]
-    if not fence or fence < r[4] then
-      pairs_[#pairs_ + 1] = unit
-      pairs_[#pairs_ + 1] = r[4]
+-- A `part` script records its span in every partition's unit fences, never lowering a
+-- span already there (a crashed run's fence may be ahead of this replay's range end;
+-- a lower span beside a higher one changes nothing, the claim takes the highest).
+if mode == 'part' and lo then
+  local field = lo .. '-' .. hi
+  for _, r in ipairs(ranges) do
+    local key = unit_prefix .. r[1]
+    local stored = tonumber(redis.call('HGET', key, field))
+    if not stored or stored < r[4] then
+      redis.call('HSET', key, field, r[4])
     end
   end
-  chunked('HSET', unit_prefix .. r[1], pairs_)
 end
 
 if mode == 'final' then

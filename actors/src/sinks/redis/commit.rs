@@ -126,9 +126,16 @@ fn merge(tracked: &BTreeMap<i32, (i64, i64)>, flushes: Vec<ShardFlush>) -> Merge
     merged
 }
 
+/// Most keys come from one shard only: their values move in without a copy.
 fn extend_lists(into: &mut FxHashMap<String, Vec<TraceValue>>, pushes: Vec<ListPush>) {
+    use std::collections::hash_map::Entry;
     for push in pushes {
-        into.entry(push.key).or_default().extend(push.values);
+        match into.entry(push.key) {
+            Entry::Vacant(vacant) => {
+                vacant.insert(push.values);
+            }
+            Entry::Occupied(mut occupied) => occupied.get_mut().extend(push.values),
+        }
     }
 }
 
@@ -219,7 +226,9 @@ fn into_units(
     ];
     for (by_id, prefix, ttl_ms) in lists {
         for (id, values) in by_id {
-            let key = format!("{prefix}{id}");
+            let mut key = String::with_capacity(prefix.len() + id.len());
+            key.push_str(prefix);
+            key.push_str(&id);
             if key.starts_with(RESERVED_PREFIX) {
                 refused.push((key, values.len() as i64));
                 continue;
