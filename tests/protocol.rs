@@ -22,7 +22,7 @@ use anchorflow_actors::protocol::keys::{FenceKeys, KeyLayout};
 use anchorflow_actors::protocol::publish::{pending_publishes, publish_done, PublishRecord};
 use anchorflow_actors::protocol::reply::{self, Rejection, Reply};
 use anchorflow_actors::protocol::scripts::{
-    commit_invocation, commit_script, record_script, ClaimArgs, ClaimReply, Mode, RecordArgs,
+    commit_command, commit_script, record_script, Args, ClaimArgs, ClaimReply, Mode, RecordArgs,
 };
 use anchorflow_actors::protocol::units::unit_of;
 use anchorflow_actors::sinks::redis::commit::{self, CommitInput, CommitPlan, Ttls};
@@ -103,13 +103,27 @@ fn plan(
     commit::plan(&input, vec![flush]).expect("a plan")
 }
 
-/// Runs one script of a plan as the Redis sink does.
-fn run(conn: &mut redis::Connection, keys: &FenceKeys, args: &[Vec<u8>]) -> Reply {
-    let script = commit_script();
-    let reply: redis::Value = commit_invocation(&script, keys, args)
-        .invoke(conn)
-        .expect("script runs");
+/// Runs one script of a plan as the Redis sink does: its `EVALSHA` command, loading the
+/// script when Redis does not have it.
+fn run(conn: &mut redis::Connection, keys: &FenceKeys, args: &Args) -> Reply {
+    let reply = evalsha(conn, keys, args).expect("script runs");
     reply::parse(&reply).expect("well-formed reply")
+}
+
+fn evalsha(
+    conn: &mut redis::Connection,
+    keys: &FenceKeys,
+    args: &Args,
+) -> redis::RedisResult<redis::Value> {
+    let script = commit_script();
+    let command = commit_command(&script, keys, args);
+    match command.query(conn) {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.load(conn)?;
+            command.query(conn)
+        }
+        reply => reply,
+    }
 }
 
 /// Runs every script of a one-script commit; returns its reply.
@@ -392,7 +406,7 @@ fn a_part_fences_its_run_of_units_once_per_partition() {
     assert_eq!(part.mode, Mode::Part);
     let carried: Vec<u16> = refs
         .iter()
-        .filter(|key| part.args.iter().any(|arg| arg.as_slice() == key.as_bytes()))
+        .filter(|key| part.args.iter().any(|arg| arg == **key))
         .map(|key| unit_of(key.as_bytes()))
         .collect();
     let (lo, hi) = (
@@ -593,15 +607,17 @@ fn arguments_that_do_not_match_a_script_fail_it_with_nothing_written() {
     claim_fresh(&mut conn, &keys, &[0], 0);
     let commit = plan(&keys, &[range(0, 1, 0, 5)], 3, &["r1", "r2"], 100_000);
     let args = &commit.scripts[0].args;
-    let script = commit_script();
-    let mut short = args.clone();
-    short.remove(args.len() / 2);
-    let mut long = args.clone();
-    long.insert(args.len() - 1, b"extra".to_vec());
+    let items: Vec<&str> = args.iter().collect();
+    let mut short = items.clone();
+    short.remove(items.len() / 2);
+    let mut long = items.clone();
+    long.insert(items.len() - 1, "extra");
     for broken in [short, long] {
-        let result: redis::RedisResult<redis::Value> =
-            commit_invocation(&script, &keys, &broken).invoke(&mut conn);
-        let error = result.expect_err("a mismatched layout fails");
+        let mut broken_args = Args::default();
+        for item in broken {
+            broken_args.push(item);
+        }
+        let error = evalsha(&mut conn, &keys, &broken_args).expect_err("a mismatched layout fails");
         assert!(
             error.to_string().contains("do not match their layout")
                 || error.to_string().contains("number"),

@@ -36,6 +36,24 @@ pub fn rss_of(pid: &str) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// CPU seconds (user + system) a process has used so far, from `/proc/{pid}/stat`,
+/// whose times are in clock ticks (`sysconf(_SC_CLK_TCK)`, 100 on Linux); 0 if gone.
+pub fn cpu_of(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name (field 2) may hold spaces; fields count from after its `)`.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |n: usize| {
+        fields
+            .get(n)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15: the 12th and 13th after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// `GET path` on a local HTTP endpoint; the body.
 fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
     let mut stream = TcpStream::connect(addr)?;

@@ -36,7 +36,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::{ClientConfig, Message};
 
 pub use broker::serve as mock_serve;
-use child::{rss_of, PipelineChild};
+use child::{cpu_of, rss_of, PipelineChild};
 use redis_probe::RedisProbe;
 use report::{report_pipeline, PipelineRun};
 
@@ -280,6 +280,7 @@ fn run_pipeline(
     child.wait_assigned(Duration::from_secs(60))?;
     let assigned = Instant::now();
     let cpu_before = probe.cpu_seconds()?;
+    let own_cpu_before = cpu_of(&child.pid());
     probe.watch_slowlog()?;
     let total = options.events as i64;
     let (mut rss_samples, mut last_sample) = (Vec::new(), Instant::now());
@@ -304,6 +305,7 @@ fn run_pipeline(
     }
     let drain = assigned.elapsed();
     let redis_cpu_secs = probe.cpu_seconds()? - cpu_before;
+    let own_cpu_secs = cpu_of(&child.pid()) - own_cpu_before;
     let longest = probe.longest()?;
     let checkpoints = child.checkpoints();
     let uncommitted_pauses = child
@@ -317,6 +319,7 @@ fn run_pipeline(
         redis_drain_secs: redis_drain.unwrap_or(drain).as_secs_f64(),
         join_secs: assigned.duration_since(begin).as_secs_f64(),
         redis_cpu_secs,
+        own_cpu_secs,
         rss_samples,
         peak_rss,
         checkpoints,

@@ -14,6 +14,8 @@ pub(super) struct PipelineRun {
     pub(super) redis_drain_secs: f64,
     pub(super) join_secs: f64,
     pub(super) redis_cpu_secs: f64,
+    /// The pipeline process's own CPU seconds over the same span.
+    pub(super) own_cpu_secs: f64,
     pub(super) rss_samples: Vec<u64>,
     pub(super) peak_rss: u64,
     pub(super) checkpoints: Vec<f64>,
@@ -59,6 +61,12 @@ pub(super) fn report_pipeline(
     println!(
         "redis_cpu_us_per_event_pipeline: {:.2}",
         run.redis_cpu_secs * 1e6 / events
+    );
+    println!(
+        "pipeline_cpu_us_per_event: {:.2}   (anchorflow's own {:.2} CPU-s over the same {:.2} s: what it leaves Redis of the machine's cores)",
+        run.own_cpu_secs * 1e6 / events,
+        run.own_cpu_secs,
+        run.drain_secs
     );
     let mut sorted = run.checkpoints.clone();
     sorted.sort_by(f64::total_cmp);

@@ -384,7 +384,15 @@ pub struct TraceValue {
 impl TraceValue {
     /// `{"state":S,"businessId":B,"timestamp":T}`, exactly these keys in this order.
     pub fn to_json(&self) -> String {
-        format!(
+        self.to_string()
+    }
+}
+
+/// The JSON of [`TraceValue::to_json`], written straight into a commit's arguments.
+impl std::fmt::Display for TraceValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
             r#"{{"state":{},"businessId":{},"timestamp":{}}}"#,
             self.state, self.business_id, self.timestamp
         )

@@ -59,9 +59,14 @@ pub fn lease_script() -> redis::Script {
     script(&[ARGS, include_str!("scripts/lease.lua")])
 }
 
-/// The arguments of one call, in the order its script reads them.
+/// The arguments of one call, in the order its script reads them: one buffer and where
+/// each argument ends, so that a big commit's tens of thousands of arguments are not as
+/// many allocations, and go into the command with one copy ([`commit_command`]).
 #[derive(Debug, Default)]
-pub struct Args(Vec<Vec<u8>>);
+pub struct Args {
+    text: String,
+    ends: Vec<usize>,
+}
 
 impl Args {
     /// Starts the arguments of a fenced commit: the sink and its ranges, which
@@ -78,13 +83,10 @@ impl Args {
         args
     }
 
-    pub fn push(&mut self, value: impl ToString) {
-        self.0.push(value.to_string().into_bytes());
-    }
-
-    /// An argument already built as text: moved in, not copied.
-    pub fn push_text(&mut self, value: String) {
-        self.0.push(value.into_bytes());
+    pub fn push(&mut self, value: impl std::fmt::Display) {
+        use std::fmt::Write as _;
+        write!(self.text, "{value}").expect("a String takes any text");
+        self.ends.push(self.text.len());
     }
 
     /// A count, then each item as `write` puts it.
@@ -96,19 +98,35 @@ impl Args {
     }
 
     /// The arguments, closed with [`END`].
-    pub fn finish(mut self) -> Vec<Vec<u8>> {
+    pub fn finish(mut self) -> Args {
         self.push(END);
-        self.0
+        self
+    }
+
+    /// Each argument, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &str> + '_ {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(self.ends.iter().copied())
+            .map(|(start, end)| &self.text[start..end])
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
     }
 }
 
 /// Adds `args` to an invocation.
 fn with_args<'a>(
     mut invocation: redis::ScriptInvocation<'a>,
-    args: &[Vec<u8>],
+    args: &Args,
 ) -> redis::ScriptInvocation<'a> {
-    for arg in args {
-        invocation.arg(arg.as_slice());
+    for arg in args.iter() {
+        invocation.arg(arg);
     }
     invocation
 }
@@ -140,7 +158,7 @@ pub enum ClaimReply {
 }
 
 impl ClaimArgs<'_> {
-    pub fn encode(&self) -> Vec<Vec<u8>> {
+    pub fn encode(&self) -> Args {
         let mut args = Args::default();
         args.push(self.units_prefix);
         args.counted(self.partitions, |args, (p, cold)| {
@@ -278,7 +296,7 @@ fn push_hashes(args: &mut Args, hashes: &[HashWrite]) {
 }
 
 impl CommitArgs<'_> {
-    pub fn encode(&self) -> Vec<Vec<u8>> {
+    pub fn encode(&self) -> Args {
         let mut args = Args::fenced(SinkKind::Redis, self.ranges);
         args.push(match self.mode {
             Mode::Part => "part",
@@ -291,7 +309,7 @@ impl CommitArgs<'_> {
             args.counted(&unit.lists, |args, list| {
                 args.push(&list.key);
                 args.push(list.ttl_ms);
-                args.counted(&list.values, |args, value| args.push_text(value.to_json()));
+                args.counted(&list.values, |args, value| args.push(value));
             });
             push_hashes(args, &unit.hashes);
         });
@@ -311,18 +329,24 @@ impl CommitArgs<'_> {
     }
 }
 
-/// The commit script's invocation with its keys and `args` ([`CommitArgs::encode`]).
-pub fn commit_invocation<'a>(
-    script: &'a redis::Script,
-    keys: &FenceKeys,
-    args: &[Vec<u8>],
-) -> redis::ScriptInvocation<'a> {
-    let mut invocation = script.key(&keys.fences);
-    invocation
-        .key(&keys.lost)
-        .key(&keys.windows)
-        .key(&keys.conflicts);
-    with_args(invocation, args)
+/// The commit script's `EVALSHA` with its keys and `args` ([`CommitArgs::encode`]) as one
+/// command: each argument is copied once, into the command's buffer, where an
+/// invocation first copies each into an allocation of its own. The caller loads the
+/// script when Redis answers `NOSCRIPT`.
+pub fn commit_command(script: &redis::Script, keys: &FenceKeys, args: &Args) -> redis::Cmd {
+    let mut command = redis::Cmd::with_capacity(args.len() + 7, args.text.len() + 256);
+    command
+        .arg("EVALSHA")
+        .arg(script.get_hash())
+        .arg(4)
+        .arg(&keys.fences)
+        .arg(&keys.lost)
+        .arg(&keys.windows)
+        .arg(&keys.conflicts);
+    for arg in args.iter() {
+        command.arg(arg);
+    }
+    command
 }
 
 /// `warehouse_record.lua`: records one warehouse commit.
@@ -339,7 +363,7 @@ pub struct RecordArgs<'a> {
 }
 
 impl RecordArgs<'_> {
-    pub fn encode(&self) -> Vec<Vec<u8>> {
+    pub fn encode(&self) -> Args {
         let mut args = Args::fenced(SinkKind::Warehouse, self.ranges);
         args.push(&self.record.id);
         if self.record.files.is_empty() {
@@ -394,7 +418,7 @@ pub struct LeaseArgs<'a> {
 }
 
 impl LeaseArgs<'_> {
-    pub fn encode(&self) -> Vec<Vec<u8>> {
+    pub fn encode(&self) -> Args {
         let mut args = Args::default();
         args.push(self.expected);
         args.push(self.holder);

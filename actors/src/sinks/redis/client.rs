@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use redis::aio::MultiplexedConnection;
+use redis::{ErrorKind, ServerErrorKind};
 
 use crate::config::RedisConfig;
 use crate::protocol::keys::FenceKeys;
 use crate::protocol::reply::{self, Reply};
-use crate::protocol::scripts;
+use crate::protocol::scripts::{self, Args};
 use crate::runtime::clock::{self, Clock};
 
 /// How often Redis's clock is read again (it is also read on every new connection).
@@ -88,7 +89,7 @@ impl Link {
 
     /// One attempt at one commit script: connect if needed, read the clock when due,
     /// run the script.
-    pub async fn apply(&mut self, keys: &FenceKeys, args: &[Vec<u8>]) -> anyhow::Result<Reply> {
+    pub async fn apply(&mut self, keys: &FenceKeys, args: &Args) -> anyhow::Result<Reply> {
         let mut conn = self.connection().await?;
         if self.clock_read.is_none_or(|at| at.elapsed() >= CLOCK_CHECK) {
             let clock = self.clock.clone();
@@ -102,8 +103,14 @@ impl Link {
         let script = self.script.clone();
         let value = self
             .bounded("running the commit script", async move {
-                let invocation = scripts::commit_invocation(&script, keys, args);
-                Ok(invocation.invoke_async::<redis::Value>(&mut conn).await?)
+                let command = scripts::commit_command(&script, keys, args);
+                match command.query_async(&mut conn).await {
+                    Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                        script.load_async(&mut conn).await?;
+                        Ok(command.query_async::<redis::Value>(&mut conn).await?)
+                    }
+                    reply => Ok(reply?),
+                }
             })
             .await?;
         reply::parse(&value)

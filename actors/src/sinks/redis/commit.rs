@@ -23,7 +23,9 @@ use crate::logic::decode::TraceValue;
 use crate::logic::window::Counts;
 use crate::messages::{ListPush, PartitionDelta, ShardFlush};
 use crate::protocol::keys::{KeyLayout, RESERVED_PREFIX, SERIES_KEY_PREFIX};
-use crate::protocol::scripts::{CommitArgs, FinalTail, HashWrite, ListWrite, Mode, UnitWrites};
+use crate::protocol::scripts::{
+    Args, CommitArgs, FinalTail, HashWrite, ListWrite, Mode, UnitWrites,
+};
 use crate::protocol::units::unit_of;
 
 /// Time to live of each kind of key, in milliseconds, for one commit.
@@ -43,7 +45,7 @@ pub struct Ttls {
 #[derive(Debug)]
 pub struct Script {
     pub mode: Mode,
-    pub args: Vec<Vec<u8>>,
+    pub args: Args,
     /// Writes it carries (for the budget's calibration).
     pub ops: usize,
 }
@@ -452,16 +454,15 @@ mod tests {
         // merged into it.
         let mut pushed: BTreeMap<String, usize> = BTreeMap::new();
         for script in &big.scripts {
-            for arg in &script.args {
-                let arg = String::from_utf8_lossy(arg);
+            for arg in script.args.iter() {
                 if arg.starts_with("user") {
-                    *pushed.entry(arg.into_owned()).or_default() += 1;
+                    *pushed.entry(arg.to_string()).or_default() += 1;
                 }
             }
         }
         assert_eq!(pushed.len(), 400);
         assert!(pushed.values().all(|n| *n == 1));
-        let script = String::from_utf8_lossy(&big.scripts[0].args[10]).into_owned();
+        let script = big.scripts[0].args.iter().nth(10).unwrap_or_default();
         assert_eq!(script, "part", "after sink, count and two ranges of four");
     }
 
