@@ -305,8 +305,11 @@ fn pack(
 /// The share of `redis.max_commit_ms` a script is sized to. The same script's cost per
 /// operation varies by up to ~1.7× on a busy machine (`anchorflow bench` on 2 cores:
 /// 2.4–4.1 µs within one run), so scripts sized to the whole bound ran over it (135 ms
-/// against 100).
-pub const HEADROOM: f64 = 0.5;
+/// against 100); sized to half, a Redis busier than before (three checkpoints in
+/// flight) still ran one over it in about every third run (up to 121 ms), its script
+/// descheduled while the readers had the cores. A script's own fixed cost (the fence
+/// check, one unit fence per partition) is ~0.2 ms, so smaller scripts cost little.
+pub const HEADROOM: f64 = 0.35;
 
 /// Keeps the per-script operations budget so that one script stays within
 /// `redis.max_commit_ms`: the measured cost per operation (a moving average over
@@ -469,16 +472,16 @@ mod tests {
     #[test]
     fn the_budget_follows_measured_cost() {
         let mut budget = OpsBudget::new(100);
-        assert_eq!(budget.ops(), 10_000, "half of 100 ms at 5 µs");
+        assert_eq!(budget.ops(), 7_000, "35 % of 100 ms at 5 µs");
         budget.observe(10_000, std::time::Duration::from_millis(100));
-        assert_eq!(budget.ops(), 5_000, "a dearer script corrects at once");
+        assert_eq!(budget.ops(), 3_500, "a dearer script corrects at once");
         for _ in 0..30 {
             budget.observe(10_000, std::time::Duration::from_millis(40));
         }
-        assert!((12_000..13_000).contains(&budget.ops()), "{}", budget.ops());
+        assert!((8_500..9_000).contains(&budget.ops()), "{}", budget.ops());
         budget.observe(10, std::time::Duration::from_secs(1));
         assert!(
-            (12_000..13_000).contains(&budget.ops()),
+            (8_500..9_000).contains(&budget.ops()),
             "tiny scripts are ignored"
         );
     }
