@@ -305,9 +305,8 @@ fn pack(
 /// The share of `redis.max_commit_ms` a script is sized to. The same script's cost per
 /// operation varies by up to ~1.7× on a busy machine (`anchorflow bench` on 2 cores:
 /// 2.4–4.1 µs within one run), so scripts sized to the whole bound ran over it (135 ms
-/// against 100); sized to half, a Redis busier than before (three checkpoints in
-/// flight) still ran one over it in about every third run (up to 121 ms), its script
-/// descheduled while the readers had the cores. A script's own fixed cost (the fence
+/// against 100); sized to half, a busier Redis still ran one over it in about every
+/// third run (up to 125 ms), its script descheduled while the readers had the cores. A script's own fixed cost (the fence
 /// check, one unit fence per partition) is ~0.2 ms, so smaller scripts cost little.
 pub const HEADROOM: f64 = 0.35;
 

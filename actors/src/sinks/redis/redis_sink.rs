@@ -23,8 +23,8 @@
 //! the blocking pool (`checkpoint/coordinator.rs` lets that checkpoint start once only
 //! Redis is behind), so Redis does not wait for anchorflow between commits. Plans are
 //! applied one at a time in checkpoint order, each planned from where the one before
-//! ends ([`RedisSink`]'s `fences`). The coordinator bounds the queue (three checkpoints
-//! in flight); the source's uncommitted share, held against this sink's fence, bounds the
+//! ends ([`RedisSink`]'s `fences`). The coordinator bounds the queue (two checkpoints in
+//! flight); the source's uncommitted share, held against this sink's fence, bounds the
 //! memory.
 //!
 //! **Failures restart the sink** (`runtime/supervision.rs`): when Redis does not answer,
@@ -63,7 +63,7 @@ use crate::sinks::redis::commit::{self, CommitInput, CommitPlan, OpsBudget, Ttls
 
 /// Mailbox capacity: one flush per shard per checkpoint is all that is ever queued,
 /// because a shard waits for its flush to be taken before it handles anything else, and
-/// at most three checkpoints are in flight (`coordinator::MAX_IN_FLIGHT`).
+/// at most two checkpoints are in flight.
 pub const REDIS_SINK_MAILBOX: usize = 64;
 
 /// Conflicts logged per commit with their key; the rest are counted.
@@ -111,7 +111,7 @@ pub struct RedisSink {
     pending: BTreeMap<u64, Vec<ShardFlush>>,
     /// A plan is being built ([`RedisSink::plan_next`]).
     planning: bool,
-    /// Plans waiting for the one in flight (at most two: three checkpoints in flight).
+    /// Plans waiting for the one in flight (at most one: two checkpoints in flight).
     queued: VecDeque<CommitPlan>,
     in_flight: Option<InFlight>,
     counters: RedisSinkCounters,
