@@ -170,6 +170,11 @@ fn fresh_db(db: u32) -> (redis::Connection, FenceKeys) {
     (conn, FenceKeys::new("g", "t"))
 }
 
+/// Receiver keys `r0`, `r1`, …: enough of them spread over many key-hash units.
+fn receivers(n: usize) -> Vec<String> {
+    (0..n).map(|n| format!("r{n}")).collect()
+}
+
 fn range(partition: i32, epoch: i64, from: i64, to: i64) -> FenceRange {
     FenceRange {
         partition,
@@ -338,7 +343,7 @@ fn a_key_of_another_type_is_a_conflict_not_a_partial_commit() {
 fn a_split_commit_leaves_unit_fences_until_its_final_script() {
     let (mut conn, keys) = fresh_db(11);
     claim_fresh(&mut conn, &keys, &[0], 0);
-    let receivers: Vec<String> = (0..300).map(|n| format!("r{n}")).collect();
+    let receivers = receivers(300);
     let refs: Vec<&str> = receivers.iter().map(String::as_str).collect();
     let split = plan(&keys, &[range(0, 1, 0, 50)], 1, &refs, 120);
     let (last, parts) = split.scripts.split_last().unwrap();
@@ -393,7 +398,7 @@ fn a_split_commit_leaves_unit_fences_until_its_final_script() {
 fn a_part_fences_its_run_of_units_once_per_partition() {
     let (mut conn, keys) = fresh_db(17);
     claim_fresh(&mut conn, &keys, &[0, 1], 0);
-    let receivers: Vec<String> = (0..300).map(|n| format!("r{n}")).collect();
+    let receivers = receivers(300);
     let refs: Vec<&str> = receivers.iter().map(String::as_str).collect();
     let split = plan(
         &keys,
@@ -452,7 +457,7 @@ fn a_part_fences_its_run_of_units_once_per_partition() {
 fn a_replay_never_lowers_a_unit_fence() {
     let (mut conn, keys) = fresh_db(12);
     claim_fresh(&mut conn, &keys, &[0, 1], 0);
-    let receivers: Vec<String> = (0..300).map(|n| format!("r{n}")).collect();
+    let receivers = receivers(300);
     let refs: Vec<&str> = receivers.iter().map(String::as_str).collect();
     let crashed = plan(&keys, &[range(0, 1, 0, 50)], 1, &refs, 120);
     assert!(matches!(
