@@ -327,10 +327,12 @@ fn equal_the_oracle(fixture: Fixture, on_s3: bool) {
 }
 
 /// A backlog commits to its end without a tick. Ticks and the idle timeout are an hour
-/// here, so only the size trigger (half a partition's uncommitted share read) and the end-of-backlog
-/// trigger (a poll found nothing more while the size trigger had run) start
-/// checkpoints. Without the second, the last records of each partition, fewer than
-/// half a share, would wait for the tick and the run would not finish.
+/// here, so only the size trigger (half a partition's uncommitted share read) and the
+/// end-of-backlog trigger (every partition at its end while the size trigger had run)
+/// start checkpoints. Without the second, the last records of each partition, fewer
+/// than half a share, would wait for the tick and the run would not finish; with it
+/// firing when only some partitions were at their end (a poll that found nothing), the
+/// others' rest did once in CI.
 #[test]
 fn a_backlog_commits_to_its_end_without_waiting_for_a_tick() {
     let mut backlog = fixture("backlog", PARTITIONS, 27);

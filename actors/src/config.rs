@@ -427,9 +427,18 @@ mod tests {
             config.validate().expect("a valid window size");
         }
 
-        let mut config = valid();
-        config.kafka.0.insert("group.id".into(), "x".into());
-        assert_eq!(config.validate().unwrap_err().field, "kafka.group.id");
+        for reserved in [
+            "group.id",
+            "enable.auto.offset.store",
+            "enable.partition.eof",
+        ] {
+            let mut config = valid();
+            config.kafka.0.insert(reserved.into(), "x".into());
+            assert_eq!(
+                config.validate().unwrap_err().field,
+                format!("kafka.{reserved}")
+            );
+        }
 
         let mut config = valid();
         config

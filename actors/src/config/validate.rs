@@ -62,11 +62,21 @@ impl Config {
         if !self.kafka.0.contains_key("bootstrap.servers") {
             return Err(ConfigError::new("kafka.bootstrap.servers", "is required"));
         }
-        for reserved in ["group.id", "enable.auto.offset.store"] {
+        for (reserved, why) in [
+            ("group.id", "use source.group_id"),
+            (
+                "enable.auto.offset.store",
+                "offsets are stored after sinks commit",
+            ),
+            (
+                "enable.partition.eof",
+                "the end-of-backlog checkpoint needs to know where each partition ends",
+            ),
+        ] {
             if self.kafka.0.contains_key(reserved) {
                 return Err(ConfigError::new(
                     format!("kafka.{reserved}"),
-                    "is managed by anchorflow (use source.group_id; offsets are stored after sinks commit)",
+                    format!("is managed by anchorflow ({why})"),
                 ));
             }
         }

@@ -133,6 +133,7 @@ impl SourceState {
             outbox: VecDeque::new(),
             blocked: false,
             throttled: false,
+            at_end: false,
             next_offset: claim.start(),
             released: claim.start(),
             read_bytes: 0,
@@ -184,6 +185,7 @@ impl SourceState {
         };
         slot.building.push(offset, payload);
         slot.next_offset = offset + 1;
+        slot.at_end = false;
         slot.read_bytes += payload.map_or(0, <[u8]>::len) as u64 + RECORD_OVERHEAD;
         let throttle = !slot.throttled && slot.over_uncommitted(uncommitted.0, uncommitted.1);
         self.due |= slot.half_full(uncommitted.0, uncommitted.1);
@@ -210,10 +212,10 @@ impl SourceState {
         }
     }
 
-    /// The end-of-backlog trigger (`docs/checkpoints.md`): a poll found nothing to read,
-    /// no partition is paused, and the size trigger has run since the input last ran
-    /// dry. What was read since the last barriers is all there is: it commits now, not
-    /// at the next tick. Once per backlog, so a trickle still commits at the interval.
+    /// The end-of-backlog trigger (`docs/checkpoints.md`): every partition is at its
+    /// end, none is paused, and the size trigger has run since the input last ran dry.
+    /// What was read since the last barriers is all there is: it commits now, not at
+    /// the next tick. Once per backlog, so a trickle still commits at the interval.
     pub fn ran_dry(&mut self, control: &impl PartitionControl) {
         if self.backlog && slot::caught_up(self.slots.values()) && self.may_start_periodic() {
             self.backlog = false;

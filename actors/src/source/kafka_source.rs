@@ -21,6 +21,7 @@ use actix::prelude::*;
 use anyhow::Context as _;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::Consumer;
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message as _;
 use tracing::{debug, info, warn};
 
@@ -84,6 +85,9 @@ fn client_config(config: &crate::config::Config) -> ClientConfig {
     client.set("group.id", &config.source.group_id);
     client.set("enable.auto.commit", "false");
     client.set("enable.auto.offset.store", "false");
+    // The end-of-backlog trigger (`flow.rs`) needs to know when every partition is at
+    // its end; a poll that finds nothing only says no fetch has come back yet.
+    client.set("enable.partition.eof", "true");
     client
 }
 
@@ -133,7 +137,7 @@ impl KafkaSource {
     fn poll_burst(&mut self) {
         let consumer = &*self.consumer;
         let context = consumer.context().clone();
-        let (mut taken, mut dry) = (0, false);
+        let mut taken = 0;
         while taken < POLL_BURST {
             let wait = if taken == 0 {
                 POLL_WAIT
@@ -141,11 +145,15 @@ impl KafkaSource {
                 Duration::ZERO
             };
             let message = match consumer.poll(wait) {
-                None => {
-                    dry = taken == 0;
-                    break;
-                }
+                None => break,
                 Some(Ok(message)) => message,
+                Some(Err(KafkaError::PartitionEOF(partition))) => {
+                    taken += 1;
+                    if let Some(slot) = context.lock().slot_mut(partition) {
+                        slot.at_end = true;
+                    }
+                    continue;
+                }
                 Some(Err(e)) => {
                     warn!(error = %e, "kafka consumer error");
                     break;
@@ -174,9 +182,7 @@ impl KafkaSource {
         let mut state = context.lock();
         state.flush_all(consumer);
         state.drain_notices(consumer);
-        if dry {
-            state.ran_dry(consumer);
-        }
+        state.ran_dry(consumer);
     }
 
     fn finish(&mut self) {

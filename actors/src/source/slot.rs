@@ -23,6 +23,9 @@ pub struct Slot {
     pub(super) blocked: bool,
     /// At `pipeline.max_uncommitted_records`: waiting for a checkpoint.
     pub(super) throttled: bool,
+    /// librdkafka reported the end of the partition (`enable.partition.eof`: its fetch
+    /// reached the high watermark) and no record came after it.
+    pub(super) at_end: bool,
     /// Offset after the last record handed on; starts at the claim's lower fence.
     pub next_offset: i64,
     /// Where the input stops holding memory: the Redis sink's fence at the last
@@ -94,10 +97,22 @@ impl Slot {
     }
 }
 
-/// Whether, the input having run dry, these partitions hold records no barrier has
-/// followed yet, and none is paused (so nothing more is waiting behind a pause).
-pub(super) fn caught_up<'a>(slots: impl Iterator<Item = &'a Slot> + Clone) -> bool {
-    !slots.clone().any(Slot::paused) && slots.into_iter().any(Slot::read_since_barrier)
+/// Whether the input ran dry: every partition is at its end and not paused (so nothing
+/// more waits behind a pause), and some hold records no barrier has followed yet.
+pub(super) fn caught_up<'a>(slots: impl Iterator<Item = &'a Slot>) -> bool {
+    all_at_end(slots.map(|s| (s.at_end && !s.paused(), s.read_since_barrier())))
+}
+
+/// [`caught_up`] over `(at its end and unpaused, read since its last barrier)` per
+/// partition. One partition at its end says nothing of the others, whose fetches may
+/// simply not have come back yet.
+fn all_at_end(partitions: impl Iterator<Item = (bool, bool)>) -> bool {
+    let (mut all, mut any_read) = (true, false);
+    for (at_end, read) in partitions {
+        all &= at_end;
+        any_read |= read;
+    }
+    all && any_read
 }
 
 /// Exports how many partitions are paused, by why (a partition may count under both).
@@ -122,7 +137,21 @@ fn half_read(read: (i64, u64), since: (i64, u64), max_records: i64, max_bytes: u
 
 #[cfg(test)]
 mod tests {
-    use super::half_read;
+    use super::{all_at_end, half_read};
+
+    #[test]
+    fn the_input_ran_dry_only_when_every_partition_is_at_its_end() {
+        // CI once saw this: partition 0 read to its end, the last fetches of 1 and 2
+        // not back yet. Committing then left their rest waiting for a tick.
+        let early = [(true, true), (false, false), (false, false)];
+        assert!(!all_at_end(early.into_iter()));
+        assert!(all_at_end([(true, true), (true, false)].into_iter()));
+        assert!(
+            !all_at_end([(true, false), (true, false)].into_iter()),
+            "nothing new"
+        );
+        assert!(!all_at_end(std::iter::empty()));
+    }
 
     #[test]
     fn half_of_either_bound_is_due() {
