@@ -163,7 +163,16 @@ pub fn fenced_to_end(url: &str, group: &str, topic: &str, produced: &Produced) -
 pub type Produced = BTreeMap<i32, Vec<Option<Vec<u8>>>>;
 
 pub fn produce_records(topic: &str, partitions: i32, records: Vec<Option<Vec<u8>>>) -> Produced {
-    produce(&brokers(), topic, partitions, records.into_iter(), true).expect("produce")
+    produce_records_on(&brokers(), topic, partitions, records)
+}
+
+pub fn produce_records_on(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    records: Vec<Option<Vec<u8>>>,
+) -> Produced {
+    produce(brokers, topic, partitions, records.into_iter(), true).expect("produce")
 }
 
 /// Appends `more` to `into`, as a second production to the same partitions would.

@@ -150,6 +150,11 @@ impl KafkaSource {
                 Some(Err(KafkaError::PartitionEOF(partition))) => {
                     taken += 1;
                     if let Some(slot) = context.lock().slot_mut(partition) {
+                        debug!(
+                            partition,
+                            next_offset = slot.next_offset,
+                            "partition at its end"
+                        );
                         slot.at_end = true;
                     }
                     continue;
