@@ -65,8 +65,8 @@ fn plan(
                 lists
                     .iter()
                     .map(|key| ListPush {
-                        key: key.to_string(),
-                        values: vec![value],
+                        key: (*key).into(),
+                        values: [value].into_iter().collect(),
                     })
                     .collect()
             } else {

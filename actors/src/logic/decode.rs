@@ -381,6 +381,10 @@ pub struct TraceValue {
     pub timestamp: i64,
 }
 
+/// The values one list key gets in one checkpoint, oldest first. Most keys get one (a
+/// message id, a receiver seen once), held inline: no allocation per key.
+pub type TraceValues = smallvec::SmallVec<[TraceValue; 1]>;
+
 impl TraceValue {
     /// `{"state":S,"businessId":B,"timestamp":T}`, exactly these keys in this order.
     pub fn to_json(&self) -> String {

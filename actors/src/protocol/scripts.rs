@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::Context as _;
 
 use crate::checkpoint::claim::{Claim, FenceRange, SinkKind};
-use crate::logic::decode::TraceValue;
+use crate::logic::decode::TraceValues;
 use crate::protocol::keys::{dws_field, series_field, FenceKeys};
 use crate::protocol::publish::PublishRecord;
 use crate::protocol::reply::{self, Reply};
@@ -223,7 +223,7 @@ pub enum Mode {
 pub struct ListWrite {
     pub key: String,
     pub ttl_ms: i64,
-    pub values: Vec<TraceValue>,
+    pub values: TraceValues,
 }
 
 /// One hash write: increments and the key's TTL.

@@ -15,11 +15,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use compact_str::CompactString;
 use rustc_hash::FxHashMap;
 
 use crate::checkpoint::barrier::CheckpointSpec;
 use crate::checkpoint::claim::{range_for, FenceRange, SinkKind};
-use crate::logic::decode::TraceValue;
+use crate::logic::decode::TraceValues;
 use crate::logic::window::Counts;
 use crate::messages::{ListPush, PartitionDelta, ShardFlush};
 use crate::protocol::keys::{KeyLayout, RESERVED_PREFIX, SERIES_KEY_PREFIX};
@@ -76,8 +77,8 @@ pub struct CommitInput<'a> {
 #[derive(Default)]
 struct Merged {
     ranges: BTreeMap<i32, FenceRange>,
-    receivers: FxHashMap<String, Vec<TraceValue>>,
-    messages: FxHashMap<String, Vec<TraceValue>>,
+    receivers: FxHashMap<CompactString, TraceValues>,
+    messages: FxHashMap<CompactString, TraceValues>,
     templates: BTreeMap<i64, BTreeMap<i32, i64>>,
     series: BTreeMap<i64, BTreeMap<(i64, i32), i64>>,
     windows: BTreeMap<i32, String>,
@@ -129,7 +130,7 @@ fn merge(tracked: &BTreeMap<i32, (i64, i64)>, flushes: Vec<ShardFlush>) -> Merge
 }
 
 /// Most keys come from one shard only: their values move in without a copy.
-fn extend_lists(into: &mut FxHashMap<String, Vec<TraceValue>>, pushes: Vec<ListPush>) {
+fn extend_lists(into: &mut FxHashMap<CompactString, TraceValues>, pushes: Vec<ListPush>) {
     use std::collections::hash_map::Entry;
     for push in pushes {
         match into.entry(push.key) {
@@ -216,8 +217,8 @@ pub fn plan(input: &CommitInput<'_>, flushes: Vec<ShardFlush>) -> Option<CommitP
 fn into_units(
     input: &CommitInput<'_>,
     refused: &mut Vec<(String, i64)>,
-    receivers: FxHashMap<String, Vec<TraceValue>>,
-    messages: FxHashMap<String, Vec<TraceValue>>,
+    receivers: FxHashMap<CompactString, TraceValues>,
+    messages: FxHashMap<CompactString, TraceValues>,
     templates: BTreeMap<i64, BTreeMap<i32, i64>>,
 ) -> BTreeMap<u16, UnitWrites> {
     let mut units: BTreeMap<u16, UnitWrites> = BTreeMap::new();
@@ -356,6 +357,7 @@ mod tests {
     use super::*;
     use crate::checkpoint::barrier::CheckpointKind;
     use crate::checkpoint::claim::Claim;
+    use crate::logic::decode::TraceValue;
 
     fn delta(partition: i32, receivers: &[(&str, usize)]) -> PartitionDelta {
         let value = TraceValue {
@@ -375,8 +377,8 @@ mod tests {
             receiver_lists: receivers
                 .iter()
                 .map(|(key, n)| ListPush {
-                    key: key.to_string(),
-                    values: vec![value; *n],
+                    key: (*key).into(),
+                    values: smallvec::smallvec![value; *n],
                 })
                 .collect(),
             message_lists: vec![],

@@ -522,8 +522,8 @@ mod tests {
                 claim,
                 template_counts: vec![],
                 receiver_lists: vec![ListPush {
-                    key: receiver.to_string(),
-                    values: vec![value],
+                    key: receiver.into(),
+                    values: smallvec::smallvec![value],
                 }],
                 message_lists: vec![],
                 series: vec![],
