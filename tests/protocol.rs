@@ -4,7 +4,8 @@
 //! under the current epoch and from the stored fence, a refused commit writes nothing
 //! at all (for any partition), a retry of an applied commit is recognised, a key Redis
 //! refuses does not take the rest of the commit down, a split commit leaves unit
-//! fences that a claim returns and a replay never lowers, lost fences are marked, a warehouse record stores what
+//! fences that a claim returns and a replay never lowers, a retried commit that moves no fence is
+//! recognised, lost fences are marked, a warehouse record stores what
 //! it says, an instance lease has one holder, and arguments that do not match a
 //! script's layout fail it with nothing written.
 
@@ -16,9 +17,10 @@ use std::sync::Arc;
 use anchorflow_actors::checkpoint::barrier::{CheckpointKind, CheckpointSpec};
 use anchorflow_actors::checkpoint::claim::{Claim, FenceRange};
 use anchorflow_actors::logic::decode::TraceValue;
+use anchorflow_actors::logic::window::Counts;
 use anchorflow_actors::messages::{ListPush, PartitionDelta, ShardFlush};
 use anchorflow_actors::protocol::fences::{self, ClaimError};
-use anchorflow_actors::protocol::keys::{FenceKeys, KeyLayout};
+use anchorflow_actors::protocol::keys::{series_field, FenceKeys, KeyLayout, SERIES_KEY_PREFIX};
 use anchorflow_actors::protocol::publish::{pending_publishes, publish_done, PublishRecord};
 use anchorflow_actors::protocol::reply::{self, Rejection, Reply};
 use anchorflow_actors::protocol::scripts::{
@@ -77,11 +79,16 @@ fn plan(
             windows: String::new(),
         })
         .collect();
+    plan_of(keys, 1, deltas, budget)
+}
+
+/// Plans checkpoint `id` of these deltas as the Redis sink does.
+fn plan_of(keys: &FenceKeys, id: u64, deltas: Vec<PartitionDelta>, budget: usize) -> CommitPlan {
     let flush = ShardFlush {
         shard: 0,
         spec: Arc::new(CheckpointSpec {
-            id: 1,
-            partitions: ranges.iter().map(|r| r.partition).collect(),
+            id,
+            partitions: deltas.iter().map(|d| d.partition).collect(),
             kind: CheckpointKind::Periodic,
             watermark: None,
         }),
@@ -275,6 +282,77 @@ fn commits_apply_only_under_the_current_epoch_and_from_the_stored_fence() {
 /// A key of another type (a shared Redis, or a receiver id equal to another key) is
 /// refused by Redis; before, the script failed halfway with its fences moved. Now the
 /// rest applies, the fences move once, and the refusal is recorded.
+/// Checkpoint `id` of a quiet input: partition 0 read nothing since offset 10, but the
+/// watermark passed a window's end (idleness, a tick), so the commit closes it into the
+/// series and stores the open windows left.
+fn window_close(keys: &FenceKeys, id: u64, events: i64) -> CommitPlan {
+    let delta = PartitionDelta {
+        partition: 0,
+        next_offset: 10,
+        claim: Claim {
+            epoch: 1,
+            redis: 10,
+            warehouse: 0,
+        },
+        template_counts: vec![],
+        receiver_lists: vec![],
+        message_lists: vec![],
+        series: vec![(
+            (60_000 * id as i64, TEMPLATE, 10),
+            Counts {
+                events,
+                receivers: events,
+            },
+        )],
+        windows: format!("w {id}\n"),
+    };
+    plan_of(keys, id, vec![delta], 100_000)
+}
+
+fn series(conn: &mut redis::Connection) -> BTreeMap<String, i64> {
+    redis::cmd("HGETALL")
+        .arg(format!("{SERIES_KEY_PREFIX}{TEMPLATE}"))
+        .query(conn)
+        .unwrap()
+}
+
+/// A commit that moves no fence (every range empty) is recognised on retry all the
+/// same: CI once saw a window's series doubled after Redis, stopped mid-script,
+/// applied a commit whose reply the sink had given up on, and the sink's retry applied
+/// it again. Later such commits still apply.
+#[test]
+fn a_retried_commit_that_moves_no_fence_is_not_applied_twice() {
+    let (mut conn, keys) = fresh_db(18);
+    claim_fresh(&mut conn, &keys, &[0], 10);
+    let first = window_close(&keys, 1, 4);
+    assert_eq!(first.scripts.len(), 1);
+    assert!(matches!(
+        run(&mut conn, &keys, &first.scripts[0].args),
+        Reply::Applied { .. }
+    ));
+    assert_eq!(
+        run(&mut conn, &keys, &first.scripts[0].args),
+        Reply::AppliedBefore,
+        "the retry of the same commit"
+    );
+    assert_eq!(series(&mut conn), [("60000:10".to_string(), 4)].into());
+    let second = window_close(&keys, 2, 5);
+    assert!(matches!(
+        run(&mut conn, &keys, &second.scripts[0].args),
+        Reply::Applied { .. }
+    ));
+    assert_eq!(
+        series(&mut conn),
+        [("60000:10".to_string(), 4), ("120000:10".to_string(), 5)].into()
+    );
+    let windows: Option<String> = redis::cmd("HGET")
+        .arg(&keys.windows)
+        .arg(series_field(0))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(windows.as_deref(), Some("w 2\n"));
+}
+
 #[test]
 fn a_key_of_another_type_is_a_conflict_not_a_partial_commit() {
     let (mut conn, keys) = fresh_db(10);
@@ -667,6 +745,7 @@ fn the_record_script_round_trips() {
     .into();
     let states: BTreeMap<i32, String> = [(0, "w 1\n".to_string())].into();
     let args = RecordArgs {
+        checkpoint: 1,
         ranges: &ranges,
         record: &record,
         folders: &folders,
@@ -717,6 +796,7 @@ fn the_record_script_round_trips() {
         ranges: quiet_ranges.to_vec(),
     };
     let args = RecordArgs {
+        checkpoint: 2,
         ranges: &quiet_ranges,
         record: &quiet,
         folders: &Default::default(),

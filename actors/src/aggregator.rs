@@ -380,7 +380,11 @@ mod tests {
             (10, 1, &["c"], Some("m2")),
         ]);
         let mut next = state.successor();
-        assert_eq!(next.receivers.capacity(), 0, "nothing before its first fold");
+        assert_eq!(
+            next.receivers.capacity(),
+            0,
+            "nothing before its first fold"
+        );
         next.fold(&EventBatch::new(0), None);
         assert!(next.receivers.is_empty() && next.messages.is_empty());
         assert!(next.receivers.capacity() >= 3 && next.messages.capacity() >= 2);

@@ -69,11 +69,12 @@ pub struct Args {
 }
 
 impl Args {
-    /// Starts the arguments of a fenced commit: the sink and its ranges, which
-    /// `fence_check.lua` reads.
-    pub fn fenced(sink: SinkKind, ranges: &[FenceRange]) -> Self {
+    /// Starts the arguments of a fenced commit: the sink, the checkpoint and its
+    /// ranges, which `fence_check.lua` reads.
+    pub fn fenced(sink: SinkKind, checkpoint: u64, ranges: &[FenceRange]) -> Self {
         let mut args = Args::default();
         args.push(sink.name());
+        args.push(checkpoint);
         args.push(ranges.len());
         for range in ranges {
             for value in [range.partition as i64, range.epoch, range.from, range.to] {
@@ -275,6 +276,9 @@ pub struct FinalTail<'a> {
 
 /// `redis_commit.lua`: one script of a Redis sink commit.
 pub struct CommitArgs<'a> {
+    /// The checkpoint committed (`fence_check.lua`: tells an empty range's commit from
+    /// its retry).
+    pub checkpoint: u64,
     pub ranges: &'a [FenceRange],
     pub mode: Mode,
     pub units_prefix: &'a str,
@@ -297,7 +301,7 @@ fn push_hashes(args: &mut Args, hashes: &[HashWrite]) {
 
 impl CommitArgs<'_> {
     pub fn encode(&self) -> Args {
-        let mut args = Args::fenced(SinkKind::Redis, self.ranges);
+        let mut args = Args::fenced(SinkKind::Redis, self.checkpoint, self.ranges);
         args.push(match self.mode {
             Mode::Part => "part",
             Mode::Final => "final",
@@ -351,6 +355,8 @@ pub fn commit_command(script: &redis::Script, keys: &FenceKeys, args: &Args) -> 
 
 /// `warehouse_record.lua`: records one warehouse commit.
 pub struct RecordArgs<'a> {
+    /// The checkpoint whose files these are (as in [`CommitArgs`]).
+    pub checkpoint: u64,
     pub ranges: &'a [FenceRange],
     /// The files to publish; a record without files stores no publish entry.
     pub record: &'a PublishRecord,
@@ -364,7 +370,7 @@ pub struct RecordArgs<'a> {
 
 impl RecordArgs<'_> {
     pub fn encode(&self) -> Args {
-        let mut args = Args::fenced(SinkKind::Warehouse, self.ranges);
+        let mut args = Args::fenced(SinkKind::Warehouse, self.checkpoint, self.ranges);
         args.push(&self.record.id);
         if self.record.files.is_empty() {
             args.push("");

@@ -1,7 +1,7 @@
 -- The fence check, after args.lua in both sinks' commit scripts (protocol/scripts.rs).
 -- KEYS[1] is the fences hash, KEYS[2] the lost marker. The first arguments name the
--- sink (`redis` or `warehouse`) and its ranges: count, then per range partition,
--- epoch, from, to.
+-- sink (`redis` or `warehouse`), the commit's checkpoint and its ranges: count, then
+-- per range partition, epoch, from, to.
 --
 -- fence_verdict() only reads. It returns nil when every range starts at its stored
 -- fence under the stored epoch (apply it), {0, -1} when every fence already stands at
@@ -10,7 +10,14 @@
 -- contiguous, 3 fences missing. Fences missing also sets the lost marker, the only
 -- write a refused commit makes. move_fences() moves the fences; scripts call it after
 -- their own writes. read_pairs() reads a counted list of field/value pairs.
+--
+-- An empty range (from = to: the partition read nothing new, yet the commit may close
+-- windows) moves no fence, so the fence alone cannot tell the commit from its retry.
+-- move_fences() also stores `{sink}-checkpoint:{p}` = `epoch:checkpoint`; checkpoint
+-- ids grow within an owner epoch, so an empty range whose stored checkpoint (same
+-- epoch) is this one or later was applied.
 local sink = next_arg()
+local checkpoint = next_int()
 local ranges = {}
 -- (Lua leaves the order in which a table constructor's fields are evaluated open:
 -- arguments are read into locals first, one after another.)
@@ -35,11 +42,18 @@ local function fence_verdict()
       return {1, tonumber(p), tonumber(stored_epoch)}
     end
     stored = tonumber(stored)
-    if stored ~= from then
+    local pending, applied = stored == from, stored == to
+    if from == to and pending then
+      local last = redis.call('HGET', KEYS[1], sink .. '-checkpoint:' .. p)
+      local e, c = string.match(last or '', '^(%d+):(%d+)$')
+      applied = tonumber(e) == epoch and tonumber(c) >= checkpoint
+      pending = not applied
+    end
+    if not pending then
       at_from = false
       off = off or {2, tonumber(p), stored}
     end
-    if stored ~= to then
+    if not applied then
       at_to = false
     end
   end
@@ -54,7 +68,8 @@ end
 
 local function move_fences()
   for _, r in ipairs(ranges) do
-    redis.call('HSET', KEYS[1], sink .. ':' .. r[1], r[4])
+    redis.call('HSET', KEYS[1], sink .. ':' .. r[1], r[4],
+      sink .. '-checkpoint:' .. r[1], r[2] .. ':' .. checkpoint)
   end
 end
 

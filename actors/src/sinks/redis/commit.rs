@@ -190,6 +190,7 @@ pub fn plan(input: &CommitInput<'_>, flushes: Vec<ShardFlush>) -> Option<CommitP
             let ops = units.iter().map(|(_, u)| u.ops()).sum::<usize>()
                 + tail.map_or(0, |t| t.series.iter().map(HashWrite::ops).sum());
             let args = CommitArgs {
+                checkpoint: spec.id,
                 ranges: &ranges,
                 mode,
                 units_prefix: input.units_prefix,
@@ -466,8 +467,11 @@ mod tests {
         }
         assert_eq!(pushed.len(), 400);
         assert!(pushed.values().all(|n| *n == 1));
-        let script = big.scripts[0].args.iter().nth(10).unwrap_or_default();
-        assert_eq!(script, "part", "after sink, count and two ranges of four");
+        let script = big.scripts[0].args.iter().nth(11).unwrap_or_default();
+        assert_eq!(
+            script, "part",
+            "after sink, checkpoint, count and two ranges of four"
+        );
     }
 
     #[test]

@@ -276,6 +276,7 @@ impl Publisher {
     /// Records a commit in Redis. False when it was refused for good.
     fn record(&mut self, publishing: &Publishing) -> Result<bool, PublishError> {
         let args = RecordArgs {
+            checkpoint: publishing.checkpoint,
             ranges: &publishing.record.ranges,
             record: &publishing.record,
             folders: &publishing.folders,
