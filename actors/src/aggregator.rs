@@ -418,6 +418,15 @@ mod tests {
         assert_eq!(state.counts[&(7, 60)], 0);
         assert_eq!(state.receivers["a"].len(), 2);
         assert_eq!(state.receivers["b"].len(), 1);
+        // Keys past 24 bytes (openids, UUIDs) leave the inline form: the same lookups.
+        let openid = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o";
+        let uuid = "3f0c8a2e-5b7d-4c1a-9e2f-7d6b5a4c3b2a";
+        let long = state_with(&[
+            (10, 7, &[openid], Some(uuid)),
+            (20, 7, &[openid], Some(uuid)),
+        ]);
+        assert_eq!(long.receivers[openid].len(), 2);
+        assert_eq!(long.messages[uuid].len(), 2);
         assert_eq!(
             state.messages["m"]
                 .iter()
