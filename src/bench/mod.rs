@@ -380,6 +380,10 @@ fn run_references(
 }
 
 /// Generates the benchmark's records and preloads them into the topic.
+/// Payload bytes per partition the mock broker keeps all of: it trims a partition
+/// past ~5 MB (records plus their overhead), oldest first.
+const MOCK_PARTITION_BYTES: usize = 4_500_000;
+
 fn preload(
     config: &Config,
     options: &BenchOptions,
@@ -393,6 +397,17 @@ fn preload(
         .iter()
         .map(|p| p.as_ref().map_or(0, Vec::len))
         .sum();
+    let per_partition = bytes / options.partitions.max(1) as usize;
+    if options.brokers.is_none() && per_partition > MOCK_PARTITION_BYTES {
+        bail!(
+            "--events {} over --partitions {} is {:.1} MiB per partition; the mock broker \
+             trims a partition at ~5 MB, and the runs would wait for records it dropped: \
+             use fewer events, more partitions, or --brokers",
+            options.events,
+            options.partitions,
+            mib(per_partition as u64)
+        );
+    }
     let started = Instant::now();
     produce(
         &ground.brokers,
