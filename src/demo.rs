@@ -264,7 +264,7 @@ pub fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<i32> {
         }
     }
     let started = Instant::now();
-    let handle = PipelineHandle::spawn(config.clone(), telemetry.clone());
+    let handle = PipelineHandle::spawn(config.clone(), telemetry.clone())?;
     wait_for_commits(&handle, total as i64, Duration::from_secs(300))?;
     let code = handle.stop()?;
     let took = started.elapsed();

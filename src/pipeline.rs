@@ -64,19 +64,19 @@ pub struct PipelineHandle {
 }
 
 impl PipelineHandle {
-    /// Starts a pipeline on a new thread.
-    pub fn spawn(config: Config, telemetry: Telemetry) -> Self {
+    /// Starts a pipeline on a new thread; fails when the OS will not give it one.
+    pub fn spawn(config: Config, telemetry: Telemetry) -> anyhow::Result<Self> {
         let (stop, stop_rx) = watch::channel(false);
         let for_thread = telemetry.clone();
         let thread = std::thread::Builder::new()
             .name("anchorflow-pipeline".into())
             .spawn(move || run(config, for_thread, stop_rx))
-            .expect("spawning the pipeline thread");
-        PipelineHandle {
+            .context("spawning the pipeline thread")?;
+        Ok(PipelineHandle {
             telemetry,
             stop,
             thread: Some(thread),
-        }
+        })
     }
 
     /// Asks for a graceful stop (final checkpoint, offsets committed).

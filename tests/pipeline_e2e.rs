@@ -123,7 +123,8 @@ fn equal_the_oracle(fixture: Fixture, on_s3: bool) {
     );
     let total: usize = produced.values().map(Vec::len).sum();
 
-    let handle = PipelineHandle::spawn(config.clone(), Telemetry::default());
+    let handle =
+        PipelineHandle::spawn(config.clone(), Telemetry::default()).expect("pipeline thread");
     wait_for_commits(&handle, total as i64, Duration::from_secs(120))
         .expect("all records committed");
     let metrics = handle.telemetry.metrics.clone();
@@ -394,7 +395,8 @@ fn drain_backlog_without_ticks(mut backlog: Fixture) {
         generate(17, 2000, max_ids),
     );
 
-    let handle = PipelineHandle::spawn(backlog.config.clone(), Telemetry::default());
+    let handle = PipelineHandle::spawn(backlog.config.clone(), Telemetry::default())
+        .expect("pipeline thread");
     wait_for_ends(&[&handle.telemetry.health], &produced);
     let completed = handle.telemetry.metrics.checkpoints.get();
     assert_eq!(handle.stop().expect("stops"), 0);
@@ -422,7 +424,8 @@ fn graceful_restart_loses_and_duplicates_nothing() {
     );
 
     // First run: stop gracefully while records are still arriving.
-    let handle = PipelineHandle::spawn(config.clone(), Telemetry::default());
+    let handle =
+        PipelineHandle::spawn(config.clone(), Telemetry::default()).expect("pipeline thread");
     let more = std::thread::spawn({
         let topic = topic.clone();
         let max_ids = config.decode.max_ids;
@@ -453,7 +456,8 @@ fn graceful_restart_loses_and_duplicates_nothing() {
     let total: usize = produced.values().map(Vec::len).sum();
 
     // Second run resumes from the committed offsets and finishes the topic.
-    let handle = PipelineHandle::spawn(config.clone(), Telemetry::default());
+    let handle =
+        PipelineHandle::spawn(config.clone(), Telemetry::default()).expect("pipeline thread");
     wait_for_ends(&[&first, &handle.telemetry.health], &produced);
     assert_eq!(handle.stop().expect("stops"), 0);
     assert!(total >= 4500);
@@ -487,14 +491,15 @@ fn a_second_instance_joining_mid_stream_loses_and_duplicates_nothing() {
 
     let mut first_config = base.clone();
     first_config.source.instance_id = "first".into();
-    let first = PipelineHandle::spawn(first_config, Telemetry::default());
+    let first = PipelineHandle::spawn(first_config, Telemetry::default()).expect("pipeline thread");
     wait_for_commits(&first, 400, Duration::from_secs(120)).expect("first instance makes progress");
 
     // The second instance joins the same group: the first must checkpoint what it
     // holds for revoked partitions before they move.
     let mut second_config = base.clone();
     second_config.source.instance_id = "second".into();
-    let second = PipelineHandle::spawn(second_config, Telemetry::default());
+    let second =
+        PipelineHandle::spawn(second_config, Telemetry::default()).expect("pipeline thread");
     let joined = std::time::Instant::now() + Duration::from_secs(90);
     while second.telemetry.metrics.partitions_assigned.get() == 0 {
         assert!(
