@@ -132,6 +132,10 @@ impl ClientContext for SourceContext {
     }
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if !is_client_error(&error) {
+            debug!(target: "librdkafka", error = %error, reason, "kafka client event");
+            return;
+        }
         if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
             // Until statistics show a broker answering again, nothing assigned is idle.
             self.held
@@ -425,9 +429,31 @@ impl ConsumerContext for SourceContext {
     }
 }
 
+/// Whether an error event librdkafka reports is one: rust-rdkafka hands every error
+/// event to the context, partition EOF included, which with `enable.partition.eof`
+/// (the end-of-backlog trigger, `kafka_source.rs`) is news, not a failure. Logged as an
+/// error, it put an ERROR line in the log at every partition's end.
+fn is_client_error(error: &rdkafka::error::KafkaError) -> bool {
+    !matches!(error, rdkafka::error::KafkaError::PartitionEOF(_))
+        && error.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::partition_lag;
+    use super::{is_client_error, partition_lag};
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode;
+
+    #[test]
+    fn a_partition_end_is_not_a_client_error() {
+        assert!(!is_client_error(&KafkaError::Global(
+            RDKafkaErrorCode::PartitionEOF
+        )));
+        assert!(!is_client_error(&KafkaError::PartitionEOF(3)));
+        assert!(is_client_error(&KafkaError::Global(
+            RDKafkaErrorCode::AllBrokersDown
+        )));
+    }
 
     #[test]
     fn lag_falls_back_to_the_high_watermark() {
