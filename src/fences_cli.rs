@@ -245,6 +245,16 @@ fn show(
         config.source.group_id,
         pending.len()
     );
+    let staged: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(&keys.staged)
+        .query(conn)
+        .context("reading the staged series")?;
+    if !staged.is_empty() {
+        println!(
+            "{} commit(s) with window series staged, not yet published (the next start of a Redis sink publishes them)",
+            staged.len()
+        );
+    }
     println!("partition\tepoch\tredis\twarehouse\tcommitted\tlow\thigh");
     for (p, (low, high, committed)) in kafka {
         let (epoch, redis, warehouse) = stored.get(p).copied().unwrap_or_default();

@@ -4,8 +4,9 @@
 //! under the current epoch and from the stored fence, a refused commit writes nothing
 //! at all (for any partition), a retry of an applied commit is recognised, a key Redis
 //! refuses does not take the rest of the commit down, a split commit leaves unit
-//! fences that a claim returns and a replay never lowers, a retried commit that moves no fence is
-//! recognised, lost fences are marked, a warehouse record stores what
+//! fences that a claim returns and a replay never lowers, a retried commit that moves no
+//! fence is recognised, series staged by a final script publish exactly once, lost
+//! fences are marked, a warehouse record stores what
 //! it says, an instance lease has one holder, and arguments that do not match a
 //! script's layout fail it with nothing written.
 
@@ -26,6 +27,7 @@ use anchorflow_actors::protocol::reply::{self, Rejection, Reply};
 use anchorflow_actors::protocol::scripts::{
     commit_command, commit_script, record_script, Args, ClaimArgs, ClaimReply, Mode, RecordArgs,
 };
+use anchorflow_actors::protocol::staged;
 use anchorflow_actors::protocol::units::unit_of;
 use anchorflow_actors::sinks::redis::commit::{self, CommitInput, CommitPlan, Ttls};
 use common::*;
@@ -104,8 +106,9 @@ fn plan_of(keys: &FenceKeys, id: u64, deltas: Vec<PartitionDelta>, budget: usize
             conflicts_ms: 60_000,
         },
         tracked: &BTreeMap::new(),
-        units_prefix: &keys.units_prefix,
+        keys,
         budget_ops: budget,
+        publish_fields: budget,
     };
     commit::plan(&input, vec![flush]).expect("a plan")
 }
@@ -351,6 +354,142 @@ fn a_retried_commit_that_moves_no_fence_is_not_applied_twice() {
         .query(&mut conn)
         .unwrap();
     assert_eq!(windows.as_deref(), Some("w 2\n"));
+}
+
+/// Checkpoint `id` of partition 0 (epoch `epoch`) closing `windows` one-minute windows
+/// of [`TEMPLATE`] state 10, window `w` counting `w + 1` events: more series fields
+/// than a small budget takes.
+fn many_windows_close(keys: &FenceKeys, id: u64, epoch: i64, windows: i64) -> CommitPlan {
+    let delta = PartitionDelta {
+        partition: 0,
+        next_offset: 10,
+        claim: Claim {
+            epoch,
+            redis: 10,
+            warehouse: 0,
+        },
+        template_counts: vec![],
+        receiver_lists: vec![],
+        message_lists: vec![],
+        series: (0..windows)
+            .map(|w| {
+                (
+                    (60_000 * w, TEMPLATE, 10),
+                    Counts {
+                        events: w + 1,
+                        receivers: w + 1,
+                    },
+                )
+            })
+            .collect(),
+        windows: format!("w {id}\n"),
+    };
+    plan_of(keys, id, vec![delta], 100)
+}
+
+fn staged_lists(conn: &mut redis::Connection, keys: &FenceKeys) -> Vec<String> {
+    redis::cmd("SMEMBERS")
+        .arg(&keys.staged)
+        .query(conn)
+        .unwrap()
+}
+
+/// Series too many for one script within the budget are staged by the final script
+/// (with the fences) and applied by `publish` scripts, a batch within the budget each: a
+/// retried final stages nothing twice, a retried publish takes the next batch instead
+/// of the same one, and a publish that finds the list gone says so. Whoever publishes (the
+/// sink after its final, or the next claim after a crash), every field applies exactly
+/// once. A final refused by the fence check stages nothing.
+#[test]
+fn series_staged_by_a_final_script_are_published_exactly_once() {
+    let (mut conn, keys) = fresh_db(51);
+    claim_fresh(&mut conn, &keys, &[0], 10);
+    let commit = many_windows_close(&keys, 1, 1, 300);
+    let (first, publishes) = commit.scripts.split_first().unwrap();
+    assert_eq!(first.mode, Mode::Final);
+    assert!(
+        first.ops <= 100,
+        "the final stays within the budget: {}",
+        first.ops
+    );
+    assert!(publishes.len() >= 3, "{} publish scripts", publishes.len());
+    assert!(publishes
+        .iter()
+        .all(|p| p.mode == Mode::Publish && p.ops <= 100));
+    assert_eq!(publishes.iter().map(|p| p.ops).sum::<usize>(), 300);
+    assert!(matches!(
+        run(&mut conn, &keys, &first.args),
+        Reply::Applied { .. }
+    ));
+    let list = keys.staged_list(0, 1, 1);
+    assert_eq!(staged_lists(&mut conn, &keys), vec![list.clone()]);
+    assert_eq!(
+        series(&mut conn),
+        BTreeMap::new(),
+        "staged, not applied yet"
+    );
+    let staged_len: i64 = redis::cmd("LLEN").arg(&list).query(&mut conn).unwrap();
+    assert_eq!(
+        staged_len,
+        publishes.len() as i64,
+        "a batch per publish script"
+    );
+    assert_eq!(run(&mut conn, &keys, &first.args), Reply::AppliedBefore);
+    let after_retry: i64 = redis::cmd("LLEN").arg(&list).query(&mut conn).unwrap();
+    assert_eq!(
+        after_retry, staged_len,
+        "a retried final stages nothing again"
+    );
+
+    // The first publish twice (its reply lost, say): the retry takes the next batch.
+    for script in [&publishes[0]].into_iter().chain(publishes) {
+        run(&mut conn, &keys, &script.args);
+    }
+    let expected: BTreeMap<String, i64> = (0..300)
+        .map(|w| (format!("{}:10", 60_000 * w), w + 1))
+        .collect();
+    assert_eq!(series(&mut conn), expected);
+    assert_eq!(staged_lists(&mut conn, &keys), Vec::<String>::new());
+    assert_eq!(
+        run(&mut conn, &keys, &publishes[0].args),
+        Reply::AppliedBefore,
+        "the list is gone"
+    );
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(format!("{SERIES_KEY_PREFIX}{TEMPLATE}"))
+        .query(&mut conn)
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 60_000, "{ttl}");
+
+    // A zombie: partition 0 claimed again, the old owner's final is refused and stages
+    // nothing.
+    claim_fresh(&mut conn, &keys, &[0], 10);
+    let zombie = many_windows_close(&keys, 2, 1, 300);
+    assert!(matches!(
+        run(&mut conn, &keys, &zombie.scripts[0].args),
+        Reply::Rejected(Rejection::StaleEpoch { .. })
+    ));
+    assert_eq!(staged_lists(&mut conn, &keys), Vec::<String>::new());
+    assert_eq!(series(&mut conn), expected);
+
+    // The new owner's final staged its series and the process died: the next claim
+    // publishes the pending list.
+    let crashed = many_windows_close(&keys, 3, 2, 300);
+    assert!(matches!(
+        run(&mut conn, &keys, &crashed.scripts[0].args),
+        Reply::Applied { .. }
+    ));
+    assert_eq!(staged_lists(&mut conn, &keys).len(), 1);
+    assert_eq!(
+        staged::publish_pending(&mut conn, &keys).unwrap(),
+        staged::Published {
+            lists: 1,
+            conflicts: 0
+        }
+    );
+    let doubled: BTreeMap<String, i64> = expected.iter().map(|(k, n)| (k.clone(), 2 * n)).collect();
+    assert_eq!(series(&mut conn), doubled);
+    assert_eq!(staged_lists(&mut conn, &keys), Vec::<String>::new());
 }
 
 #[test]

@@ -197,8 +197,9 @@ pub struct RedisConfig {
     pub command_timeout_secs: u64,
     /// Longest a single commit script may hold Redis, in milliseconds (austin-web reads
     /// the same Redis): a checkpoint too big for one script is split into several, each
-    /// atomic with its own fences, and sized to half of this at Redis's measured speed,
-    /// which varies from script to script.
+    /// atomic with its own fences, and sized to 35 % of this at Redis's measured speed,
+    /// which varies from script to script; window series too many for one script are
+    /// staged by the final script and published in batches after it.
     pub max_commit_ms: u64,
     /// Benchmarks only: sleep this many times the commit's own duration after each
     /// commit, to emulate a slow sink. 0 disables.

@@ -853,6 +853,15 @@ pub fn check_windows(
         dws: dws_expectation,
     } = rules;
     let expected = expected_windows(produced, max_ids, window_ms);
+    let staged: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(anchorflow_actors::protocol::keys::FenceKeys::new(group, topic).staged)
+        .query(&mut connect(url))
+        .unwrap();
+    assert_eq!(
+        staged,
+        Vec::<String>::new(),
+        "series staged and never published"
+    );
     let series = read_series(url, group, topic);
     let (open_series, series_closed) = stored_open_windows(&series.windows, "series");
     let (open_dws, dws_closed) = stored_open_windows(&series.windows, "dws");

@@ -18,6 +18,9 @@ pub struct FenceKeys {
     pub skipped: String,
     /// Prefix of the instance leases (`{prefix}{instance id}`, see `instance_lease.rs`).
     pub instances_prefix: String,
+    /// The set of staging lists of window series not yet published
+    /// (`scripts/redis_commit.lua`); each list is named by [`FenceKeys::staged_list`].
+    pub staged: String,
 }
 
 impl FenceKeys {
@@ -35,7 +38,15 @@ impl FenceKeys {
             conflicts: format!("{base}:conflicts"),
             skipped: format!("{base}:skipped"),
             instances_prefix: format!("{base}:instance:"),
+            staged: format!("{base}:staged"),
         }
+    }
+
+    /// The staging list of one commit's series: named by the first partition it
+    /// covers, that partition's owner epoch and the checkpoint, which no other commit
+    /// shares (a new owner bumps the epoch; checkpoint ids grow within an owner).
+    pub fn staged_list(&self, partition: i32, epoch: i64, checkpoint: u64) -> String {
+        format!("{}:{partition}:{epoch}:{checkpoint}", self.staged)
     }
 }
 
@@ -51,6 +62,9 @@ pub fn dws_field(partition: i32) -> String {
 
 /// Prefix of the window series hashes: field `{windowStartMs}:{state}`, value events.
 pub const SERIES_KEY_PREFIX: &str = "anchorflow:series:";
+
+/// How long the conflicts hash keeps a key it has not seen again.
+pub const CONFLICTS_TTL_MS: i64 = 30 * 86_400_000;
 
 /// anchorflow's own keys start with this; no austin key may be written there.
 pub const RESERVED_PREFIX: &str = "anchorflow:";

@@ -7,4 +7,5 @@ pub mod publish;
 pub mod reply;
 pub mod scripts;
 pub mod skipped;
+pub mod staged;
 pub mod units;

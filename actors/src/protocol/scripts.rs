@@ -5,7 +5,7 @@
 //! | script | arguments | keys | reply |
 //! |---|---|---|---|
 //! | `claim.lua` | [`ClaimArgs`] | fences, lost | [`ClaimReply`] |
-//! | `fence_check.lua` + `redis_commit.lua` | [`CommitArgs`] | fences, lost, windows, conflicts | [`Reply`] |
+//! | `fence_check.lua` + `redis_commit.lua` | [`CommitArgs`], [`staged::PublishArgs`](crate::protocol::staged::PublishArgs) | fences, lost, windows, conflicts | [`Reply`] |
 //! | `fence_check.lua` + `warehouse_record.lua` | [`RecordArgs`] | fences, lost, publish, windows, folders, committed, wm | [`Reply`] |
 //! | `lease.lua` | [`LeaseArgs`] | the lease | the holder left in place, if not us |
 //!
@@ -132,6 +132,23 @@ fn with_args<'a>(
     invocation
 }
 
+/// Runs a script whose reply is a [`Reply`] on a blocking connection (loading it when
+/// Redis does not have it).
+pub(crate) fn invoke_fenced(
+    script: &redis::Script,
+    conn: &mut redis::Connection,
+    keys: &[&String],
+    args: &Args,
+    what: &'static str,
+) -> anyhow::Result<Reply> {
+    let mut invocation = script.prepare_invoke();
+    for key in keys {
+        invocation.key(*key);
+    }
+    let value: redis::Value = with_args(invocation, args).invoke(conn).context(what)?;
+    reply::parse(&value)
+}
+
 /// A claimed partition: its claim, and the unit fences a split Redis commit left
 /// beyond its Redis fence (unit → fence; usually none).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -211,12 +228,23 @@ fn parse_claims(mut flat: &[i64]) -> anyhow::Result<BTreeMap<i32, Claimed>> {
     Ok(out)
 }
 
-/// Whether a commit script only applies units (`part`) or also moves the fences
-/// (`final`).
+/// Whether a commit script only applies units (`part`), also moves the fences
+/// (`final`), or applies series a final staged (`publish`, after the final).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Part,
     Final,
+    Publish,
+}
+
+impl Mode {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Mode::Part => "part",
+            Mode::Final => "final",
+            Mode::Publish => "publish",
+        }
+    }
 }
 
 /// One list write: values to push (oldest first) and the key's TTL.
@@ -265,13 +293,27 @@ impl UnitWrites {
 /// What only the final script of a commit carries.
 #[derive(Clone, Copy, Debug)]
 pub struct FinalTail<'a> {
-    /// Window-series increments.
+    /// Window-series increments applied by the final script itself.
     pub series: &'a [HashWrite],
+    /// Window-series increments too many for the final script: staged by it and
+    /// applied by `publish` scripts after it (`protocol/staged.rs`).
+    pub staged: Option<Staged<'a>>,
     /// Per partition, the open series windows after this commit.
     pub windows: &'a BTreeMap<i32, String>,
     /// Keys not written (they fall in anchorflow's reserved prefix) and the values
     /// each lost: reported as conflicts.
     pub refused: &'a [(String, i64)],
+}
+
+/// Series a final script stages instead of applying (`redis_commit.lua`'s header).
+#[derive(Clone, Copy, Debug)]
+pub struct Staged<'a> {
+    /// The staging list, named after the commit ([`FenceKeys::staged_list`]).
+    pub list: &'a str,
+    /// The set of staging lists not yet published ([`FenceKeys::staged`]).
+    pub pending: &'a str,
+    /// One item per `publish` script (`protocol/staged.rs`, `staged_batch`).
+    pub batches: &'a [String],
 }
 
 /// `redis_commit.lua`: one script of a Redis sink commit.
@@ -302,10 +344,7 @@ fn push_hashes(args: &mut Args, hashes: &[HashWrite]) {
 impl CommitArgs<'_> {
     pub fn encode(&self) -> Args {
         let mut args = Args::fenced(SinkKind::Redis, self.checkpoint, self.ranges);
-        args.push(match self.mode {
-            Mode::Part => "part",
-            Mode::Final => "final",
-        });
+        args.push(self.mode.name());
         args.push(self.units_prefix);
         args.push(self.conflicts_ttl_ms);
         args.counted(self.units, |args, (id, unit)| {
@@ -319,6 +358,18 @@ impl CommitArgs<'_> {
         });
         if let Some(tail) = self.tail {
             push_hashes(&mut args, tail.series);
+            match tail.staged {
+                Some(staged) => {
+                    args.push(staged.list);
+                    args.push(staged.pending);
+                    args.counted(staged.batches, |args, batch| args.push(batch));
+                }
+                None => {
+                    args.push("");
+                    args.push("");
+                    args.push(0);
+                }
+            }
             args.push(tail.windows.len());
             for (partition, state) in tail.windows {
                 args.push(series_field(*partition));
@@ -400,18 +451,22 @@ impl RecordArgs<'_> {
         conn: &mut redis::Connection,
         keys: &FenceKeys,
     ) -> anyhow::Result<Reply> {
-        let mut invocation = script.key(&keys.fences);
-        invocation
-            .key(&keys.lost)
-            .key(&keys.publish)
-            .key(&keys.windows)
-            .key(&keys.folders)
-            .key(&keys.committed)
-            .key(&keys.watermarks);
-        let value: redis::Value = with_args(invocation, &self.encode())
-            .invoke(conn)
-            .context("running the record script")?;
-        reply::parse(&value)
+        let keys = [
+            &keys.fences,
+            &keys.lost,
+            &keys.publish,
+            &keys.windows,
+            &keys.folders,
+            &keys.committed,
+            &keys.watermarks,
+        ];
+        invoke_fenced(
+            script,
+            conn,
+            &keys,
+            &self.encode(),
+            "running the record script",
+        )
     }
 }
 

@@ -11,6 +11,9 @@
 /// After the Redis commit script succeeded, before the sink reports it (and so
 /// before files of the same checkpoint are necessarily published).
 pub const AFTER_REDIS_COMMIT: &str = "after_redis_commit";
+/// After a Redis final script staged window series, before a `publish` script
+/// applies them (the first publish reached; `ANCHORFLOW_FAULT_AFTER` picks a later one).
+pub const BEFORE_SERIES_PUBLISH: &str = "before_series_publish";
 /// After a warehouse commit was recorded in Redis, before its files are renamed.
 pub const AFTER_WAREHOUSE_RECORD: &str = "after_warehouse_record";
 /// Between publishing two files of a recorded warehouse commit.

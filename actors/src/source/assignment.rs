@@ -1,9 +1,9 @@
-//! Claiming assigned partitions (`docs/exactly-once.md`): before a partition is read, its epoch is
-//! bumped in Redis (fencing off every earlier owner) and its fences and stored window
-//! state are read; reading starts at the lower fence. On the way, recorded warehouse
-//! commits an earlier owner left are completed, and the claimed warehouse fences are
-//! compared with what the warehouse says it published (a Redis restored from an older
-//! snapshot shows up there).
+//! Claiming assigned partitions (`docs/exactly-once.md`): before a partition is read, its
+//! epoch is bumped in Redis (fencing off every earlier owner) and its fences and stored
+//! window state are read; reading starts at the lower fence. On the way, recorded
+//! warehouse commits and staged window series an earlier owner left are completed, and
+//! the claimed warehouse fences are compared with what the warehouse says it published
+//! (a Redis restored from an older snapshot shows up there).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -16,6 +16,7 @@ use crate::checkpoint::claim::Claim;
 use crate::protocol::fences::{self, ClaimError, StoredWindows};
 use crate::protocol::keys::FenceKeys;
 use crate::protocol::scripts::Claimed;
+use crate::protocol::staged;
 use crate::runtime::clock::{self, Clock};
 use crate::runtime::retry::{self, Until};
 use crate::sinks::warehouse::marks::published_fences;
@@ -75,6 +76,15 @@ impl Claimer {
                 "completed recorded warehouse commits of an earlier owner"
             ),
             Err(error) => return Err(ClaimError::Unpublishable(error)),
+        }
+        // And window series it staged but never published.
+        let staged = staged::publish_pending(&mut conn, &self.keys).map_err(ClaimError::Other)?;
+        if staged.lists > 0 {
+            info!(
+                lists = staged.lists,
+                conflicts = staged.conflicts,
+                "published window series an earlier commit had staged"
+            );
         }
         self.check_published(&mut conn, &claims)?;
         let mut windows = fences::read_windows(&mut conn, &self.keys, partitions)?;

@@ -21,3 +21,10 @@ local function check_end()
     return error('anchorflow: script arguments do not match their layout (argument ' .. i .. ' of ' .. #ARGV .. ')')
   end
 end
+
+-- ARGV[k] as a number, for a walk over counts before the first write: an argument
+-- that is not one means the layout does not match.
+local args_ = ARGV
+local function int_at(k)
+  return tonumber(args_[k]) or error('anchorflow: script arguments do not match their layout (argument ' .. k .. ' is not a number)')
+end

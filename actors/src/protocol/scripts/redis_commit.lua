@@ -2,13 +2,24 @@
 -- CommitArgs builds its arguments). KEYS[3] is the open-window hash, KEYS[4] the
 -- conflicts hash.
 --
--- Own arguments: mode (`final` or `part`), the prefix of the per-partition unit-fence
--- hashes, the conflicts' TTL in ms, then the units: count, and per unit its id, its
--- lists (count; per list: key, TTL ms, n, n values) and its hashes (count; per hash:
--- key, TTL ms, m, m pairs of field and increment). A `final` script then carries the
--- window-series hashes (same shape as hashes), the open-window states (count; per
--- partition: field, text) and the keys the sink refused to write (count; per key: key,
--- values lost), and moves the fences.
+-- Own arguments: mode (`final`, `part` or `publish`), the prefix of the per-partition
+-- unit-fence hashes, the conflicts' TTL in ms, then the units: count, and per unit its
+-- id, its lists (count; per list: key, TTL ms, n, n values) and its hashes (count; per
+-- hash: key, TTL ms, m, m pairs of field and increment). A `final` script then carries
+-- the window-series hashes (same shape as hashes), the staged series (the staging list,
+-- the set of pending staging lists, n, and n batches; an empty list name when there
+-- are none), the open-window states (count; per partition: field, text) and the keys
+-- the sink refused to write (count; per key: key, values lost), and moves the fences.
+--
+-- Series too many for the final script are **staged**: the final pushes them onto a
+-- list named after the commit and adds the list to the pending set, atomically with
+-- the fences. Each item is one batch of series, sized for one script: a JSON array of
+-- hashes, each `[key, TTL ms, field, increment, field, increment, …]`, all strings; a
+-- push copies bytes, with no work per field. A `publish` script (arguments: the list and
+-- the pending set) applies the list's first batch and pops it, in one script, so every
+-- batch applies once, whoever publishes it (this sink right after its final, or a
+-- claim, for lists a crash left pending). A publish that finds the list gone answers
+-- `{0, -1}`.
 --
 -- A checkpoint too big for one script is split by key-hash unit: `part` scripts apply
 -- a run of units and record, per partition, the range end they reached as one unit
@@ -185,9 +196,25 @@ local function applied_units(unit_ids, lo, hi)
   return applied
 end
 
--- The tail of a `final` script: series hashes, window states, refused keys.
+-- The staged series of a `final` script: the batches pushed as they are onto the
+-- staging list, at most 1000 per push (unpack's limit), and the list marked pending.
+local function staged(apply)
+  local list, pending, n = ARGV[i], ARGV[i + 1], int_at(i + 2)
+  local first, last = i + 3, i + 2 + n
+  i = last + 1
+  if apply and n > 0 then
+    for j = first, last, 1000 do
+      redis.call('RPUSH', list, unpack(argv, j, math.min(j + 999, last)))
+    end
+    redis.call('SADD', pending, list)
+  end
+end
+
+-- The tail of a `final` script: series hashes, staged series, window states, refused
+-- keys.
 local function tail(apply)
   hashes(apply)
+  staged(apply)
   local states = read_pairs()
   local refused = {}
   for _ = 1, next_int() do
@@ -203,6 +230,68 @@ local function tail(apply)
   end
 end
 
+-- The reply of an applied script, `{0, ops, conflicts[, key, reason, lost]…}`, after
+-- recording the conflicts in KEYS[4].
+local function applied_reply()
+  local reply = {0, ops, #conflicts}
+  for c, found in ipairs(conflicts) do
+    local field = found[2] .. ' ' .. found[1]
+    if redis.call('HEXISTS', KEYS[4], field) == 0 and redis.call('HLEN', KEYS[4]) >= 10000 then
+      field = found[2] .. ' (more keys)'
+    end
+    redis.call('HINCRBY', KEYS[4], field, found[3])
+    if c <= 100 then
+      reply[#reply + 1] = found[1]
+      reply[#reply + 1] = found[2]
+      reply[#reply + 1] = found[3]
+    end
+  end
+  if #conflicts > 0 then
+    redis.call('PEXPIRE', KEYS[4], conflicts_ttl)
+  end
+  return reply
+end
+
+-- A `publish` script: applies the staging list's first batch and pops it. It carries no
+-- ranges and moves no fence: the final that staged the list was fenced. The batch is
+-- decoded before the first write, so one that is not what a final stages fails the
+-- script with nothing written.
+if mode == 'publish' then
+  local list, pending = next_arg(), next_arg()
+  check_end()
+  local batch = redis.call('LINDEX', list, 0)
+  if not batch then
+    redis.call('SREM', pending, list)
+    return {0, -1}
+  end
+  local decoded, series = pcall(cjson.decode, batch)
+  if not decoded or type(series) ~= 'table' then
+    return error('anchorflow: a staged series batch of ' .. list .. ' is not one: ' .. tostring(series))
+  end
+  for _, hash in ipairs(series) do
+    local key, ttl, wrote = hash[1], hash[2], false
+    for k = 3, #hash, 2 do
+      local ok, err = attempt('HINCRBY', key, hash[k], hash[k + 1])
+      if ok then
+        wrote = true
+      else
+        conflict(key, err, tonumber(hash[k + 1]))
+      end
+    end
+    if wrote then
+      local ok, err = attempt('PEXPIRE', key, ttl)
+      if not ok then
+        conflict(key, err, 0)
+      end
+    end
+  end
+  redis.call('LPOP', list)
+  if redis.call('EXISTS', list) == 0 then
+    redis.call('SREM', pending, list)
+  end
+  return applied_reply()
+end
+
 -- Walks the units once without writing, reading only the counts (one step per key), so
 -- that arguments that do not match this layout fail the script before its first write;
 -- notes the units' ids on the way.
@@ -211,15 +300,15 @@ local unit_ids = {}
 do
   -- Each list is key, TTL, n and n values; each hash key, TTL, m and m pairs.
   local at = i + 1
-  for _ = 1, tonumber(argv[i]) do
+  for _ = 1, int_at(i) do
     unit_ids[#unit_ids + 1] = argv[at]
     at = at + 1
-    for _ = 1, tonumber(argv[at]) do
-      at = at + 3 + tonumber(argv[at + 3])
+    for _ = 1, int_at(at) do
+      at = at + 3 + int_at(at + 3)
     end
     at = at + 1
-    for _ = 1, tonumber(argv[at]) do
-      at = at + 3 + 2 * tonumber(argv[at + 3])
+    for _ = 1, int_at(at) do
+      at = at + 3 + 2 * int_at(at + 3)
     end
     at = at + 1
   end
@@ -283,20 +372,4 @@ if mode == 'final' then
   end
 end
 
-local reply = {0, ops, #conflicts}
-for c, found in ipairs(conflicts) do
-  local field = found[2] .. ' ' .. found[1]
-  if redis.call('HEXISTS', KEYS[4], field) == 0 and redis.call('HLEN', KEYS[4]) >= 10000 then
-    field = found[2] .. ' (more keys)'
-  end
-  redis.call('HINCRBY', KEYS[4], field, found[3])
-  if c <= 100 then
-    reply[#reply + 1] = found[1]
-    reply[#reply + 1] = found[2]
-    reply[#reply + 1] = found[3]
-  end
-end
-if #conflicts > 0 then
-  redis.call('PEXPIRE', KEYS[4], conflicts_ttl)
-end
-return reply
+return applied_reply()

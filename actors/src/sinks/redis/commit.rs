@@ -11,6 +11,11 @@
 //! leaves out, unit by unit, what is there already (the aggregators filter by the unit
 //! fences a claim returns). Because a unit is a set of hash slots, the same split maps
 //! onto a Redis Cluster later: one unit per slot.
+//!
+//! Window series belong to no unit (a window closes at a barrier, not at a record), so
+//! they go in the `final` script. When they alone exceed the budget, the final stages
+//! them on a list instead (a copy, no per-field work) and `publish` scripts after it
+//! apply them a batch each (`docs/exactly-once.md`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,10 +28,11 @@ use crate::checkpoint::claim::{range_for, FenceRange, SinkKind};
 use crate::logic::decode::TraceValues;
 use crate::logic::window::Counts;
 use crate::messages::{ListPush, PartitionDelta, ShardFlush};
-use crate::protocol::keys::{KeyLayout, RESERVED_PREFIX, SERIES_KEY_PREFIX};
+use crate::protocol::keys::{FenceKeys, KeyLayout, RESERVED_PREFIX, SERIES_KEY_PREFIX};
 use crate::protocol::scripts::{
-    Args, CommitArgs, FinalTail, HashWrite, ListWrite, Mode, UnitWrites,
+    Args, CommitArgs, FinalTail, HashWrite, ListWrite, Mode, Staged, UnitWrites,
 };
+use crate::protocol::staged::{staged_batch, PublishArgs, SeriesPart};
 use crate::protocol::units::unit_of;
 
 /// Time to live of each kind of key, in milliseconds, for one commit.
@@ -68,9 +74,13 @@ pub struct CommitInput<'a> {
     pub ttls: Ttls,
     /// Per partition: the epoch and where this sink's last accepted commit ended.
     pub tracked: &'a BTreeMap<i32, (i64, i64)>,
-    pub units_prefix: &'a str,
+    /// The unit-fence prefix and the staging keys.
+    pub keys: &'a FenceKeys,
     /// Most writes one script may carry.
     pub budget_ops: usize,
+    /// Most series fields one `publish` script may carry (their cost per field is
+    /// measured apart: about three times a list push's, `docs/benchmarks.md`).
+    pub publish_fields: usize,
 }
 
 /// Everything the shards flushed for one checkpoint, merged by key.
@@ -158,6 +168,11 @@ fn add_series(
 
 /// Plans the commit of one checkpoint. Shards own disjoint templates but share
 /// receivers and message ids, so lists are merged by key.
+///
+/// The window series go in the final script when they fit the budget. More (data spread
+/// over many windows: a backlog of late events, a day's windows closing at once) are
+/// staged by the final, in batches of `publish_fields`, and applied after it by one
+/// `publish` script per batch (`scripts/redis_commit.lua`).
 pub fn plan(input: &CommitInput<'_>, flushes: Vec<ShardFlush>) -> Option<CommitPlan> {
     let spec = flushes.first()?.spec.clone();
     let merged = merge(input.tracked, flushes);
@@ -171,29 +186,49 @@ pub fn plan(input: &CommitInput<'_>, flushes: Vec<ShardFlush>) -> Option<CommitP
         merged.templates,
     );
     let series = series_writes(input.ttls.series_ms, merged.series);
-    let groups = pack(
-        units,
-        series.iter().map(HashWrite::ops).sum(),
-        input.budget_ops,
-    );
+    let series_ops: usize = series.iter().map(HashWrite::ops).sum();
+    let staged_list = ranges
+        .first()
+        .filter(|_| series_ops > input.budget_ops)
+        .map(|r| input.keys.staged_list(r.partition, r.epoch, spec.id));
+    let (batches, counts): (Vec<String>, Vec<usize>) = match staged_list {
+        Some(_) => staged_batches(&series, input.publish_fields)
+            .into_iter()
+            .unzip(),
+        None => Default::default(),
+    };
+    let (inline, staged) = match &staged_list {
+        Some(list) => (
+            &[][..],
+            Some(Staged {
+                list,
+                pending: &input.keys.staged,
+                batches: &batches,
+            }),
+        ),
+        None => (&series[..], None),
+    };
+    let final_ops = series_ops_in_final(inline, staged);
+    let groups = pack(units, final_ops, input.budget_ops);
     let last = groups.len() - 1;
-    let scripts = groups
+    let mut scripts: Vec<Script> = groups
         .into_iter()
         .enumerate()
         .map(|(n, units)| {
             let mode = if n == last { Mode::Final } else { Mode::Part };
             let tail = (mode == Mode::Final).then_some(FinalTail {
-                series: &series,
+                series: inline,
+                staged,
                 windows: &merged.windows,
                 refused: &refused,
             });
             let ops = units.iter().map(|(_, u)| u.ops()).sum::<usize>()
-                + tail.map_or(0, |t| t.series.iter().map(HashWrite::ops).sum());
+                + if tail.is_some() { final_ops } else { 0 };
             let args = CommitArgs {
                 checkpoint: spec.id,
                 ranges: &ranges,
                 mode,
-                units_prefix: input.units_prefix,
+                units_prefix: &input.keys.units_prefix,
                 conflicts_ttl_ms: input.ttls.conflicts_ms,
                 units: &units,
                 tail,
@@ -205,12 +240,75 @@ pub fn plan(input: &CommitInput<'_>, flushes: Vec<ShardFlush>) -> Option<CommitP
             }
         })
         .collect();
+    if let Some(list) = &staged_list {
+        scripts.extend(publishes(input, spec.id, list, &counts));
+    }
     Some(CommitPlan {
         spec,
         ranges,
         scripts,
         refused,
     })
+}
+
+/// Redis's work for the series in a final script: the writes of those it applies, and
+/// for staged ones the bytes it pushes (a copy: counted as a write per 4 KiB).
+fn series_ops_in_final(inline: &[HashWrite], staged: Option<Staged<'_>>) -> usize {
+    inline.iter().map(HashWrite::ops).sum::<usize>()
+        + staged.map_or(0, |s| {
+            s.batches.len() + s.batches.iter().map(String::len).sum::<usize>() / 4096
+        })
+}
+
+/// The series in batches of at most `fields` fields (a template's fields may span
+/// two), each with its field count.
+fn staged_batches(series: &[HashWrite], fields: usize) -> Vec<(String, usize)> {
+    let fields = fields.max(1);
+    let mut batches = Vec::new();
+    let mut batch: Vec<SeriesPart<'_>> = Vec::new();
+    let mut in_batch = 0;
+    for hash in series {
+        let mut rest = &hash.fields[..];
+        while !rest.is_empty() {
+            let (now, later) = rest.split_at(rest.len().min(fields - in_batch));
+            batch.push((&hash.key, hash.ttl_ms, now));
+            in_batch += now.len();
+            rest = later;
+            if in_batch == fields {
+                batches.push((staged_batch(batch.drain(..)), in_batch));
+                in_batch = 0;
+            }
+        }
+    }
+    if in_batch > 0 {
+        batches.push((staged_batch(batch), in_batch));
+    }
+    batches
+}
+
+/// One `publish` script per staged batch; its figure is the batch's fields, which the
+/// sink's publish budget is measured in.
+fn publishes(
+    input: &CommitInput<'_>,
+    checkpoint: u64,
+    list: &str,
+    counts: &[usize],
+) -> Vec<Script> {
+    counts
+        .iter()
+        .map(|fields| Script {
+            mode: Mode::Publish,
+            args: PublishArgs {
+                checkpoint,
+                units_prefix: &input.keys.units_prefix,
+                conflicts_ttl_ms: input.ttls.conflicts_ms,
+                list,
+                pending: &input.keys.staged,
+            }
+            .encode(),
+            ops: *fields,
+        })
+        .collect()
 }
 
 /// Assigns every list and template write to the unit its key falls in; keys in
@@ -397,6 +495,7 @@ mod tests {
     fn input<'a>(
         layout: &'a KeyLayout,
         tracked: &'a BTreeMap<i32, (i64, i64)>,
+        keys: &'a FenceKeys,
         budget: usize,
     ) -> CommitInput<'a> {
         CommitInput {
@@ -409,8 +508,9 @@ mod tests {
                 conflicts_ms: 5000,
             },
             tracked,
-            units_prefix: "anchorflow:g:t:units:",
+            keys,
             budget_ops: budget,
+            publish_fields: budget,
         }
     }
 
@@ -433,10 +533,11 @@ mod tests {
     fn big_checkpoints_split_into_units_within_the_budget() {
         let layout = KeyLayout::default();
         let tracked = BTreeMap::new();
+        let fence_keys = FenceKeys::new("g", "t");
         let keys: Vec<(String, usize)> = (0..400).map(|k| (format!("user{k}"), 3)).collect();
         let refs: Vec<(&str, usize)> = keys.iter().map(|(k, n)| (k.as_str(), *n)).collect();
         let small = plan(
-            &input(&layout, &tracked, 100_000),
+            &input(&layout, &tracked, &fence_keys, 100_000),
             vec![flush(vec![delta(0, &refs)])],
         )
         .unwrap();
@@ -446,7 +547,7 @@ mod tests {
         let mut with_reserved = refs.clone();
         with_reserved.push(("anchorflow:g:t:fences", 2));
         let big = plan(
-            &input(&layout, &tracked, 100),
+            &input(&layout, &tracked, &fence_keys, 100),
             vec![flush(vec![delta(0, &with_reserved), delta(1, &refs)])],
         )
         .unwrap();
@@ -471,6 +572,80 @@ mod tests {
         assert_eq!(
             script, "part",
             "after sink, checkpoint, count and two ranges of four"
+        );
+    }
+
+    /// Series over the budget are staged by the final script and published after it
+    /// in scripts within the budget, which together take every field once; series that
+    /// fit stay in the final script.
+    #[test]
+    fn series_over_the_budget_are_staged_and_published_within_it() {
+        let layout = KeyLayout::default();
+        let tracked = BTreeMap::new();
+        let keys = FenceKeys::new("g", "t");
+        let spread = || {
+            let mut spread = delta(0, &[("user", 1)]);
+            spread.series = (0..250)
+                .map(|n| {
+                    let one = Counts {
+                        events: 1,
+                        receivers: 1,
+                    };
+                    ((60_000 * (n % 125), 9 + n / 125, 10), one)
+                })
+                .collect();
+            spread
+        };
+        let inline = plan(
+            &input(&layout, &tracked, &keys, 100_000),
+            vec![flush(vec![spread()])],
+        )
+        .unwrap();
+        assert_eq!(inline.scripts.len(), 1, "all in the final script");
+
+        let staged = plan(
+            &input(&layout, &tracked, &keys, 100),
+            vec![flush(vec![spread()])],
+        )
+        .unwrap();
+        let (last_part, publishes) = staged
+            .scripts
+            .iter()
+            .position(|s| s.mode == Mode::Final)
+            .map(|at| staged.scripts.split_at(at + 1))
+            .unwrap();
+        assert!(last_part.iter().all(|s| s.ops <= 100));
+        assert!(publishes
+            .iter()
+            .all(|s| s.mode == Mode::Publish && s.ops <= 100));
+        let list = keys.staged_list(0, 1, 1);
+        assert!(publishes
+            .iter()
+            .all(|s| s.args.iter().nth(6) == Some(list.as_str())));
+        let fields: Vec<usize> = publishes.iter().map(|s| s.ops).collect();
+        assert_eq!(fields, vec![100, 100, 50], "batches of the publish budget");
+        // The final carries the batches: two series keys of 125 fields, the second
+        // batch holding the end of one and the start of the other.
+        let batches: Vec<serde_json::Value> = last_part
+            .last()
+            .unwrap()
+            .args
+            .iter()
+            .filter(|a| a.starts_with("[["))
+            .map(|a| serde_json::from_str(a).unwrap())
+            .collect();
+        assert_eq!(batches.len(), 3);
+        let second = batches[1].as_array().unwrap();
+        assert_eq!(second.len(), 2);
+        assert_eq!(second[0][0], "anchorflow:series:9");
+        assert_eq!(second[1][0], "anchorflow:series:10");
+        assert_eq!(second[0][1], "4000", "the TTL");
+        assert_eq!(
+            second
+                .iter()
+                .map(|h| (h.as_array().unwrap().len() - 2) / 2)
+                .sum::<usize>(),
+            100
         );
     }
 

@@ -7,7 +7,9 @@
 //! `LPUSH` plus `PEXPIRE`, per template one `HINCRBY` per state plus `PEXPIRE`. A
 //! checkpoint that fits `redis.max_commit_ms` is **one** `EVALSHA`; a bigger one is split
 //! by key-hash unit into several, each atomic and carrying its own unit fences, so that
-//! no single script holds Redis (which austin-web reads too) for long.
+//! no single script holds Redis (which austin-web reads too) for long. Window series too
+//! many for one script are staged by the final script and published by scripts after
+//! it (a claim publishes what a crash left staged: `protocol/staged.rs`).
 //!
 //! Every script starts with the fence check (`protocol/scripts/fence_check.lua`): for
 //! every partition the commit covers the records `from..to`, where `from` is where this
@@ -52,8 +54,9 @@ use crate::config::RedisConfig;
 use crate::logic::tables::end_of_day_ms;
 use crate::messages::ShardFlush;
 use crate::metrics::{Metrics, ReasonLabel, SinkLabel};
-use crate::protocol::keys::KeyLayout;
+use crate::protocol::keys::{KeyLayout, CONFLICTS_TTL_MS};
 use crate::protocol::reply::{Conflict, Rejection, Reply};
+use crate::protocol::scripts::Mode;
 use crate::runtime::clock::Clock;
 use crate::runtime::fault;
 use crate::runtime::supervision::{self, Failure, Restarts};
@@ -68,9 +71,6 @@ pub const REDIS_SINK_MAILBOX: usize = 64;
 
 /// Conflicts logged per commit with their key; the rest are counted.
 const LOGGED_CONFLICTS: usize = 10;
-
-/// How long the conflicts hash keeps a key it has not seen again.
-const CONFLICTS_TTL_MS: i64 = 30 * 86_400_000;
 
 /// Counters of the sink, for tests and logs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -103,6 +103,9 @@ pub struct RedisSink {
     clock: Clock,
     layout: KeyLayout,
     budget: OpsBudget,
+    /// Series fields per `publish` script, measured apart: a field costs Redis about
+    /// three times what a list push does (decoded, then `HINCRBY` into a hash).
+    publish_budget: OpsBudget,
     /// Per partition: the epoch and where our last planned commit ends. Plans apply in
     /// order, each only if the one before did (else the process stops or the sink
     /// retries it), so the next plan starts there.
@@ -129,6 +132,7 @@ impl RedisSink {
             restarts: Restarts::new("redis_sink", &shared.metrics, &shared.health),
             layout: KeyLayout::new(&config),
             budget: OpsBudget::new(config.max_commit_ms),
+            publish_budget: OpsBudget::new(config.max_commit_ms),
             link: Some(Link::new(&config, clock.clone())),
             clock,
             config,
@@ -183,7 +187,11 @@ impl RedisSink {
             self.ttls(&self.clock),
             self.fences.clone(),
         );
-        let (units_prefix, budget_ops) = (self.shared.keys.units_prefix.clone(), self.budget.ops());
+        let (keys, budget_ops, publish_fields) = (
+            self.shared.keys.clone(),
+            self.budget.ops(),
+            self.publish_budget.ops(),
+        );
         self.planning = true;
         let sink = ctx.address();
         actix::spawn(async move {
@@ -193,8 +201,9 @@ impl RedisSink {
                     layout: &layout,
                     ttls,
                     tracked: &tracked,
-                    units_prefix: &units_prefix,
+                    keys: &keys,
                     budget_ops,
+                    publish_fields,
                 };
                 let plan = commit::plan(&input, flushes);
                 let took_ms = started.elapsed().as_millis() as u64;
@@ -237,18 +246,20 @@ impl RedisSink {
         let committer = Committer {
             shared: self.shared.clone(),
             budget: self.budget,
+            publish_budget: self.publish_budget,
             slowdown: self.config.slowdown_factor,
         };
         Box::pin(
             async move {
                 let mut committer = committer;
                 let outcome = committer.apply(&mut link, &mut in_flight).await;
-                (link, in_flight, committer.budget, outcome)
+                let budgets = (committer.budget, committer.publish_budget);
+                (link, in_flight, budgets, outcome)
             }
             .into_actor(self)
-            .map(|(link, in_flight, budget, outcome), sink, ctx| {
+            .map(|(link, in_flight, budgets, outcome), sink, ctx| {
                 sink.link = Some(link);
-                sink.budget = budget;
+                (sink.budget, sink.publish_budget) = budgets;
                 sink.settle(ctx, in_flight, outcome);
             }),
         )
@@ -317,6 +328,7 @@ struct Outcome {
 struct Committer {
     shared: SinkShared,
     budget: OpsBudget,
+    publish_budget: OpsBudget,
     /// Test and benchmark knob (`redis.slowdown_factor`): after a commit, wait this
     /// many times as long as it took.
     slowdown: u32,
@@ -328,6 +340,9 @@ impl Committer {
         let mut scripts = 0;
         let checkpoint = in_flight.plan.spec.id;
         while let Some(script) = in_flight.plan.scripts.get(in_flight.applied) {
+            if script.mode == Mode::Publish {
+                fault::point(fault::BEFORE_SERIES_PUBLISH);
+            }
             let started = Instant::now();
             let reply = match link.apply(&self.shared.keys, &script.args).await {
                 Ok(reply) => reply,
@@ -346,12 +361,21 @@ impl Committer {
                     first,
                 } => {
                     let took = started.elapsed();
-                    self.budget.observe(script.ops, took);
+                    match script.mode {
+                        Mode::Publish => self.publish_budget.observe(script.ops, took),
+                        Mode::Part | Mode::Final => self.budget.observe(script.ops, took),
+                    }
                     let metrics = &self.shared.metrics;
                     metrics.redis_script_seconds.observe(took.as_secs_f64());
                     metrics.redis_script_operations.inc_by(ops.max(0) as u64);
                     report_conflicts(metrics, checkpoint, conflicts, &first);
                     debug!(checkpoint, ops, took_ms = took.as_millis() as u64, mode = ?script.mode, "redis script applied");
+                }
+                Reply::AppliedBefore if script.mode == Mode::Publish => {
+                    debug!(
+                        checkpoint,
+                        "staged series already published (by a retry or another instance)"
+                    );
                 }
                 Reply::AppliedBefore => {
                     info!(checkpoint, "redis commit had been applied before its reply was lost; not applied again");
