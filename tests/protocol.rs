@@ -492,6 +492,41 @@ fn series_staged_by_a_final_script_are_published_exactly_once() {
     assert_eq!(staged_lists(&mut conn, &keys), Vec::<String>::new());
 }
 
+/// A series key of another type found while publishing a staged batch: its fields are
+/// refused and reported as conflicts (counted in the conflicts hash), the batch is
+/// still popped and the list finished, and the foreign key is left as it was.
+#[test]
+fn a_staged_series_key_of_another_type_is_a_conflict_not_a_stuck_list() {
+    let (mut conn, keys) = fresh_db(52);
+    claim_fresh(&mut conn, &keys, &[0], 10);
+    let series_key = format!("{SERIES_KEY_PREFIX}{TEMPLATE}");
+    redis::cmd("SET")
+        .arg(&series_key)
+        .arg("a string")
+        .query::<()>(&mut conn)
+        .unwrap();
+    let commit = many_windows_close(&keys, 1, 1, 300);
+    let mut conflicts = 0;
+    for script in &commit.scripts {
+        match run(&mut conn, &keys, &script.args) {
+            Reply::Applied { conflicts: c, .. } => conflicts += c,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(conflicts, 300, "one per field");
+    assert_eq!(staged_lists(&mut conn, &keys), Vec::<String>::new());
+    let recorded: BTreeMap<String, i64> = redis::cmd("HGETALL")
+        .arg(&keys.conflicts)
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(
+        recorded,
+        BTreeMap::from([(format!("wrong_type {series_key}"), 300 * 301 / 2)])
+    );
+    let kept: String = redis::cmd("GET").arg(&series_key).query(&mut conn).unwrap();
+    assert_eq!(kept, "a string");
+}
+
 #[test]
 fn a_key_of_another_type_is_a_conflict_not_a_partial_commit() {
     let (mut conn, keys) = fresh_db(10);
