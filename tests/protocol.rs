@@ -18,7 +18,7 @@ use std::sync::Arc;
 use anchorflow_actors::checkpoint::barrier::{CheckpointKind, CheckpointSpec};
 use anchorflow_actors::checkpoint::claim::{Claim, FenceRange};
 use anchorflow_actors::logic::decode::TraceValue;
-use anchorflow_actors::logic::window::Counts;
+use anchorflow_actors::logic::window::{Counts, WindowKey as SeriesKey};
 use anchorflow_actors::messages::{ListPush, PartitionDelta, ShardFlush};
 use anchorflow_actors::protocol::fences::{self, ClaimError};
 use anchorflow_actors::protocol::keys::{series_field, FenceKeys, KeyLayout, SERIES_KEY_PREFIX};
@@ -282,34 +282,40 @@ fn commits_apply_only_under_the_current_epoch_and_from_the_stored_fence() {
     assert_eq!(count(&mut conn), 7);
 }
 
-/// A key of another type (a shared Redis, or a receiver id equal to another key) is
-/// refused by Redis; before, the script failed halfway with its fences moved. Now the
-/// rest applies, the fences move once, and the refusal is recorded.
 /// Checkpoint `id` of a quiet input: partition 0 read nothing since offset 10, but the
 /// watermark passed a window's end (idleness, a tick), so the commit closes it into the
 /// series and stores the open windows left.
 fn window_close(keys: &FenceKeys, id: u64, events: i64) -> CommitPlan {
-    let delta = PartitionDelta {
+    let window = ((60_000 * id as i64, TEMPLATE, 10), events);
+    plan_of(keys, id, vec![closing(id, 1, vec![window])], 100_000)
+}
+
+/// Partition 0 (owner epoch `epoch`) at checkpoint `id`, reading nothing since offset
+/// 10 and closing `windows` (key, events) into the series.
+fn closing(id: u64, epoch: i64, windows: Vec<(SeriesKey, i64)>) -> PartitionDelta {
+    PartitionDelta {
         partition: 0,
         next_offset: 10,
         claim: Claim {
-            epoch: 1,
+            epoch,
             redis: 10,
             warehouse: 0,
         },
         template_counts: vec![],
         receiver_lists: vec![],
         message_lists: vec![],
-        series: vec![(
-            (60_000 * id as i64, TEMPLATE, 10),
-            Counts {
-                events,
-                receivers: events,
-            },
-        )],
+        series: windows
+            .into_iter()
+            .map(|(key, events)| {
+                let counts = Counts {
+                    events,
+                    receivers: events,
+                };
+                (key, counts)
+            })
+            .collect(),
         windows: format!("w {id}\n"),
-    };
-    plan_of(keys, id, vec![delta], 100_000)
+    }
 }
 
 fn series(conn: &mut redis::Connection) -> BTreeMap<String, i64> {
@@ -360,31 +366,10 @@ fn a_retried_commit_that_moves_no_fence_is_not_applied_twice() {
 /// of [`TEMPLATE`] state 10, window `w` counting `w + 1` events: more series fields
 /// than a small budget takes.
 fn many_windows_close(keys: &FenceKeys, id: u64, epoch: i64, windows: i64) -> CommitPlan {
-    let delta = PartitionDelta {
-        partition: 0,
-        next_offset: 10,
-        claim: Claim {
-            epoch,
-            redis: 10,
-            warehouse: 0,
-        },
-        template_counts: vec![],
-        receiver_lists: vec![],
-        message_lists: vec![],
-        series: (0..windows)
-            .map(|w| {
-                (
-                    (60_000 * w, TEMPLATE, 10),
-                    Counts {
-                        events: w + 1,
-                        receivers: w + 1,
-                    },
-                )
-            })
-            .collect(),
-        windows: format!("w {id}\n"),
-    };
-    plan_of(keys, id, vec![delta], 100)
+    let closed = (0..windows)
+        .map(|w| ((60_000 * w, TEMPLATE, 10), w + 1))
+        .collect();
+    plan_of(keys, id, vec![closing(id, epoch, closed)], 100)
 }
 
 fn staged_lists(conn: &mut redis::Connection, keys: &FenceKeys) -> Vec<String> {
@@ -527,6 +512,9 @@ fn a_staged_series_key_of_another_type_is_a_conflict_not_a_stuck_list() {
     assert_eq!(kept, "a string");
 }
 
+/// A key of another type (a shared Redis, or a receiver id equal to another key) is
+/// refused by Redis; before, the script failed halfway with its fences moved. Now the
+/// rest applies, the fences move once, and the refusal is recorded.
 #[test]
 fn a_key_of_another_type_is_a_conflict_not_a_partial_commit() {
     let (mut conn, keys) = fresh_db(10);

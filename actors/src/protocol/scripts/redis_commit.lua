@@ -109,6 +109,33 @@ local function lists(apply)
   i = at + 1
 end
 
+-- Increments one hash: the field/increment pairs of `items` from index `first` to
+-- `last`, then the key's TTL if anything was written. A key of another type refuses
+-- every field: after the first refusal the rest are reported without asking Redis.
+local function increment(key, ttl, items, first, last)
+  local wrote, foreign = false, false
+  for k = first, last, 2 do
+    local field, delta = items[k], items[k + 1]
+    if foreign then
+      conflict(key, 'WRONGTYPE', tonumber(delta))
+    else
+      local ok, err = attempt('HINCRBY', key, field, delta)
+      if ok then
+        wrote = true
+      else
+        foreign = string.find(err, 'WRONGTYPE', 1, true) ~= nil
+        conflict(key, err, tonumber(delta))
+      end
+    end
+  end
+  if wrote then
+    local ok, err = attempt('PEXPIRE', key, ttl)
+    if not ok then
+      conflict(key, err, 0)
+    end
+  end
+end
+
 -- Applies (when `apply`) or skips the hashes whose count is ARGV[i]; leaves `i` at the
 -- argument after them.
 local function hashes(apply)
@@ -117,27 +144,7 @@ local function hashes(apply)
     local at = i + 4
     i = at + 2 * m - 1
     if apply then
-      local wrote, foreign = false, false
-      for k = 0, m - 1 do
-        local field, delta = ARGV[at + 2 * k], ARGV[at + 2 * k + 1]
-        if foreign then
-          conflict(key, 'WRONGTYPE', tonumber(delta))
-        else
-          local ok, err = attempt('HINCRBY', key, field, delta)
-          if ok then
-            wrote = true
-          else
-            foreign = string.find(err, 'WRONGTYPE', 1, true) ~= nil
-            conflict(key, err, tonumber(delta))
-          end
-        end
-      end
-      if wrote then
-        local ok, err = attempt('PEXPIRE', key, ttl)
-        if not ok then
-          conflict(key, err, 0)
-        end
-      end
+      increment(key, ttl, ARGV, at, at + 2 * m - 1)
     end
   end
   i = i + 1
@@ -269,21 +276,7 @@ if mode == 'publish' then
     return error('anchorflow: a staged series batch of ' .. list .. ' is not one: ' .. tostring(series))
   end
   for _, hash in ipairs(series) do
-    local key, ttl, wrote = hash[1], hash[2], false
-    for k = 3, #hash, 2 do
-      local ok, err = attempt('HINCRBY', key, hash[k], hash[k + 1])
-      if ok then
-        wrote = true
-      else
-        conflict(key, err, tonumber(hash[k + 1]))
-      end
-    end
-    if wrote then
-      local ok, err = attempt('PEXPIRE', key, ttl)
-      if not ok then
-        conflict(key, err, 0)
-      end
-    end
+    increment(hash[1], hash[2], hash, 3, #hash)
   end
   redis.call('LPOP', list)
   if redis.call('EXISTS', list) == 0 then
