@@ -41,6 +41,9 @@ const POLL_WAIT: Duration = Duration::from_millis(20);
 /// messages get a turn.
 const POLL_BURST: usize = 16_384;
 
+/// How long a graceful stop waits for the consumer to leave the group.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Mailbox capacity of the source: only control messages (checkpoint triggers, a
 /// shutdown request) arrive here; the timer skips a tick rather than queue a second.
 pub const SOURCE_MAILBOX: usize = 4;
@@ -51,7 +54,9 @@ pub const SOURCE_MAILBOX: usize = 4;
 struct Poll;
 
 pub struct KafkaSource {
-    consumer: Arc<SourceConsumer>,
+    /// Taken and closed by [`KafkaSource::finish`], so that a graceful stop has left
+    /// the group before it reports done.
+    consumer: Option<SourceConsumer>,
     shutdown: Option<tokio::sync::oneshot::Sender<anyhow::Result<()>>>,
     shutdown_timeout: Duration,
 }
@@ -128,14 +133,16 @@ impl KafkaSource {
             .subscribe(&[config.source.topic.as_str()])
             .context("subscribing to the topic")?;
         Ok(KafkaSource {
-            consumer: Arc::new(consumer),
+            consumer: Some(consumer),
             shutdown: None,
             shutdown_timeout: Duration::from_secs(config.pipeline.shutdown_timeout_secs),
         })
     }
 
     fn poll_burst(&mut self) {
-        let consumer = &*self.consumer;
+        let Some(consumer) = self.consumer.as_ref() else {
+            return;
+        };
         let context = consumer.context().clone();
         let mut taken = 0;
         while taken < POLL_BURST {
@@ -191,7 +198,9 @@ impl KafkaSource {
     }
 
     fn finish(&mut self) {
-        let consumer = &*self.consumer;
+        let Some(consumer) = self.consumer.as_ref() else {
+            return;
+        };
         let context = consumer.context().clone();
         let result = context
             .lock()
@@ -208,8 +217,39 @@ impl KafkaSource {
             }
         }
         consumer.unsubscribe();
+        self.close_consumer();
         if let Some(done) = self.shutdown.take() {
             let _ = done.send(result);
+        }
+    }
+
+    /// Leaves the group and destroys the client before the stop is reported, so that
+    /// nothing of it outlives the pipeline (a demo's embedded broker stopped right
+    /// after: the client then logged "connection refused" errors after "stopped
+    /// cleanly"). rust-rdkafka closes a consumer when it is dropped, waiting for the
+    /// broker as long as it takes, so the drop runs on a thread of its own and is
+    /// waited for up to [`CLOSE_TIMEOUT`]; past that the process goes on without it.
+    fn close_consumer(&mut self) {
+        let Some(consumer) = self.consumer.take() else {
+            return;
+        };
+        let (closed_tx, closed) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("kafka-close".into())
+            .spawn(move || {
+                drop(consumer);
+                let _ = closed_tx.send(());
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "no thread to close the kafka consumer on; closed on this one");
+            return;
+        }
+        match closed.recv_timeout(CLOSE_TIMEOUT) {
+            Ok(()) => debug!("kafka consumer closed"),
+            Err(_) => warn!(
+                timeout_ms = CLOSE_TIMEOUT.as_millis() as u64,
+                "the kafka consumer did not close in time; going on without it"
+            ),
         }
     }
 }
@@ -247,7 +287,9 @@ impl Handler<TriggerCheckpoint> for KafkaSource {
     type Result = ();
 
     fn handle(&mut self, trigger: TriggerCheckpoint, _ctx: &mut Self::Context) {
-        let consumer = &*self.consumer;
+        let Some(consumer) = self.consumer.as_ref() else {
+            return;
+        };
         let context = consumer.context().clone();
         let mut state = context.lock();
         state.set_watermark(trigger.watermark);
