@@ -2,21 +2,21 @@
 //! run on one machine.
 //!
 //! 1. A broker out of process (`--brokers`, or `anchorflow mock-serve` as a child, see
-//!    [`broker`]) is preloaded with N generated events: `--data redis-heavy` (a new
+//!    `bench/broker.rs`) is preloaded with N generated events: `--data redis-heavy` (a new
 //!    message id per event, receivers drawn from a million: Redis does most of the
 //!    work) or `--data funnel` (the demo's traffic).
 //! 2. **Bare consumer**: a `BaseConsumer` reads every partition, touching each payload.
-//! 3. **Reference job** ([`reference`]): a straight-line single-thread program doing
+//! 3. **Reference job** (`bench/reference.rs`): a straight-line single-thread program doing
 //!    the same Redis and Parquet writes at-least-once.
-//! 4. **Pipeline** ([`child`]): `anchorflow run` in its own process. The headline is
+//! 4. **Pipeline** (`bench/child.rs`): `anchorflow run` in its own process. The headline is
 //!    *committed* records (durable in both sinks by the fences in Redis) per second,
 //!    from partition assignment to the last fence. Redis's CPU seconds over the same
-//!    wall time ([`redis_probe`]) say how busy Redis was.
-//! 5. **Decode + route + aggregate** on one core against a straight loop ([`cpu`]).
+//!    wall time (`bench/redis_probe.rs`) say how busy Redis was.
+//! 5. **Decode + route + aggregate** on one core against a straight loop (`bench/cpu.rs`).
 //! 6. Peak RSS of the pipeline process against `pipeline.memory_budget_mb`,
 //!    checkpoint p50/p99 and Redis's longest single command.
 //!
-//! `--duration 10m` runs the soak instead ([`soak`]): a steady produce rate, RSS and
+//! `--duration 10m` runs the soak instead (`bench/soak.rs`): a steady produce rate, RSS and
 //! committed throughput printed every 10 s. The figures are printed; nothing here
 //! asserts on speed.
 
@@ -379,24 +379,13 @@ fn run_references(
     Ok(out)
 }
 
-/// Generates the benchmark's records and preloads them into the topic.
 /// Payload bytes per partition the mock broker keeps all of: it trims a partition
 /// past ~5 MB (records plus their overhead), oldest first.
 const MOCK_PARTITION_BYTES: usize = 4_500_000;
 
-fn preload(
-    config: &Config,
-    options: &BenchOptions,
-    ground: &Ground,
-) -> anyhow::Result<Vec<Option<Vec<u8>>>> {
-    let payloads: Vec<Option<Vec<u8>>> = generator(options, config)
-        .take(options.events)
-        .map(|g| g.value)
-        .collect();
-    let bytes: usize = payloads
-        .iter()
-        .map(|p| p.as_ref().map_or(0, Vec::len))
-        .sum();
+/// Refuses a run whose payloads the mock broker would trim (the runs would wait forever
+/// for records it dropped). A broker of the caller's own (`--brokers`) is not checked.
+fn check_mock_capacity(options: &BenchOptions, bytes: usize) -> anyhow::Result<()> {
     let per_partition = bytes / options.partitions.max(1) as usize;
     if options.brokers.is_none() && per_partition > MOCK_PARTITION_BYTES {
         bail!(
@@ -408,6 +397,34 @@ fn preload(
             mib(per_partition as u64)
         );
     }
+    Ok(())
+}
+
+/// The benchmark's records, generated and checked against the mock's capacity before
+/// any server starts.
+fn generate(config: &Config, options: &BenchOptions) -> anyhow::Result<Vec<Option<Vec<u8>>>> {
+    let payloads: Vec<Option<Vec<u8>>> = generator(options, config)
+        .take(options.events)
+        .map(|g| g.value)
+        .collect();
+    check_mock_capacity(options, payload_bytes(&payloads))?;
+    Ok(payloads)
+}
+
+fn payload_bytes(payloads: &[Option<Vec<u8>>]) -> usize {
+    payloads
+        .iter()
+        .map(|p| p.as_ref().map_or(0, Vec::len))
+        .sum()
+}
+
+/// Preloads the generated records into the topic.
+fn preload(
+    options: &BenchOptions,
+    ground: &Ground,
+    payloads: &[Option<Vec<u8>>],
+) -> anyhow::Result<()> {
+    let bytes = payload_bytes(payloads);
     let started = Instant::now();
     produce(
         &ground.brokers,
@@ -426,10 +443,14 @@ fn preload(
         options.partitions,
         started.elapsed().as_secs_f64()
     );
-    Ok(payloads)
+    Ok(())
 }
 
 pub fn run(config: Config, options: BenchOptions) -> anyhow::Result<()> {
+    let payloads = match options.duration {
+        Some(_) => Vec::new(),
+        None => generate(&config, &options)?,
+    };
     let ground = Ground::start(&options)?;
     let mut probe = RedisProbe::connect(&ground.redis_url)?;
     if probe.keys()? > 0 {
@@ -438,7 +459,7 @@ pub fn run(config: Config, options: BenchOptions) -> anyhow::Result<()> {
     if let Some(duration) = options.duration {
         return soak::run(&ground, &options, &config, duration);
     }
-    let payloads = preload(&config, &options, &ground)?;
+    preload(&options, &ground, &payloads)?;
     let bare = bare_read(&ground, options.partitions, options.events)?;
     println!("bare_consumer_events_per_sec: {bare:.0}");
     let references = run_references(&ground, &options, &config, &mut probe)?;
@@ -463,4 +484,54 @@ pub fn run(config: Config, options: BenchOptions) -> anyhow::Result<()> {
         ours / straight
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchOptions,
+    }
+
+    fn options(args: &[&str]) -> BenchOptions {
+        Cli::parse_from(std::iter::once("bench").chain(args.iter().copied())).bench
+    }
+
+    /// 40,000 events of ~150 B on one partition are ~5.7 MiB for the mock broker, which
+    /// keeps ~5 MB per partition: refused before any server starts, naming the figures.
+    /// The same events on two partitions, or on a broker of one's own, run.
+    #[test]
+    fn a_run_the_mock_broker_would_trim_is_refused_before_it_starts() {
+        let config = Config::default();
+        let one = options(&["--events", "40000", "--partitions", "1"]);
+        let message = match generate(&config, &one) {
+            Ok(payloads) => panic!("{} records accepted for one partition", payloads.len()),
+            Err(error) => format!("{error:#}"),
+        };
+        assert!(
+            message.contains("--events 40000 over --partitions 1")
+                && message.contains("MiB per partition")
+                && message.contains("--brokers"),
+            "{message}"
+        );
+        let fits = generate(
+            &config,
+            &options(&["--events", "40000", "--partitions", "2"]),
+        )
+        .expect("two partitions hold them");
+        assert_eq!(fits.len(), 40_000);
+        let own_broker = options(&[
+            "--events",
+            "40000",
+            "--partitions",
+            "1",
+            "--brokers",
+            "127.0.0.1:9",
+        ]);
+        assert!(generate(&config, &own_broker).is_ok());
+    }
 }
