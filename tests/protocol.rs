@@ -171,9 +171,13 @@ fn count(conn: &mut redis::Connection) -> i64 {
 
 /// A fresh database of the test Redis and the keys of one (group, topic).
 fn fresh_db(db: u32) -> (redis::Connection, FenceKeys) {
-    let url = redis_url(db);
-    flush_db(&url);
-    let conn = redis::Client::open(url.as_str())
+    flush_db(&redis_url(db));
+    connect_db(db)
+}
+
+/// Another connection to a database of the test Redis, as is.
+fn connect_db(db: u32) -> (redis::Connection, FenceKeys) {
+    let conn = redis::Client::open(redis_url(db).as_str())
         .unwrap()
         .get_connection()
         .unwrap();
@@ -474,6 +478,43 @@ fn series_staged_by_a_final_script_are_published_exactly_once() {
     );
     let doubled: BTreeMap<String, i64> = expected.iter().map(|(k, n)| (k.clone(), 2 * n)).collect();
     assert_eq!(series(&mut conn), doubled);
+    assert_eq!(staged_lists(&mut conn, &keys), Vec::<String>::new());
+}
+
+/// Three instances claiming at once publish the same pending list side by side (each
+/// claim runs `publish_pending`): every batch applies once, whoever pops it, and all
+/// three finish without an error, the list gone.
+#[test]
+fn concurrent_publishers_apply_every_staged_batch_once() {
+    let (mut conn, keys) = fresh_db(53);
+    claim_fresh(&mut conn, &keys, &[0], 10);
+    let commit = many_windows_close(&keys, 1, 1, 3000);
+    assert!(
+        commit.scripts.len() > 20,
+        "{} scripts",
+        commit.scripts.len()
+    );
+    assert!(matches!(
+        run(&mut conn, &keys, &commit.scripts[0].args),
+        Reply::Applied { .. }
+    ));
+    let publishers: Vec<_> = (0..3)
+        .map(|_| {
+            let keys = keys.clone();
+            std::thread::spawn(move || {
+                let (mut conn, _) = connect_db(53);
+                staged::publish_pending(&mut conn, &keys)
+            })
+        })
+        .collect();
+    for publisher in publishers {
+        let published = publisher.join().unwrap().expect("publishing beside others");
+        assert_eq!(published.conflicts, 0);
+    }
+    let expected: BTreeMap<String, i64> = (0..3000)
+        .map(|w| (format!("{}:10", 60_000 * w), w + 1))
+        .collect();
+    assert_eq!(series(&mut conn), expected);
     assert_eq!(staged_lists(&mut conn, &keys), Vec::<String>::new());
 }
 
