@@ -11,7 +11,7 @@
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`generator`]: realistic trace events for the demo, the benchmark and tests.
 //! - [`demo`]: `anchorflow demo`, the product end to end on an in-process mock cluster.
-//! - [`bench`]: `anchorflow bench`, throughput and memory figures.
+//! - [`bench`](mod@bench): `anchorflow bench`, throughput and memory figures.
 //! - `src/main.rs`: the command line.
 
 pub mod bench;

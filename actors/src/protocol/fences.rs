@@ -18,10 +18,10 @@
 //!
 //! Claiming a partition (on assignment) bumps its epoch and returns its fences; every
 //! later write for it carries that epoch and the offset range it covers, and the
-//! [`FENCE_CHECK`] Lua prologue applies a commit only if, for every partition, the
+//! fence-check Lua prologue (`scripts/fence_check.lua`) applies a commit only if, for every partition, the
 //! epoch is still the stored one and the range starts exactly at the stored fence. A
 //! replay after a crash, or a zombie that lost its partitions, is rejected whole.
-//! [`range_for`] (where a sink's next range starts) and [`on_rejection`] (what a
+//! [`range_for`](crate::checkpoint::claim::range_for) (where a sink's next range starts) and [`on_rejection`](crate::sinks::fenced::on_rejection) (what a
 //! refused commit does to the process) serve both sinks.
 
 use std::collections::BTreeMap;

@@ -3,7 +3,8 @@
 //! into scripts of `scripts/redis_commit.lua` no bigger than an operations budget.
 //!
 //! Units are fixed ranges of the Redis Cluster hash slots (CRC16 of the key, as
-//! `CLUSTER KEYSLOT` computes it): [`UNITS`] of them, each [`SLOTS_PER_UNIT`] slots. A
+//! `CLUSTER KEYSLOT` computes it): [`UNITS`](crate::protocol::units::UNITS) of them, each
+//! [`SLOTS_PER_UNIT`](crate::protocol::units::SLOTS_PER_UNIT) slots. A
 //! checkpoint that fits the budget is one script, as it always was. A bigger one is
 //! several `part` scripts and one `final`; each part records, per partition and unit,
 //! the range end it applied (a *unit fence*, `anchorflow:{group}:{topic}:units:{p}`),
