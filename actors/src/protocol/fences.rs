@@ -29,8 +29,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
+use crate::protocol::claim_script::{ClaimArgs, ClaimReply, Claimed};
 use crate::protocol::keys::{dws_field, series_field, FenceKeys};
-use crate::protocol::scripts::{ClaimArgs, ClaimReply, Claimed};
 
 /// The stored state of a claimed partition: its open windows, one per owner, and the
 /// unit fences of an interrupted split Redis commit.

@@ -1,5 +1,6 @@
 //! anchorflow's bookkeeping in Redis.
 
+pub mod claim_script;
 pub mod fences;
 pub mod keys;
 pub mod lease;

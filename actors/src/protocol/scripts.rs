@@ -4,7 +4,7 @@
 //!
 //! | script | arguments | keys | reply |
 //! |---|---|---|---|
-//! | `claim.lua` | [`ClaimArgs`] | fences, lost | [`ClaimReply`] |
+//! | `claim.lua` | [`ClaimArgs`](crate::protocol::claim_script::ClaimArgs) | fences, lost | [`ClaimReply`](crate::protocol::claim_script::ClaimReply) |
 //! | `fence_check.lua` + `redis_commit.lua` | [`CommitArgs`], [`staged::PublishArgs`](crate::protocol::staged::PublishArgs) | fences, lost, windows, conflicts | [`Reply`] |
 //! | `fence_check.lua` + `warehouse_record.lua` | [`RecordArgs`] | fences, lost, publish, windows, folders, committed, wm | [`Reply`] |
 //! | `lease.lua` | [`LeaseArgs`] | the lease | the holder left in place, if not us |
@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Context as _;
 
-use crate::checkpoint::claim::{Claim, FenceRange, SinkKind};
+use crate::checkpoint::claim::{FenceRange, SinkKind};
 use crate::logic::decode::TraceValues;
 use crate::protocol::keys::{dws_field, series_field, FenceKeys};
 use crate::protocol::publish::PublishRecord;
@@ -122,7 +122,7 @@ impl Args {
 }
 
 /// Adds `args` to an invocation.
-fn with_args<'a>(
+pub(crate) fn with_args<'a>(
     mut invocation: redis::ScriptInvocation<'a>,
     args: &Args,
 ) -> redis::ScriptInvocation<'a> {
@@ -147,85 +147,6 @@ pub(crate) fn invoke_fenced(
     }
     let value: redis::Value = with_args(invocation, args).invoke(conn).context(what)?;
     reply::parse(&value)
-}
-
-/// A claimed partition: its claim, and the unit fences a split Redis commit left
-/// beyond its Redis fence (unit → fence; usually none).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Claimed {
-    pub claim: Claim,
-    pub unit_fences: BTreeMap<u16, i64>,
-}
-
-/// `claim.lua`: bump each partition's epoch, return its fences; absent fences start at
-/// the partition's cold-start offset (-1: the caller believes they exist).
-pub struct ClaimArgs<'a> {
-    pub units_prefix: &'a str,
-    /// `(partition, cold-start offset)`.
-    pub partitions: &'a [(i32, i64)],
-}
-
-/// What `claim.lua` answered.
-#[derive(Debug, PartialEq, Eq)]
-pub enum ClaimReply {
-    /// The lost marker is set: Redis lost anchorflow's fences.
-    StateLost,
-    /// A partition has no fences and no cold-start offset was given.
-    Vanished(i32),
-    Claimed(BTreeMap<i32, Claimed>),
-}
-
-impl ClaimArgs<'_> {
-    pub fn encode(&self) -> Args {
-        let mut args = Args::default();
-        args.push(self.units_prefix);
-        args.counted(self.partitions, |args, (p, cold)| {
-            args.push(p);
-            args.push(cold);
-        });
-        args.finish()
-    }
-
-    pub fn invoke(
-        &self,
-        conn: &mut redis::Connection,
-        keys: &FenceKeys,
-    ) -> anyhow::Result<ClaimReply> {
-        let script = claim_script();
-        let mut invocation = script.key(&keys.fences);
-        invocation.key(&keys.lost);
-        let reply: Vec<i64> = with_args(invocation, &self.encode())
-            .invoke(conn)
-            .context("running the claim script")?;
-        match reply.as_slice() {
-            [-1] => Ok(ClaimReply::StateLost),
-            [-2, p] => Ok(ClaimReply::Vanished(*p as i32)),
-            flat => parse_claims(flat).map(ClaimReply::Claimed),
-        }
-    }
-}
-
-/// Reads the claim script's reply: per partition `p, epoch, redis, warehouse, k` and
-/// `k` pairs of unit and unit fence.
-fn parse_claims(mut flat: &[i64]) -> anyhow::Result<BTreeMap<i32, Claimed>> {
-    let mut out = BTreeMap::new();
-    while let [p, epoch, redis, warehouse, k, rest @ ..] = flat {
-        let k = usize::try_from(*k).context("a unit-fence count in the claim reply")?;
-        anyhow::ensure!(rest.len() >= 2 * k, "a truncated claim reply");
-        let unit_fences = rest[..2 * k]
-            .chunks(2)
-            .map(|pair| (pair[0] as u16, pair[1]))
-            .collect();
-        let claim = Claim {
-            epoch: *epoch,
-            redis: *redis,
-            warehouse: *warehouse,
-        };
-        out.insert(*p as i32, Claimed { claim, unit_fences });
-        flat = &rest[2 * k..];
-    }
-    anyhow::ensure!(flat.is_empty(), "unexpected claim reply tail: {flat:?}");
-    Ok(out)
 }
 
 /// Whether a commit script only applies units (`part`), also moves the fences
@@ -330,6 +251,23 @@ pub struct CommitArgs<'a> {
     pub tail: Option<FinalTail<'a>>,
 }
 
+/// One class's lists: the single-value ones as key and value, then the others as key,
+/// n and n values.
+fn push_lists<'a>(args: &mut Args, lists: impl Iterator<Item = &'a ListWrite> + Clone) {
+    let single = |list: &&ListWrite| list.values.len() == 1;
+    args.push(lists.clone().filter(single).count());
+    for list in lists.clone().filter(single) {
+        args.push(&list.key);
+        args.push(list.values[0]);
+    }
+    let others = lists.filter(|list| list.values.len() != 1);
+    args.push(others.clone().count());
+    for list in others {
+        args.push(&list.key);
+        args.counted(&list.values, |args, value| args.push(value));
+    }
+}
+
 fn push_hashes(args: &mut Args, hashes: &[HashWrite]) {
     args.counted(hashes, |args, hash| {
         args.push(&hash.key);
@@ -347,13 +285,22 @@ impl CommitArgs<'_> {
         args.push(self.mode.name());
         args.push(self.units_prefix);
         args.push(self.conflicts_ttl_ms);
+        // The lists' TTL classes, then per unit its lists class by class
+        // (`redis_commit.lua` has the layout).
+        let classes: BTreeSet<i64> = self
+            .units
+            .iter()
+            .flat_map(|(_, unit)| unit.lists.iter().map(|list| list.ttl_ms))
+            .collect();
+        args.push(classes.len());
+        for ttl_ms in &classes {
+            args.push(ttl_ms);
+        }
         args.counted(self.units, |args, (id, unit)| {
             args.push(id);
-            args.counted(&unit.lists, |args, list| {
-                args.push(&list.key);
-                args.push(list.ttl_ms);
-                args.counted(&list.values, |args, value| args.push(value));
-            });
+            for &ttl_ms in &classes {
+                push_lists(args, unit.lists.iter().filter(|l| l.ttl_ms == ttl_ms));
+            }
             push_hashes(args, &unit.hashes);
         });
         if let Some(tail) = self.tail {
@@ -499,14 +446,69 @@ impl LeaseArgs<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logic::decode::TraceValue;
 
+    fn list(key: &str, ttl_ms: i64, timestamps: &[i64]) -> ListWrite {
+        let values = timestamps
+            .iter()
+            .map(|&timestamp| TraceValue {
+                state: 60,
+                business_id: 7,
+                timestamp,
+            })
+            .collect();
+        ListWrite {
+            key: key.into(),
+            ttl_ms,
+            values,
+        }
+    }
+
+    /// The lists' TTLs go once per script (one class per TTL), and a single-value list
+    /// is its key and value: two arguments, not four (`redis_commit.lua` reads them).
     #[test]
-    fn claim_replies_carry_unit_fences() {
-        let claims = parse_claims(&[0, 3, 100, 90, 0, 5, 1, 40, 40, 2, 7, 60, 9, 55]).unwrap();
-        assert_eq!(claims[&0].claim.start(), 90);
-        assert!(claims[&0].unit_fences.is_empty());
-        assert_eq!(claims[&5].claim.epoch, 1);
-        assert_eq!(claims[&5].unit_fences, BTreeMap::from([(7, 60), (9, 55)]));
-        assert!(parse_claims(&[0, 3, 100, 90, 2, 7]).is_err());
+    fn lists_are_written_by_ttl_class_and_single_values_without_a_count() {
+        let unit = UnitWrites {
+            lists: vec![
+                list("r1", 500, &[1]),
+                list("m1", 900, &[2, 3]),
+                list("r2", 500, &[4]),
+            ],
+            hashes: Vec::new(),
+        };
+        let units = [(7u16, unit)];
+        let args = CommitArgs {
+            checkpoint: 1,
+            ranges: &[],
+            mode: Mode::Part,
+            units_prefix: "u:",
+            conflicts_ttl_ms: 10,
+            units: &units,
+            tail: None,
+        }
+        .encode();
+        let all: Vec<&str> = args.iter().collect();
+        let own = all
+            .iter()
+            .position(|a| *a == "part")
+            .expect("the mode argument");
+        let value = |t: i64| {
+            TraceValue {
+                state: 60,
+                business_id: 7,
+                timestamp: t,
+            }
+            .to_string()
+        };
+        let (v1, v2, v3, v4) = (value(1), value(2), value(3), value(4));
+        let expected = [
+            "part", "u:", "10", // mode, unit-fence prefix, conflicts' TTL
+            "2", "500", "900", // two TTL classes
+            "1", "7", // one unit, its id
+            "2", "r1", &v1, "r2", &v4, "0", // class 500: two singles, no others
+            "0", "1", "m1", "2", &v2, &v3, // class 900: no singles, one list of two
+            "0", END, // no hashes
+        ];
+        assert_eq!(&all[own..], expected);
     }
 }

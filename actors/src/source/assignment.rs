@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use tracing::info;
 
 use crate::checkpoint::claim::Claim;
+use crate::protocol::claim_script::Claimed;
 use crate::protocol::fences::{self, ClaimError, StoredWindows};
 use crate::protocol::keys::FenceKeys;
-use crate::protocol::scripts::Claimed;
 use crate::protocol::staged;
 use crate::runtime::clock::{self, Clock};
 use crate::runtime::retry::{self, Until};

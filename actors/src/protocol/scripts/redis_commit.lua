@@ -3,9 +3,13 @@
 -- conflicts hash.
 --
 -- Own arguments: mode (`final`, `part` or `publish`), the prefix of the per-partition
--- unit-fence hashes, the conflicts' TTL in ms, then the units: count, and per unit its
--- id, its lists (count; per list: key, TTL ms, n, n values) and its hashes (count; per
--- hash: key, TTL ms, m, m pairs of field and increment). A `final` script then carries
+-- unit-fence hashes, the conflicts' TTL in ms, then the lists' TTLs in ms (count, then
+-- each: a *class*), then the units: count, and per unit its id, its lists per class
+-- (single-value lists: count, then key and value each; the others: count, then key, n
+-- and n values each; every list of a class gets its TTL) and its hashes (count; per
+-- hash: key, TTL ms, m, m pairs of field and increment). Most lists get one value per
+-- commit, and every argument costs Redis its parsing and a Lua string: a single-value
+-- list is two arguments, not four. A `final` script then carries
 -- the window-series hashes (same shape as hashes), the staged series (the staging list,
 -- the set of pending staging lists, n, and n batches; an empty list name when there
 -- are none), the open-window states (count; per partition: field, text) and the keys
@@ -72,41 +76,61 @@ local function attempt(...)
   return not err, err
 end
 
--- Applies (when `apply`) or skips the lists whose count is ARGV[i]; leaves `i` at the
--- argument after them.
-local function lists(apply)
-  local at = i
-  for _ = 1, tonumber(argv[at]) do
-    local key, ttl, n = argv[at + 1], argv[at + 2], tonumber(argv[at + 3])
-    local first, last = at + 4, at + 3 + n
-    at = last
-    if apply then
-      local err
-      if n == 1 then
-        err = refusal(pcall_('LPUSH', key, argv[first]))
-        if err then
-          conflict(key, err, 1)
-        end
-      else
-        local j = first
-        while j <= last and not err do
-          local upto = min(j + 999, last)
-          err = refusal(pcall_('LPUSH', key, unpack_(argv, j, upto)))
-          if err then
-            conflict(key, err, last - j + 1)
-          end
-          j = upto + 1
-        end
+-- The lists' TTL classes (read before the units, see the layout above).
+local list_ttls = {}
+
+-- Pushes `first`..`last` of ARGV onto `key` (at most 1000 at a time, unpack's limit),
+-- then sets its TTL; a refusal is a conflict and stops the rest of this key.
+local function push(key, ttl, first, last)
+  local err
+  if first == last then
+    err = refusal(pcall_('LPUSH', key, argv[first]))
+    if err then
+      conflict(key, err, 1)
+    end
+  else
+    local j = first
+    while j <= last and not err do
+      local upto = min(j + 999, last)
+      err = refusal(pcall_('LPUSH', key, unpack_(argv, j, upto)))
+      if err then
+        conflict(key, err, last - j + 1)
       end
-      if not err then
-        err = refusal(pcall_('PEXPIRE', key, ttl))
-        if err then
-          conflict(key, err, 0)
-        end
-      end
+      j = upto + 1
     end
   end
-  i = at + 1
+  if not err then
+    err = refusal(pcall_('PEXPIRE', key, ttl))
+    if err then
+      conflict(key, err, 0)
+    end
+  end
+end
+
+-- Applies (when `apply`) or skips one unit's lists, class by class, starting at
+-- ARGV[i]; leaves `i` at the argument after them.
+local function lists(apply)
+  local at = i
+  for c = 1, #list_ttls do
+    local ttl = list_ttls[c]
+    local singles = tonumber(argv[at])
+    if apply then
+      for k = at + 1, at + 2 * singles, 2 do
+        push(argv[k], ttl, k + 1, k + 1)
+      end
+    end
+    at = at + 2 * singles + 1
+    for _ = 1, tonumber(argv[at]) do
+      local key, n = argv[at + 1], tonumber(argv[at + 2])
+      local first, last = at + 3, at + 2 + n
+      if apply then
+        push(key, ttl, first, last)
+      end
+      at = last
+    end
+    at = at + 1
+  end
+  i = at
 end
 
 -- Increments one hash: the field/increment pairs of `items` from index `first` to
@@ -288,18 +312,27 @@ end
 -- Walks the units once without writing, reading only the counts (one step per key), so
 -- that arguments that do not match this layout fail the script before its first write;
 -- notes the units' ids on the way.
+for _ = 1, int_at(i) do
+  list_ttls[#list_ttls + 1] = argv[i + 1]
+  i = i + 1
+end
+i = i + 1
 local body = i
 local unit_ids = {}
 do
-  -- Each list is key, TTL, n and n values; each hash key, TTL, m and m pairs.
+  -- Per class, single-value lists are key and value; the others key, n and n values.
+  -- Each hash is key, TTL, m and m pairs.
   local at = i + 1
   for _ = 1, int_at(i) do
     unit_ids[#unit_ids + 1] = argv[at]
     at = at + 1
-    for _ = 1, int_at(at) do
-      at = at + 3 + int_at(at + 3)
+    for _ = 1, #list_ttls do
+      at = at + 1 + 2 * int_at(at)
+      for _ = 1, int_at(at) do
+        at = at + 2 + int_at(at + 2)
+      end
+      at = at + 1
     end
-    at = at + 1
     for _ = 1, int_at(at) do
       at = at + 3 + 2 * int_at(at + 3)
     end

@@ -447,10 +447,10 @@ mod tests {
     use crate::checkpoint::barrier::{CheckpointKind, CheckpointSpec};
     use crate::logic::tables::{OdsRows, Table};
     use crate::logic::window::Counts;
+    use crate::protocol::claim_script::Claimed;
     use crate::protocol::fences;
     use crate::protocol::keys::FenceKeys;
     use crate::protocol::publish::pending_publishes;
-    use crate::protocol::scripts::Claimed;
     use crate::sinks::test_redis::test_redis;
     use crate::sinks::warehouse::partition_committer::PartitionCommitter;
     use crate::sinks::warehouse::storage::LocalFs;
