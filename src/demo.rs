@@ -145,8 +145,10 @@ pub fn produce(
         sent.entry(partition).or_default().push(value);
         producer.poll(Duration::ZERO);
     }
+    // Generous: with one record per batch, tansu takes a request per record, and two
+    // fault tests producing 150,000 each on two shared cores once needed over 60 s.
     producer
-        .flush(Duration::from_secs(60))
+        .flush(Duration::from_secs(300))
         .context("flushing the producer")?;
     Ok(sent)
 }

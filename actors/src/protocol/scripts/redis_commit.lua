@@ -9,8 +9,8 @@
 -- and n values each; every list of a class gets its TTL) and its hashes (count; per
 -- hash: key, TTL ms, m, m pairs of field and increment). Most lists get one value per
 -- commit, and every argument costs Redis its parsing and a Lua string: a single-value
--- list is two arguments, not four. A `final` script then carries
--- the window-series hashes (same shape as hashes), the staged series (the staging list,
+-- list is two arguments, not four. A `final` script then carries the window-series
+-- hashes (same shape as hashes), the staged series (the staging list,
 -- the set of pending staging lists, n, and n batches; an empty list name when there
 -- are none), the open-window states (count; per partition: field, text) and the keys
 -- the sink refused to write (count; per key: key, values lost), and moves the fences.
@@ -309,14 +309,16 @@ if mode == 'publish' then
   return applied_reply()
 end
 
--- Walks the units once without writing, reading only the counts (one step per key), so
--- that arguments that do not match this layout fail the script before its first write;
--- notes the units' ids on the way.
+-- The lists' TTL classes: count, then each TTL.
 for _ = 1, int_at(i) do
   list_ttls[#list_ttls + 1] = argv[i + 1]
   i = i + 1
 end
 i = i + 1
+
+-- Walks the units once without writing, reading only the counts (one step per key), so
+-- that arguments that do not match this layout fail the script before its first write;
+-- notes the units' ids on the way.
 local body = i
 local unit_ids = {}
 do
