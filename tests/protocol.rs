@@ -377,6 +377,13 @@ fn many_windows_close(keys: &FenceKeys, id: u64, epoch: i64, windows: i64) -> Co
     plan_of(keys, id, vec![closing(id, epoch, closed)], 100)
 }
 
+/// The series hash [`many_windows_close`] leaves once applied: field `{start}:10`.
+fn many_windows_series(windows: i64) -> BTreeMap<String, i64> {
+    (0..windows)
+        .map(|w| (format!("{}:10", 60_000 * w), w + 1))
+        .collect()
+}
+
 fn staged_lists(conn: &mut redis::Connection, keys: &FenceKeys) -> Vec<String> {
     redis::cmd("SMEMBERS")
         .arg(&keys.staged)
@@ -435,9 +442,7 @@ fn series_staged_by_a_final_script_are_published_exactly_once() {
     for script in [&publishes[0]].into_iter().chain(publishes) {
         run(&mut conn, &keys, &script.args);
     }
-    let expected: BTreeMap<String, i64> = (0..300)
-        .map(|w| (format!("{}:10", 60_000 * w), w + 1))
-        .collect();
+    let expected = many_windows_series(300);
     assert_eq!(series(&mut conn), expected);
     assert_eq!(staged_lists(&mut conn, &keys), Vec::<String>::new());
     assert_eq!(
@@ -512,9 +517,7 @@ fn concurrent_publishers_apply_every_staged_batch_once() {
         let published = publisher.join().unwrap().expect("publishing beside others");
         assert_eq!(published.conflicts, 0);
     }
-    let expected: BTreeMap<String, i64> = (0..3000)
-        .map(|w| (format!("{}:10", 60_000 * w), w + 1))
-        .collect();
+    let expected = many_windows_series(3000);
     assert_eq!(series(&mut conn), expected);
     assert_eq!(staged_lists(&mut conn, &keys), Vec::<String>::new());
 }

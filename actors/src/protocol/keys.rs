@@ -48,6 +48,24 @@ impl FenceKeys {
     pub fn staged_list(&self, partition: i32, epoch: i64, checkpoint: u64) -> String {
         format!("{}:{partition}:{epoch}:{checkpoint}", self.staged)
     }
+
+    /// The KEYS of the Redis sink's commit script, in its order (every mode).
+    pub fn commit_keys(&self) -> [&String; 4] {
+        [&self.fences, &self.lost, &self.windows, &self.conflicts]
+    }
+
+    /// The KEYS of the warehouse sink's record script, in its order.
+    pub fn record_keys(&self) -> [&String; 7] {
+        [
+            &self.fences,
+            &self.lost,
+            &self.publish,
+            &self.windows,
+            &self.folders,
+            &self.committed,
+            &self.watermarks,
+        ]
+    }
 }
 
 /// Field of a partition's open series windows in the windows hash.

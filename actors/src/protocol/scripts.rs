@@ -336,15 +336,15 @@ impl CommitArgs<'_> {
 /// invocation first copies each into an allocation of its own. The caller loads the
 /// script when Redis answers `NOSCRIPT`.
 pub fn commit_command(script: &redis::Script, keys: &FenceKeys, args: &Args) -> redis::Cmd {
+    let keys = keys.commit_keys();
     let mut command = redis::Cmd::with_capacity(args.len() + 7, args.text.len() + 256);
     command
         .arg("EVALSHA")
         .arg(script.get_hash())
-        .arg(4)
-        .arg(&keys.fences)
-        .arg(&keys.lost)
-        .arg(&keys.windows)
-        .arg(&keys.conflicts);
+        .arg(keys.len());
+    for key in keys {
+        command.arg(key);
+    }
     for arg in args.iter() {
         command.arg(arg);
     }
@@ -398,19 +398,10 @@ impl RecordArgs<'_> {
         conn: &mut redis::Connection,
         keys: &FenceKeys,
     ) -> anyhow::Result<Reply> {
-        let keys = [
-            &keys.fences,
-            &keys.lost,
-            &keys.publish,
-            &keys.windows,
-            &keys.folders,
-            &keys.committed,
-            &keys.watermarks,
-        ];
         invoke_fenced(
             script,
             conn,
-            &keys,
+            &keys.record_keys(),
             &self.encode(),
             "running the record script",
         )

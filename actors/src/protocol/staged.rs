@@ -73,11 +73,10 @@ impl PublishArgs<'_> {
         conn: &mut redis::Connection,
         keys: &FenceKeys,
     ) -> anyhow::Result<Reply> {
-        let keys = [&keys.fences, &keys.lost, &keys.windows, &keys.conflicts];
         invoke_fenced(
             script,
             conn,
-            &keys,
+            &keys.commit_keys(),
             &self.encode(),
             "running a publish script",
         )
