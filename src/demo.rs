@@ -145,12 +145,30 @@ pub fn produce(
         sent.entry(partition).or_default().push(value);
         producer.poll(Duration::ZERO);
     }
-    // Generous: with one record per batch, tansu takes a request per record, and two
-    // fault tests producing 150,000 each on two shared cores once needed over 60 s.
-    producer
-        .flush(Duration::from_secs(300))
-        .context("flushing the producer")?;
+    flush_while_progressing(&producer, Duration::from_secs(60))?;
     Ok(sent)
+}
+
+/// Waits until every record is delivered, for as long as the broker keeps taking them;
+/// fails once it has taken none for `stall`. (A fixed limit failed two fault tests
+/// whose 150,000 records each, one per batch, tansu took more than 60 s to take on two
+/// shared cores: slow, not stuck.)
+fn flush_while_progressing(producer: &BaseProducer, stall: Duration) -> anyhow::Result<()> {
+    let mut left = producer.in_flight_count();
+    let mut progressed = Instant::now();
+    while left > 0 {
+        producer.poll(Duration::from_millis(100));
+        let now = producer.in_flight_count();
+        if now < left {
+            (left, progressed) = (now, Instant::now());
+        } else if progressed.elapsed() >= stall {
+            bail!(
+                "flushing the producer: {left} records not delivered, none in {} s",
+                stall.as_secs()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Waits until the pipeline committed `total` offsets, or fails after `limit`.
