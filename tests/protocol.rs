@@ -101,7 +101,8 @@ fn plan_of(keys: &FenceKeys, id: u64, deltas: Vec<PartitionDelta>, budget: usize
         layout: &KeyLayout::default(),
         ttls: Ttls {
             receiver_ms: 60_000,
-            message_ms: 60_000,
+            // Apart from the receivers', so that the lists form two TTL classes.
+            message_ms: 120_000,
             template_ms: 60_000,
             series_ms: 60_000,
             conflicts_ms: 60_000,
@@ -485,6 +486,71 @@ fn series_staged_by_a_final_script_are_published_exactly_once() {
     let doubled: BTreeMap<String, i64> = expected.iter().map(|(k, n)| (k.clone(), 2 * n)).collect();
     assert_eq!(series(&mut conn), doubled);
     assert_eq!(staged_lists(&mut conn, &keys), Vec::<String>::new());
+}
+
+/// Lists of both TTL classes (receivers, message ids) with one value, a few, and more
+/// than one `LPUSH` carries (1,000 values each) apply exactly: every list holds its
+/// values newest first, with its class's TTL.
+#[test]
+fn lists_of_every_shape_apply_exactly_with_their_class_ttl() {
+    let (mut conn, keys) = fresh_db(54);
+    claim_fresh(&mut conn, &keys, &[0], 0);
+    let values = |n: i64| -> Vec<TraceValue> {
+        (0..n)
+            .map(|timestamp| TraceValue {
+                state: 10,
+                business_id: TEMPLATE,
+                timestamp,
+            })
+            .collect()
+    };
+    let push = |key: &str, n: i64| ListPush {
+        key: key.into(),
+        values: values(n).into_iter().collect(),
+    };
+    let delta = PartitionDelta {
+        partition: 0,
+        next_offset: 5,
+        claim: Claim {
+            epoch: 1,
+            redis: 0,
+            warehouse: 0,
+        },
+        template_counts: vec![],
+        receiver_lists: vec![push("r1", 1), push("r3", 3), push("r2500", 2500)],
+        message_lists: vec![push("m1", 1), push("m2", 2)],
+        series: vec![],
+        windows: String::new(),
+    };
+    let commit = plan_of(&keys, 1, vec![delta], 100_000);
+    assert_eq!(commit.scripts.len(), 1);
+    assert!(matches!(
+        run(&mut conn, &keys, &commit.scripts[0].args),
+        Reply::Applied { .. }
+    ));
+    let layout = KeyLayout::default();
+    let lists = [
+        (layout.receiver("r1"), 1, 60_000),
+        (layout.receiver("r3"), 3, 60_000),
+        (layout.receiver("r2500"), 2500, 60_000),
+        (layout.message("m1"), 1, 120_000),
+        (layout.message("m2"), 2, 120_000),
+    ];
+    for (key, n, ttl_ms) in lists {
+        let stored: Vec<String> = redis::cmd("LRANGE")
+            .arg(&key)
+            .arg(0)
+            .arg(-1)
+            .query(&mut conn)
+            .unwrap();
+        let newest_first: Vec<String> = values(n).iter().rev().map(|v| v.to_string()).collect();
+        assert_eq!(stored, newest_first, "{key}");
+        let pttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut conn).unwrap();
+        assert!(
+            pttl > ttl_ms - 30_000 && pttl <= ttl_ms,
+            "{key}: PTTL {pttl}"
+        );
+    }
 }
 
 /// Three instances claiming at once publish the same pending list side by side (each
