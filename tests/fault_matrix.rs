@@ -1027,17 +1027,11 @@ fn slow_scripts(conn: &mut redis::Connection) -> Vec<String> {
 /// the final script and published after it in scripts within the bound: Redis's slow
 /// log (threshold four times the bound) lists none. The first run dies between a final
 /// and its first publish; the next run publishes what was staged, each field once.
-#[test]
-fn series_of_many_windows_commit_in_short_scripts_and_survive_a_crash_before_publishing() {
-    use std::os::unix::process::ExitStatusExt as _;
-    let redis = TestRedis::start_with(&["--slowlog-log-slower-than", "100000"]);
-    let mut setup = Setup::new("spread-series", 2, redis.url(1));
-    setup
-        .set("redis.max_commit_ms=25")
-        .set("pipeline.checkpoint_interval_ms=60000");
-    // Newest first: every later record is a window of its own that the first barrier
-    // closes (with ten templates, ~40,000 series fields).
-    let records: Vec<Option<Vec<u8>>> = (0..40_000i64)
+/// Newest first: every later record is a window of its own that the first barrier
+/// closes (with ten templates, ~40,000 series fields): so many that the final script
+/// stages them and `publish` scripts apply them.
+fn many_windows() -> Vec<Option<Vec<u8>>> {
+    (0..40_000i64)
         .map(|n| {
             Some(
                 format!(
@@ -1048,8 +1042,27 @@ fn series_of_many_windows_commit_in_short_scripts_and_survive_a_crash_before_pub
                 .into_bytes(),
             )
         })
-        .collect();
-    let produced = setup.produce_records(records);
+        .collect()
+}
+
+/// Whether no staged series list is pending.
+fn nothing_staged(conn: &mut redis::Connection, setup: &Setup) -> bool {
+    let keys = anchorflow_actors::protocol::keys::FenceKeys::new(&setup.group, &setup.topic);
+    redis::cmd("SCARD")
+        .arg(&keys.staged)
+        .query::<i64>(conn)
+        .is_ok_and(|n| n == 0)
+}
+
+#[test]
+fn series_of_many_windows_commit_in_short_scripts_and_survive_a_crash_before_publishing() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let redis = TestRedis::start_with(&["--slowlog-log-slower-than", "100000"]);
+    let mut setup = Setup::new("spread-series", 2, redis.url(1));
+    setup
+        .set("redis.max_commit_ms=25")
+        .set("pipeline.checkpoint_interval_ms=60000");
+    let produced = setup.produce_records(many_windows());
     let point = "before_series_publish";
     let mut first = setup.spawn("spread", &[("ANCHORFLOW_FAULT", point)], "");
     let status = first.wait_exit(Duration::from_secs(240));
@@ -1080,18 +1093,93 @@ fn series_of_many_windows_commit_in_short_scripts_and_survive_a_crash_before_pub
     setup.wait_until(
         "the staged series are published",
         Duration::from_secs(60),
-        || {
-            redis::cmd("SCARD")
-                .arg(&keys.staged)
-                .query::<i64>(&mut conn)
-                .unwrap()
-                == 0
-        },
+        || nothing_staged(&mut conn, &setup),
     );
     run.stop();
     let scripts = slow_scripts(&mut conn);
     assert!(scripts.is_empty(), "slow commit scripts: {scripts:?}");
     setup.check(&produced);
+}
+
+/// Redis freezes or goes down between two `publish` scripts of series staged by a final
+/// script (the third publish is held at a fault point until the fault is in place, then
+/// sent into it): the publish in flight applies with its reply lost, or not at all. The
+/// sink says so (not ready, errors counted), restarts in place and publishes on; every
+/// staged batch applies once (each `publish` pops the batch it applies) and the oracle
+/// finds the series exact.
+fn redis_outage_mid_publish(
+    name: &str,
+    fault: impl FnOnce(&mut TestRedis),
+    heal: impl FnOnce(&mut TestRedis),
+) {
+    let mut redis = TestRedis::start();
+    let mut setup = Setup::new(name, 2, redis.url(1));
+    setup
+        .set("redis.command_timeout_secs=2")
+        .set("redis.max_commit_ms=25")
+        .set("pipeline.checkpoint_interval_ms=60000");
+    let produced = setup.produce_records(many_windows());
+    let hold = setup.logs.join("hold");
+    let once = setup.logs.join("held-once");
+    let env = [
+        ("ANCHORFLOW_FAULT", "before_series_publish"),
+        ("ANCHORFLOW_FAULT_AFTER", "3"),
+        ("ANCHORFLOW_FAULT_HOLD", hold.to_str().unwrap()),
+        ("ANCHORFLOW_FAULT_ONCE", once.to_str().unwrap()),
+    ];
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let run = setup.supervise(name, &env, &metrics);
+    setup.wait_until(
+        "the third publish is held",
+        Duration::from_secs(240),
+        || hold.exists(),
+    );
+    fault(&mut redis);
+    std::fs::remove_file(&hold).unwrap();
+    setup.wait_until(
+        "the sink fails on the publish",
+        Duration::from_secs(60),
+        || {
+            http_get(&metrics, "/metrics")
+                .and_then(|(_, text)| metric(&text, "anchorflow_redis_errors_total"))
+                .is_some_and(|errors| errors >= 1.0)
+        },
+    );
+    let ready = http_get(&metrics, "/readyz").map(|r| r.0);
+    assert_eq!(ready, Some(503), "ready while Redis is out mid-publish");
+    heal(&mut redis);
+    setup.wait_drained(&produced);
+    let mut conn = connect(&redis.url(1));
+    setup.wait_until(
+        "the staged series are published",
+        Duration::from_secs(60),
+        || nothing_staged(&mut conn, &setup),
+    );
+    let exits = run.stop();
+    assert_eq!(
+        exits.len(),
+        1,
+        "the sink restarted, not the process: {exits:?}"
+    );
+    setup.check(&produced);
+}
+
+#[test]
+fn redis_paused_mid_publish_of_staged_series_applies_every_batch_once() {
+    redis_outage_mid_publish(
+        "publish-pause",
+        |redis| redis.pause(),
+        |redis| redis.resume(),
+    );
+}
+
+#[test]
+fn redis_refusing_connections_mid_publish_of_staged_series_applies_every_batch_once() {
+    redis_outage_mid_publish(
+        "publish-down",
+        |redis| redis.stop(),
+        |redis| redis.restart(),
+    );
 }
 
 /// Hostile input with hundreds of distinct unknown state codes: every event still

@@ -5,14 +5,16 @@
 //! builds never have it). With the feature, `ANCHORFLOW_FAULT=<name>` aborts the
 //! process (or, at a panic point, panics) the `ANCHORFLOW_FAULT_AFTER`-th time that
 //! point is reached (by default the first), and with `ANCHORFLOW_FAULT_ONCE=<file>`
-//! only in the first process that gets there; `ANCHORFLOW_FAULT_POISON` makes every
+//! only in the first process that gets there; `ANCHORFLOW_FAULT_HOLD=<file>` makes an
+//! async point hold instead ([`point_or_hold`]); `ANCHORFLOW_FAULT_POISON` makes every
 //! record containing its text panic the reader.
 
 /// After the Redis commit script succeeded, before the sink reports it (and so
 /// before files of the same checkpoint are necessarily published).
 pub const AFTER_REDIS_COMMIT: &str = "after_redis_commit";
 /// After a Redis final script staged window series, before a `publish` script
-/// applies them (the first publish reached; `ANCHORFLOW_FAULT_AFTER` picks a later one).
+/// applies them (the first publish reached; `ANCHORFLOW_FAULT_AFTER` picks a later one;
+/// a hold point, [`point_or_hold`]).
 pub const BEFORE_SERIES_PUBLISH: &str = "before_series_publish";
 /// After a warehouse commit was recorded in Redis, before its files are renamed.
 pub const AFTER_WAREHOUSE_RECORD: &str = "after_warehouse_record";
@@ -92,14 +94,46 @@ pub fn poison(_payload: Option<&[u8]>) {}
 #[cfg(feature = "fault-points")]
 pub fn point(name: &str) {
     if reached(name) {
-        eprintln!("fault point {name} reached: aborting");
-        std::process::abort();
+        abort_at(name);
     }
 }
 
 #[cfg(not(feature = "fault-points"))]
 #[inline(always)]
 pub fn point(_name: &str) {}
+
+#[cfg(feature = "fault-points")]
+fn abort_at(name: &str) -> ! {
+    eprintln!("fault point {name} reached: aborting");
+    std::process::abort();
+}
+
+/// [`point`] for async code, which with `ANCHORFLOW_FAULT_HOLD=<file>` holds instead of
+/// aborting: it creates the file and waits until the test removes it, so that the test
+/// can break a dependency (freeze or stop Redis) at exactly that instant and then let
+/// the work go on into the broken dependency.
+#[cfg(feature = "fault-points")]
+pub async fn point_or_hold(name: &str) {
+    if !reached(name) {
+        return;
+    }
+    let Some(marker) = std::env::var_os("ANCHORFLOW_FAULT_HOLD") else {
+        abort_at(name);
+    };
+    let marker = std::path::PathBuf::from(marker);
+    if let Err(error) = std::fs::write(&marker, name) {
+        eprintln!("fault point {name}: cannot create {marker:?}: {error}");
+        abort_at(name);
+    }
+    eprintln!("fault point {name} reached: holding until {marker:?} is removed");
+    while marker.exists() {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(not(feature = "fault-points"))]
+#[inline(always)]
+pub async fn point_or_hold(_name: &str) {}
 
 /// With the feature, `ANCHORFLOW_FAULT_WAREHOUSE_DELAY_MS` makes the warehouse sink
 /// sleep that long per batch of rows: a slow disk or bucket, for the test that a slow

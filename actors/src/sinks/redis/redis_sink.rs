@@ -341,7 +341,7 @@ impl Committer {
         let checkpoint = in_flight.plan.spec.id;
         while let Some(script) = in_flight.plan.scripts.get(in_flight.applied) {
             if script.mode == Mode::Publish {
-                fault::point(fault::BEFORE_SERIES_PUBLISH);
+                fault::point_or_hold(fault::BEFORE_SERIES_PUBLISH).await;
             }
             let started = Instant::now();
             let reply = match link.apply(&self.shared.keys, &script.args).await {
