@@ -437,6 +437,24 @@ fn graceful_restart_loses_and_duplicates_nothing() {
     wait_for_commits(&handle, 500, Duration::from_secs(120)).expect("first run makes progress");
     let first = handle.telemetry.health.clone();
     assert_eq!(handle.stop().expect("stops"), 0);
+    // The stop's offset commit is sent without waiting (a broker that does not answer
+    // must not hold the stop); closing the consumer waits for it, so the group's
+    // offsets, which lag monitors read, stand at the fences the final checkpoint set.
+    let fences = stored_fences(&url, &config.source.group_id, &topic, PARTITIONS);
+    let fenced: std::collections::BTreeMap<i32, i64> = fences
+        .iter()
+        .filter(|(_, (_, redis, _))| *redis > 0)
+        .map(|(p, (_, redis, warehouse))| (*p, (*redis).min(*warehouse)))
+        .collect();
+    assert!(
+        !fenced.is_empty(),
+        "the first run committed nothing: {fences:?}"
+    );
+    assert_eq!(
+        group_offsets(&brokers(), &config.source.group_id, &topic, PARTITIONS),
+        fenced,
+        "the group's offsets after a graceful stop"
+    );
     extend(&mut produced, more.join().unwrap());
     // Windows still open at the stop must be restored from Redis, not re-read: these
     // later events close them in the second run.

@@ -148,6 +148,37 @@ pub fn stored_fences(
         .collect()
 }
 
+/// The offsets the consumer group `group` has committed in the broker, per partition
+/// (absent where it has none).
+pub fn group_offsets(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> BTreeMap<i32, i64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .expect("consumer");
+    let mut wanted = rdkafka::TopicPartitionList::new();
+    for partition in 0..partitions {
+        wanted.add_partition(topic, partition);
+    }
+    let committed = consumer
+        .committed_offsets(wanted, Duration::from_secs(30))
+        .expect("the group's committed offsets");
+    committed
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            rdkafka::Offset::Offset(offset) => Some((e.partition(), offset)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Whether both sinks' fences of every partition reached the end of what was produced.
 pub fn fenced_to_end(url: &str, group: &str, topic: &str, produced: &Produced) -> bool {
     let fences = stored_fences(url, group, topic, produced.len() as i32);

@@ -28,7 +28,8 @@ use crate::protocol::fences::{self, ClaimError};
 use crate::protocol::skipped;
 use crate::runtime::exit;
 use crate::source::assignment::{Claimer, Claims};
-use crate::source::flow::{PartitionControl, SourceState};
+use crate::source::control::{OffsetCommit, PartitionControl};
+use crate::source::flow::SourceState;
 use crate::source::held::Held;
 
 /// How long a seek or a watermark query may block the poll thread.
@@ -97,16 +98,15 @@ impl PartitionControl for SourceConsumer {
         }
     }
 
-    fn commit(&self, offsets: &BTreeMap<i32, i64>, sync: bool) -> anyhow::Result<()> {
+    fn commit(&self, offsets: &BTreeMap<i32, i64>, commit: OffsetCommit) -> anyhow::Result<()> {
         let mut tpl = TopicPartitionList::new();
         for (&partition, &offset) in offsets {
             tpl.add_partition_offset(self.context().topic(), partition, Offset::Offset(offset))
                 .context("expressing an offset")?;
         }
-        let mode = if sync {
-            CommitMode::Sync
-        } else {
-            CommitMode::Async
+        let mode = match commit {
+            OffsetCommit::Wait => CommitMode::Sync,
+            OffsetCommit::Send => CommitMode::Async,
         };
         Consumer::commit(self, &tpl, mode).context("committing offsets to the group")
     }
@@ -365,7 +365,7 @@ impl SourceContext {
         }
         info!(?partitions, "partitions revoked; checkpointing them first");
         let mut state = self.lock();
-        match state.final_checkpoint(consumer, self.revoke_timeout) {
+        match state.final_checkpoint(consumer, self.revoke_timeout, OffsetCommit::Wait) {
             Ok(()) => info!(?partitions, "revoked partitions checkpointed"),
             Err(e) => warn!(
                 ?partitions,

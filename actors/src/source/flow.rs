@@ -42,19 +42,10 @@ use crate::runtime::fault;
 use crate::runtime::health::Health;
 use crate::runtime::mailbox::Mailbox;
 use crate::runtime::memory::RECORD_OVERHEAD;
+use crate::source::control::{OffsetCommit, PartitionControl};
 use crate::source::held::Held;
 pub use crate::source::slot::Slot;
 use crate::source::slot::{self, Pause};
-
-/// What flow control and checkpoints need of the Kafka consumer.
-pub trait PartitionControl {
-    fn pause(&self, partition: i32);
-    /// Resumes a paused partition at `next_offset` (pausing purges what librdkafka
-    /// had fetched, and it does not always fetch it again by itself).
-    fn resume(&self, partition: i32, next_offset: i64);
-    /// Commits offsets to the group; `sync` waits for the broker's answer.
-    fn commit(&self, offsets: &BTreeMap<i32, i64>, sync: bool) -> anyhow::Result<()>;
-}
 
 /// Everything a reader needs, minus the partition number.
 #[derive(Clone)]
@@ -413,7 +404,12 @@ impl SourceState {
     }
 
     /// Applies one notice; commits offsets when a checkpoint completes.
-    fn on_notice(&mut self, control: &impl PartitionControl, notice: SourceNotice, sync: bool) {
+    fn on_notice(
+        &mut self,
+        control: &impl PartitionControl,
+        notice: SourceNotice,
+        commit: OffsetCommit,
+    ) {
         match notice {
             SourceNotice::Drained { partition } => self.drained(control, partition),
             SourceNotice::SinkCommitted {
@@ -423,7 +419,7 @@ impl SourceState {
             } => match self.coordinator.sink_committed(sink, checkpoint, fences) {
                 Ok(completed) => {
                     for done in completed {
-                        self.complete(control, done, sync);
+                        self.complete(control, done, commit);
                     }
                 }
                 Err(stale) => warn!(
@@ -436,13 +432,13 @@ impl SourceState {
         }
     }
 
-    fn complete(&mut self, control: &impl PartitionControl, done: Completed, sync: bool) {
+    fn complete(&mut self, control: &impl PartitionControl, done: Completed, commit: OffsetCommit) {
         fault::point(fault::AFTER_SINKS_COMMITTED);
         self.advance_released(control, &done.released);
         let metrics = &self.factory.context.metrics;
         let mut committed = BTreeMap::new();
         if !done.durable.is_empty() {
-            match control.commit(&done.durable, sync) {
+            match control.commit(&done.durable, commit) {
                 Ok(()) => committed = done.durable.clone(),
                 Err(e) => {
                     warn!(
@@ -472,16 +468,18 @@ impl SourceState {
     /// Applies the notices that arrived (between polls).
     pub fn drain_notices(&mut self, control: &impl PartitionControl) {
         while let Ok(notice) = self.notices.try_recv() {
-            self.on_notice(control, notice, false);
+            self.on_notice(control, notice, OffsetCommit::Send);
         }
         self.start_if_due(control);
     }
 
-    /// Waits for notices until `done` holds or `deadline` passes.
+    /// Waits for notices until `done` holds or `deadline` passes; offsets of the
+    /// checkpoints completed meanwhile are committed to the group as `commit` says.
     fn wait(
         &mut self,
         control: &impl PartitionControl,
         deadline: Instant,
+        commit: OffsetCommit,
         done: impl Fn(&SourceState) -> bool,
     ) -> anyhow::Result<()> {
         while !done(self) {
@@ -490,7 +488,7 @@ impl SourceState {
                 .notices
                 .recv_timeout(left.max(Duration::from_millis(1)))
             {
-                Ok(notice) => self.on_notice(control, notice, true),
+                Ok(notice) => self.on_notice(control, notice, commit),
                 Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
                     anyhow::bail!("the final checkpoint did not complete in time")
                 }
@@ -506,14 +504,15 @@ impl SourceState {
         &mut self,
         control: &impl PartitionControl,
         timeout: Duration,
+        commit: OffsetCommit,
     ) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         // A periodic checkpoint may be running; let it finish first.
-        self.wait(control, deadline, |s| !s.checkpoint_in_flight())?;
+        self.wait(control, deadline, commit, |s| !s.checkpoint_in_flight())?;
         let Some(id) = self.start_checkpoint(control, CheckpointKind::Final) else {
             return Ok(());
         };
-        self.wait(control, deadline, |s| s.completed == Some(id))
+        self.wait(control, deadline, commit, |s| s.completed == Some(id))
             .map_err(|e| e.context(format!("within {timeout:?}")))
     }
 }

@@ -31,6 +31,7 @@ use crate::protocol::keys::FenceKeys;
 use crate::sinks::warehouse::storage::Storage;
 use crate::source::assignment::Claimer;
 use crate::source::context::{SourceConsumer, SourceContext};
+use crate::source::control::OffsetCommit;
 use crate::source::flow::{ReaderFactory, SourceState};
 
 /// How long one `poll` may block when no records are waiting. Control messages (a
@@ -202,9 +203,10 @@ impl KafkaSource {
             return;
         };
         let context = consumer.context().clone();
-        let result = context
-            .lock()
-            .final_checkpoint(consumer, self.shutdown_timeout);
+        let result =
+            context
+                .lock()
+                .final_checkpoint(consumer, self.shutdown_timeout, OffsetCommit::Send);
         if result.is_ok() {
             info!("final checkpoint committed");
         }
