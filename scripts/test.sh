@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
 # The whole test suite: brings up a private Redis and the tansu broker on free loopback
-# ports, runs every test of the workspace against them, and stops them again.
+# ports, runs every test of the workspace against them, and stops them again; then
+# checks formatting, clippy's lints and the docs (skipped when arguments pick tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(scripts/test-env.sh start)"
 trap 'scripts/test-env.sh stop' EXIT
 echo "redis: $ANCHORFLOW_TEST_REDIS_URL  kafka (tansu): $ANCHORFLOW_TEST_BROKERS" >&2
 cargo test --workspace --features fault-points "$@"
+# The code's own bars, on a whole-suite run: formatting, lints, and docs whose links
+# resolve.
+if [ $# -eq 0 ]; then
+  cargo fmt --all -- --check
+  cargo clippy --workspace --all-targets --features fault-points -- -D warnings
+  RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --features fault-points
+fi
