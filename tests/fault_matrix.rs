@@ -798,6 +798,54 @@ fn a_graceful_stop_while_the_broker_is_frozen_exits_0_and_loses_nothing() {
     check_in_order(&setup, &produced);
 }
 
+/// SIGTERM while Redis is frozen, with records read since the last checkpoint: the
+/// final checkpoint cannot commit, and the process says so (an error, exit 1) at
+/// `pipeline.shutdown_timeout_secs` instead of hanging on the frozen connection or
+/// claiming a clean stop. Nothing was made durable that is not fenced: the next run, with
+/// Redis back, reads the rest again and the oracle finds everything exactly once.
+#[test]
+fn a_graceful_stop_while_redis_is_frozen_exits_1_at_its_deadline_and_loses_nothing() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let redis = TestRedis::start();
+    let mut setup = Setup::new("stop-redis-frozen", 2, redis.url(1));
+    short_timeouts(&mut setup);
+    setup
+        .set("pipeline.checkpoint_interval_ms=600000")
+        .set("pipeline.shutdown_timeout_secs=5");
+    let produced = setup.produce_records(in_order(3_170, 6_000, SHANGHAI_MIDNIGHT - 30_000, 4));
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut first = setup.spawn("stop-redis-frozen", &[], &metrics);
+    setup.wait_until(
+        "records read beyond the fences",
+        Duration::from_secs(120),
+        || {
+            http_get(&metrics, "/metrics")
+                .and_then(|(_, text)| metric(&text, "anchorflow_records_read_total"))
+                .is_some_and(|read| read as i64 > setup.progress() + 500)
+        },
+    );
+    redis.pause();
+    first.signal("TERM");
+    let status = first.wait_exit(Duration::from_secs(60));
+    redis.resume();
+    let log = std::fs::read_to_string(&first.log).unwrap_or_default();
+    assert_eq!(
+        (status.code(), status.signal()),
+        (Some(1), None),
+        "exit 1 at the deadline; log:\n{}",
+        first.tail()
+    );
+    assert!(
+        log.contains("final checkpoint failed") || log.contains("shutdown deadline passed"),
+        "the failed stop is logged as an error; log:\n{}",
+        first.tail()
+    );
+    let run = setup.supervise("stop-redis-frozen", &[], "");
+    setup.wait_drained(&produced);
+    run.stop();
+    check_in_order(&setup, &produced);
+}
+
 /// Fetch and metadata requests fail for a while (librdkafka's mock cluster injects
 /// the errors): the consumer retries, nothing is lost or doubled.
 #[test]
