@@ -352,6 +352,14 @@ impl SourceContext {
     /// process instead (the group moved on: nothing may be committed).
     fn on_revoke(&self, consumer: &SourceConsumer, tpl: &TopicPartitionList) {
         let partitions = partitions_of(tpl);
+        let assigned = self.lock().assigned();
+        if !partitions.iter().any(|p| assigned.contains(p)) {
+            // Released by a shutdown (`KafkaSource::finish`), whose final checkpoint
+            // already ran, or failed: the revocation librdkafka runs while the consumer
+            // closes has nothing left to commit, and must not wait for that checkpoint.
+            debug!(?partitions, "revoked partitions were already released");
+            return;
+        }
         if consumer.assignment_lost() {
             error!(
                 ?partitions,
