@@ -490,7 +490,7 @@ impl SourceState {
             {
                 Ok(notice) => self.on_notice(control, notice, commit),
                 Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
-                    anyhow::bail!("the final checkpoint did not complete in time")
+                    anyhow::bail!("deadline passed")
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => anyhow::bail!("the sinks are gone"),
@@ -507,12 +507,14 @@ impl SourceState {
         commit: OffsetCommit,
     ) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
+        let late = |what: &str| format!("{what} did not complete within {timeout:?}");
         // A periodic checkpoint may be running; let it finish first.
-        self.wait(control, deadline, commit, |s| !s.checkpoint_in_flight())?;
+        let running = self.wait(control, deadline, commit, |s| !s.checkpoint_in_flight());
+        running.map_err(|e| e.context(late("the checkpoint before the final one")))?;
         let Some(id) = self.start_checkpoint(control, CheckpointKind::Final) else {
             return Ok(());
         };
         self.wait(control, deadline, commit, |s| s.completed == Some(id))
-            .map_err(|e| e.context(format!("within {timeout:?}")))
+            .map_err(|e| e.context(late("the final checkpoint")))
     }
 }
