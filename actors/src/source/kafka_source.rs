@@ -45,6 +45,16 @@ const POLL_BURST: usize = 16_384;
 /// How long a graceful stop waits for the consumer to leave the group.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long the broker may hold a fetch that finds no new records
+/// (`fetch.wait.max.ms`; librdkafka's default is 500). A consumer has one fetch in
+/// flight per broker, and a partition resumed after an uncommitted pause (`flow.rs`) is
+/// only fetched again once it returns: when the partitions in that fetch are at their
+/// end, the broker holds it this long while Redis waits for the records behind the
+/// pause. On funnel data the default cost a quarter of the committed throughput
+/// (docs/benchmarks.md); an idle consumer pays for this with 10 fetches a second per
+/// broker instead of 2. An operator's `[kafka]` value wins.
+pub const FETCH_WAIT_MAX_MS: u64 = 100;
+
 /// Mailbox capacity of the source: only control messages (checkpoint triggers, a
 /// shutdown request) arrive here; the timer skips a tick rather than queue a second.
 pub const SOURCE_MAILBOX: usize = 4;
@@ -85,6 +95,7 @@ fn client_config(config: &crate::config::Config) -> ClientConfig {
             (prefetch / 16).clamp(64 << 10, 1 << 20).to_string(),
         );
     }
+    client.set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS.to_string());
     for (key, value) in &config.kafka.0 {
         client.set(key, value);
     }
@@ -309,5 +320,22 @@ impl Handler<Shutdown> for KafkaSource {
     fn handle(&mut self, msg: Shutdown, _ctx: &mut Self::Context) {
         info!("shutdown requested: stopping reads, draining, final checkpoint");
         self.shutdown = Some(msg.done);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fetch_that_finds_nothing_is_held_briefly_unless_the_operator_says_otherwise() {
+        let mut config = crate::config::Config::default();
+        let client = client_config(&config);
+        assert_eq!(client.get("fetch.wait.max.ms"), Some("100"));
+        config
+            .kafka
+            .0
+            .insert("fetch.wait.max.ms".into(), "500".into());
+        assert_eq!(client_config(&config).get("fetch.wait.max.ms"), Some("500"));
     }
 }
