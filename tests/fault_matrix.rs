@@ -739,6 +739,16 @@ fn records_read(metrics: &str) -> Option<f64> {
         .and_then(|(_, text)| metric(&text, "anchorflow_records_read_total"))
 }
 
+/// How often `text` occurs in the log at `path` (0 for an empty `text`).
+fn logged(path: &std::path::Path, text: &str) -> usize {
+    let log = std::fs::read_to_string(path).unwrap_or_default();
+    if text.is_empty() {
+        0
+    } else {
+        log.matches(text).count()
+    }
+}
+
 /// After a stop: a second run (with the fault healed) drains the topic, and the oracle
 /// finds everything exactly once.
 fn a_second_run_finishes_exactly(setup: &Setup, instance: &str, produced: &Produced) {
@@ -768,17 +778,77 @@ fn a_graceful_stop_while_the_broker_is_frozen_exits_0_and_loses_nothing() {
         .set("pipeline.checkpoint_interval_ms=600000")
         .set("pipeline.shutdown_timeout_secs=20");
     let produced = setup.produce_records(in_order(3_150, 20_000, SHANGHAI_MIDNIGHT - 30_000, 4));
+    a_stop_with_the_broker_out(
+        &setup,
+        "stop-frozen",
+        &produced,
+        (&|| broker.pause(), &|| broker.resume()),
+        None,
+    );
+}
+
+/// SIGTERM while the broker refuses connections (librdkafka's mock cluster takes its
+/// broker down: open connections are closed, new ones refused), with records read but
+/// not yet checkpointed: as with a frozen broker, the final checkpoint needs only the
+/// sinks, so the process exits 0 within its deadline; the offsets it could not report
+/// are only progress. The next run, with the broker back, finishes exactly once.
+#[test]
+fn a_graceful_stop_while_the_broker_refuses_connections_exits_0_and_loses_nothing() {
+    let mut setup = Setup::on_mock_cluster("stop-refused", 2, redis_url(61));
+    short_timeouts(&mut setup);
+    // Taken down, the mock broker first stops answering and closes its connections up
+    // to ~5 s later: with the suite's 6 s session the group dropped the member before
+    // the stop (exit 75, seen once), which is the group rows' business.
+    setup
+        .set("kafka.session.timeout.ms=30000")
+        .set("pipeline.checkpoint_interval_ms=600000")
+        .set("pipeline.shutdown_timeout_secs=20");
+    let produced = setup.produce_records(in_order(3_190, 20_000, SHANGHAI_MIDNIGHT - 30_000, 4));
+    let cluster = setup.mock().expect("a mock cluster");
+    a_stop_with_the_broker_out(
+        &setup,
+        "stop-refused",
+        &produced,
+        (&|| cluster.broker_down(1).expect("broker down"), &|| {
+            cluster.broker_up(1).expect("broker up")
+        }),
+        // Taken down, the mock broker has closed its connections once the child's
+        // client fails to open one again.
+        Some("Connection refused"),
+    );
+}
+
+/// Runs a first instance, takes the broker `out` at a moment when it has read records
+/// beyond the Redis fences, and stops it with SIGTERM: it must exit 0 (past
+/// `pipeline.shutdown_timeout_secs` it exits 1) with the fences moved by exactly the
+/// records it read. Then the broker is `back` and a second run finishes exactly. With
+/// `evidence`, the stop waits until the child's log shows it once more after `out`.
+fn a_stop_with_the_broker_out(
+    setup: &Setup,
+    instance: &str,
+    produced: &Produced,
+    (out, back): (&dyn Fn(), &dyn Fn()),
+    evidence: Option<&str>,
+) {
     let metrics = format!("127.0.0.1:{}", free_port());
     let read = || records_read(&metrics).unwrap_or(0.0) as i64;
-    let first = setup.spawn("stop-frozen", &[], &metrics);
-    // Frozen mid-backlog with records read beyond the Redis fences (the input running
-    // dry at tansu starts checkpoints, so a moment is tried until one holds such).
+    let first = setup.spawn(instance, &[], &metrics);
+    // Out mid-backlog with records read beyond the Redis fences (the input running dry
+    // starts checkpoints, so a moment is tried until one holds such).
     let mut attempts = 0;
     let uncommitted = loop {
         setup.wait_until("1,000 more records read", Duration::from_secs(120), || {
             read() >= setup.progress() + 1_000
         });
-        broker.pause();
+        let seen = logged(&first.log, evidence.unwrap_or_default());
+        out();
+        if let Some(evidence) = evidence {
+            setup.wait_until(
+                "the broker's client to see it out",
+                Duration::from_secs(30),
+                || logged(&first.log, evidence) > seen,
+            );
+        }
         let settled = read();
         std::thread::sleep(Duration::from_secs(1));
         let (now, committed) = (read(), setup.progress());
@@ -790,20 +860,19 @@ fn a_graceful_stop_while_the_broker_is_frozen_exits_0_and_loses_nothing() {
             attempts < 10,
             "no moment with records read beyond the fences"
         );
-        broker.resume();
+        back();
     };
     let before = setup.progress();
-    println!("stop-frozen: {uncommitted} records read beyond the fences at the stop");
-    // Exit 0 is the promise: past the deadline the process exits 1 instead.
+    println!("{instance}: {uncommitted} records read beyond the fences at the stop");
     first.stop();
-    broker.resume();
+    back();
     assert_eq!(
         setup.progress(),
         before + uncommitted,
         "the final checkpoint commits every record read: {:?}",
         setup.fences()
     );
-    a_second_run_finishes_exactly(&setup, "stop-frozen", &produced);
+    a_second_run_finishes_exactly(setup, instance, produced);
 }
 
 /// SIGTERM while Redis is frozen, with records read since the last checkpoint: the
