@@ -543,7 +543,7 @@ fn lists_of_every_shape_apply_exactly_with_their_class_ttl() {
             .arg(-1)
             .query(&mut conn)
             .unwrap();
-        let newest_first: Vec<String> = values(n).iter().rev().map(|v| v.to_string()).collect();
+        let newest_first: Vec<String> = values(n).iter().rev().map(|v| v.to_json()).collect();
         assert_eq!(stored, newest_first, "{key}");
         let pttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut conn).unwrap();
         assert!(
