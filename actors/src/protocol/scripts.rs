@@ -18,6 +18,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Context as _;
+use compact_str::CompactString;
 
 use crate::checkpoint::claim::{FenceRange, SinkKind};
 use crate::logic::decode::{TraceValue, TraceValues};
@@ -185,10 +186,11 @@ impl Mode {
     }
 }
 
-/// One list write: values to push (oldest first) and the key's TTL.
+/// One list write: values to push (oldest first) and the key's TTL. The key (prefix and
+/// id) is held inline up to 24 bytes, as receivers' are: no allocation per list.
 #[derive(Debug)]
 pub struct ListWrite {
-    pub key: String,
+    pub key: CompactString,
     pub ttl_ms: i64,
     pub values: TraceValues,
 }

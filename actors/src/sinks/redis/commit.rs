@@ -329,11 +329,11 @@ fn into_units(
     ];
     for (by_id, prefix, ttl_ms) in lists {
         for (id, values) in by_id {
-            let mut key = String::with_capacity(prefix.len() + id.len());
+            let mut key = CompactString::with_capacity(prefix.len() + id.len());
             key.push_str(prefix);
             key.push_str(&id);
             if key.starts_with(RESERVED_PREFIX) {
-                refused.push((key, values.len() as i64));
+                refused.push((key.into(), values.len() as i64));
                 continue;
             }
             let unit = units.entry(unit_of(key.as_bytes())).or_default();
