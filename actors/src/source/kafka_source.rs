@@ -50,7 +50,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// flight per broker, and a partition resumed after an uncommitted pause (`flow.rs`) is
 /// only fetched again once it returns: when the partitions in that fetch are at their
 /// end, the broker holds it this long while Redis waits for the records behind the
-/// pause. On funnel data the default cost a quarter of the committed throughput
+/// pause. On funnel data the default cost about 15 % of the committed throughput
 /// (docs/benchmarks.md); an idle consumer pays for this with 10 fetches a second per
 /// broker instead of 2. An operator's `[kafka]` value wins.
 pub const FETCH_WAIT_MAX_MS: u64 = 100;
