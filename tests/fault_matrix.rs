@@ -739,14 +739,10 @@ fn records_read(metrics: &str) -> Option<f64> {
         .and_then(|(_, text)| metric(&text, "anchorflow_records_read_total"))
 }
 
-/// How often `text` occurs in the log at `path` (0 for an empty `text`).
+/// How often `text` occurs in the log at `path`.
 fn logged(path: &std::path::Path, text: &str) -> usize {
     let log = std::fs::read_to_string(path).unwrap_or_default();
-    if text.is_empty() {
-        0
-    } else {
-        log.matches(text).count()
-    }
+    log.matches(text).count()
 }
 
 /// After a stop: a second run (with the fault healed) drains the topic, and the oracle
@@ -840,9 +836,9 @@ fn a_stop_with_the_broker_out(
         setup.wait_until("1,000 more records read", Duration::from_secs(120), || {
             read() >= setup.progress() + 1_000
         });
-        let seen = logged(&first.log, evidence.unwrap_or_default());
+        let seen = evidence.map(|evidence| (evidence, logged(&first.log, evidence)));
         out();
-        if let Some(evidence) = evidence {
+        if let Some((evidence, seen)) = seen {
             setup.wait_until(
                 "the broker's client to see it out",
                 Duration::from_secs(30),
