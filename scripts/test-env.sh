@@ -15,18 +15,31 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
 }
 
-# A free port below 50000: SeaweedFS derives gRPC ports as http port + 10000.
-low_free_port() {
-  python3 -c 'import random, socket
-while True:
-    p = random.randint(20000, 49999)
+# N distinct free ports for SeaweedFS, below the kernel's ephemeral range even when
+# SeaweedFS derives a gRPC port as a port + 10000: a port in that range can be taken
+# by an outgoing connection between this check and SeaweedFS's bind (seen once: "s3
+# failed to listen on grpc port 47612: address already in use").
+low_free_ports() { # count
+  python3 - "$1" <<'PY'
+import random, socket, sys
+with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+    ephemeral = int(f.read().split()[0])
+top = max(ephemeral - 10_001, 11_000)
+chosen = set()
+while len(chosen) < int(sys.argv[1]):
+    p = random.randint(10_000, top)
+    if {p, p + 10_000, p - 10_000} & chosen:
+        continue
     s = socket.socket()
     try:
-        s.bind(("127.0.0.1", p)); print(p); break
+        s.bind(("127.0.0.1", p))
+        chosen.add(p)
     except OSError:
         pass
     finally:
-        s.close()'
+        s.close()
+print(" ".join(map(str, chosen)))
+PY
 }
 
 start_seaweedfs() {
@@ -35,28 +48,44 @@ start_seaweedfs() {
   cat >"$state/seaweedfs/s3.json" <<'JSON'
 {"identities":[{"name":"anchorflow","credentials":[{"accessKey":"anchorflow-test","secretKey":"anchorflow-test-secret"}],"actions":["Admin","Read","Write","List","Tagging"]}]}
 JSON
-  local ports=(); for _ in $(seq 1 11); do ports+=("$(low_free_port)"); done
-  s3_port=${ports[0]}
-  nohup "$weed" mini -dir="$state/seaweedfs/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
-    -s3.port="$s3_port" -s3.port.grpc="${ports[1]}" -s3.port.iceberg=0 -s3.port.lance=0 \
-    -master.port="${ports[2]}" -master.port.grpc="${ports[3]}" \
-    -volume.port="${ports[4]}" -volume.port.grpc="${ports[5]}" \
-    -filer.port="${ports[6]}" -filer.port.grpc="${ports[7]}" \
-    -admin.port="${ports[8]}" -admin.port.grpc="${ports[9]}" -admin.ui=false \
-    -webdav=false -master.telemetry=false \
-    -s3.config="$state/seaweedfs/s3.json" -bucket=anchorflow-test \
-    >"$state/seaweedfs.log" 2>&1 &
-  echo $! >"$state/seaweedfs.pid"
-  wait_port 127.0.0.1 "$s3_port" 60
+  # A port can still be taken before SeaweedFS binds it; then it exits at once, and
+  # is started again on other ports.
+  local attempt ports
+  for attempt in 1 2 3; do
+    read -r -a ports <<<"$(low_free_ports 10)"
+    s3_port=${ports[0]}
+    nohup "$weed" mini -dir="$state/seaweedfs/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+      -s3.port="$s3_port" -s3.port.grpc="${ports[1]}" -s3.port.iceberg=0 -s3.port.lance=0 \
+      -master.port="${ports[2]}" -master.port.grpc="${ports[3]}" \
+      -volume.port="${ports[4]}" -volume.port.grpc="${ports[5]}" \
+      -filer.port="${ports[6]}" -filer.port.grpc="${ports[7]}" \
+      -admin.port="${ports[8]}" -admin.port.grpc="${ports[9]}" -admin.ui=false \
+      -webdav=false -master.telemetry=false \
+      -s3.config="$state/seaweedfs/s3.json" -bucket=anchorflow-test \
+      >"$state/seaweedfs.log" 2>&1 &
+    echo $! >"$state/seaweedfs.pid"
+    if wait_port 127.0.0.1 "$s3_port" 60 "$(cat "$state/seaweedfs.pid")"; then
+      break
+    fi
+    kill "$(cat "$state/seaweedfs.pid")" 2>/dev/null || true
+    echo "SeaweedFS did not start (attempt $attempt); its log ends:" >&2
+    tail -n 3 "$state/seaweedfs.log" >&2
+    [ "$attempt" -lt 3 ] || return 1
+    rm -rf "$state/seaweedfs/data"; mkdir -p "$state/seaweedfs/data"
+  done
   echo "export ANCHORFLOW_TEST_S3_ENDPOINT=http://127.0.0.1:$s3_port"
   echo "export ANCHORFLOW_TEST_S3_BUCKET=anchorflow-test"
   echo "export ANCHORFLOW_TEST_S3_ACCESS_KEY_ID=anchorflow-test"
   echo "export ANCHORFLOW_TEST_S3_SECRET_ACCESS_KEY=anchorflow-test-secret"
 }
 
-wait_port() { # host port seconds
+wait_port() { # host port seconds [pid: give up as soon as it has exited]
   for _ in $(seq 1 $(( $3 * 10 ))); do
     if (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; then return 0; fi
+    if [ -n "${4:-}" ] && ! kill -0 "$4" 2>/dev/null; then
+      echo "the process listening on $1:$2 exited" >&2
+      return 1
+    fi
     sleep 0.1
   done
   echo "nothing listens on $1:$2 after $3 s" >&2

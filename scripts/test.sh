@@ -4,8 +4,11 @@
 # checks formatting, clippy's lints and the docs (skipped when arguments pick tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-eval "$(scripts/test-env.sh start)"
 trap 'scripts/test-env.sh stop' EXIT
+# Assigned first: a service that does not start stops the run here (set -e), instead
+# of every test that needs it failing for a variable that was never exported.
+env=$(scripts/test-env.sh start)
+eval "$env"
 echo "redis: $ANCHORFLOW_TEST_REDIS_URL  kafka (tansu): $ANCHORFLOW_TEST_BROKERS" >&2
 cargo test --workspace --features fault-points "$@"
 # The code's own bars, on a whole-suite run: formatting, lints, and docs whose links
