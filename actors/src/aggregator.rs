@@ -25,12 +25,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use actix::prelude::*;
-use compact_str::CompactString;
 use rustc_hash::FxHashMap;
 use tracing::warn;
 
 use crate::checkpoint::barrier::{Barrier, CheckpointSpec};
-use crate::logic::decode::{TraceValue, TraceValues};
+use crate::logic::decode::TraceValue;
+use crate::logic::lists::Lists;
 use crate::logic::window::{Counts, Emitted, PartitionWindows, WindowSpec};
 use crate::messages::{EventBatch, ListPush, PartitionDelta, ShardFlush, ShardInput};
 use crate::metrics::Metrics;
@@ -87,23 +87,14 @@ impl UnitFilter {
 #[derive(Default)]
 pub struct PartitionState {
     counts: FxHashMap<(i64, i32), i64>,
-    receivers: FxHashMap<CompactString, TraceValues>,
-    messages: FxHashMap<CompactString, TraceValues>,
+    receivers: Lists,
+    messages: Lists,
     /// How many receivers and message ids the state before this one held: the maps are
     /// sized for as many at the first fold, not grown (and rehashed) from empty.
     expect: (usize, usize),
 }
 
-fn push_value(lists: &mut FxHashMap<CompactString, TraceValues>, key: &str, value: TraceValue) {
-    match lists.get_mut(key) {
-        Some(values) => values.push(value),
-        None => {
-            lists.insert(CompactString::new(key), smallvec::smallvec![value]);
-        }
-    }
-}
-
-fn into_pushes(lists: FxHashMap<CompactString, TraceValues>) -> Vec<ListPush> {
+fn into_pushes(lists: Lists) -> Vec<ListPush> {
     lists
         .into_iter()
         .map(|(key, values)| ListPush { key, values })
@@ -149,13 +140,13 @@ impl PartitionState {
             };
             for receiver in batch.receivers_of(event) {
                 if keeps(&|l| l.receiver(receiver)) {
-                    push_value(&mut self.receivers, receiver, value);
+                    self.receivers.push(receiver, value);
                 }
             }
             if let Some(message_id) = &event.message_id {
                 let message_id = batch.text(message_id);
                 if keeps(&|l| l.message(message_id)) {
-                    push_value(&mut self.messages, message_id, value);
+                    self.messages.push(message_id, value);
                 }
             }
         }
@@ -416,8 +407,8 @@ mod tests {
         ]);
         assert_eq!(state.counts[&(7, 10)], 3);
         assert_eq!(state.counts[&(7, 60)], 0);
-        assert_eq!(state.receivers["a"].len(), 2);
-        assert_eq!(state.receivers["b"].len(), 1);
+        assert_eq!(state.receivers.get("a").unwrap().len(), 2);
+        assert_eq!(state.receivers.get("b").unwrap().len(), 1);
         // Keys past 24 bytes (openids, UUIDs) leave the inline form: the same lookups.
         let openid = "oUpF8uMuAJO_M2pxb1Q9zNjWeS6o";
         let uuid = "3f0c8a2e-5b7d-4c1a-9e2f-7d6b5a4c3b2a";
@@ -425,10 +416,13 @@ mod tests {
             (10, 7, &[openid], Some(uuid)),
             (20, 7, &[openid], Some(uuid)),
         ]);
-        assert_eq!(long.receivers[openid].len(), 2);
-        assert_eq!(long.messages[uuid].len(), 2);
+        assert_eq!(long.receivers.get(openid).unwrap().len(), 2);
+        assert_eq!(long.messages.get(uuid).unwrap().len(), 2);
         assert_eq!(
-            state.messages["m"]
+            state
+                .messages
+                .get("m")
+                .unwrap()
                 .iter()
                 .map(|v| v.timestamp)
                 .collect::<Vec<_>>(),

@@ -17,8 +17,8 @@
 //!   goes ([`reader::links`]).
 //! - [`checkpoint`]: barriers, claims and fence ranges as data, and the coordinator
 //!   that says when a checkpoint is complete.
-//! - [`logic`]: decoding, windows, watermarks, tables and Hive folders: no actors, no
-//!   I/O.
+//! - [`logic`]: decoding, the shards' list values, windows, watermarks, tables and Hive
+//!   folders: no actors, no I/O.
 //! - [`protocol`]: anchorflow's bookkeeping in Redis: key names, claims and fences,
 //!   recorded publishes, the instance lease, skipped records, and the Lua scripts with
 //!   their typed argument builders ([`protocol::scripts`]).

@@ -1,6 +1,7 @@
 //! The pure logic of the product: no actors, no I/O.
 
 pub mod decode;
+pub mod lists;
 pub mod tables;
 pub mod watermark;
 pub mod window;
