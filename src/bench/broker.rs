@@ -87,6 +87,13 @@ impl MockBroker {
     }
 }
 
+impl MockBroker {
+    /// The broker process, whose CPU the pipeline run reports beside its own.
+    pub fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+}
+
 impl Drop for MockBroker {
     fn drop(&mut self) {
         drop(self.child.stdin.take());

@@ -16,6 +16,8 @@ pub(super) struct PipelineRun {
     pub(super) redis_cpu_secs: f64,
     /// The pipeline process's own CPU seconds over the same span.
     pub(super) own_cpu_secs: f64,
+    /// The mock broker's CPU seconds over the same span (none for `--brokers`).
+    pub(super) broker_cpu_secs: Option<f64>,
     pub(super) rss_samples: Vec<u64>,
     pub(super) peak_rss: u64,
     pub(super) checkpoints: Vec<f64>,
@@ -68,6 +70,14 @@ pub(super) fn report_pipeline(
         run.own_cpu_secs,
         run.drain_secs
     );
+    if let Some(broker) = run.broker_cpu_secs {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        println!(
+            "broker_cpu_us_per_event: {:.2}   (the mock broker's {broker:.2} CPU-s; with anchorflow and Redis, {:.2} of the machine's {cores} cores busy while draining)",
+            broker * 1e6 / events,
+            (run.own_cpu_secs + run.redis_cpu_secs + broker) / run.drain_secs,
+        );
+    }
     let mut sorted = run.checkpoints.clone();
     sorted.sort_by(f64::total_cmp);
     println!(
