@@ -12,7 +12,8 @@ use anyhow::Context as _;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 
-use super::child::rss_of;
+use super::child::{cpu_of, rss_of};
+use super::redis_probe::RedisProbe;
 use super::{generator, mib, BenchOptions, Ground};
 
 const REPORT_EVERY: Duration = Duration::from_secs(10);
@@ -61,6 +62,7 @@ fn produce_steadily(
                 }
                 sent += 1;
             }
+            produced.store(sent, Ordering::Relaxed);
             producer.poll(Duration::ZERO);
             std::thread::sleep(TICK);
         }
@@ -69,6 +71,48 @@ fn produce_steadily(
         Ok(())
     });
     Ok(thread)
+}
+
+/// The CPU the pipeline, Redis and (when it is the bench's own) the mock broker used
+/// between two reports: a lag that grows over the soak shows whose work grew with it.
+struct CpuWatch {
+    pipeline: String,
+    redis: RedisProbe,
+    broker: Option<String>,
+    last: [f64; 3],
+}
+
+impl CpuWatch {
+    fn start(pipeline: &str, ground: &Ground) -> anyhow::Result<Self> {
+        let mut watch = CpuWatch {
+            pipeline: pipeline.to_string(),
+            redis: RedisProbe::connect(&ground.redis_url)?,
+            broker: ground.broker.as_ref().map(super::broker::MockBroker::pid),
+            last: [0.0; 3],
+        };
+        watch.last = watch.seconds()?;
+        Ok(watch)
+    }
+
+    fn seconds(&mut self) -> anyhow::Result<[f64; 3]> {
+        Ok([
+            cpu_of(&self.pipeline),
+            self.redis.cpu_seconds()?,
+            self.broker.as_deref().map_or(0.0, cpu_of),
+        ])
+    }
+
+    /// Each one's share of a core over the `wall` seconds since the last report.
+    fn report(&mut self, wall: f64) -> anyhow::Result<String> {
+        let now = self.seconds()?;
+        let busy = |i: usize| 100.0 * (now[i] - self.last[i]) / wall;
+        let mut line = format!(" cpu_pipeline={:.1}% cpu_redis={:.1}%", busy(0), busy(1));
+        if self.broker.is_some() {
+            line.push_str(&format!(" cpu_broker={:.1}%", busy(2)));
+        }
+        self.last = now;
+        Ok(line)
+    }
 }
 
 pub fn run(
@@ -91,6 +135,7 @@ pub fn run(
     );
     let started = Instant::now();
     let (mut last, mut last_committed) = (Instant::now(), 0i64);
+    let mut cpu = CpuWatch::start(&child.pid(), ground)?;
     let mut rss = Vec::new();
     while started.elapsed() < duration {
         std::thread::sleep(Duration::from_millis(200));
@@ -100,15 +145,19 @@ pub fn run(
         }
         let committed = child.committed()?;
         let rate = (committed - last_committed) as f64 / last.elapsed().as_secs_f64();
-        let expected = (started.elapsed().as_secs_f64() * options.rate as f64) as i64;
+        // Records handed to the producer so far (up to a linger's worth may still wait
+        // in its queue), not the nominal rate × time: a producer that fell behind its
+        // rate is not the pipeline's lag.
+        let sent = produced.load(Ordering::Relaxed) as i64;
         let now_rss = rss_of(&child.pid()).0;
         rss.push(now_rss);
+        let shares = cpu.report(last.elapsed().as_secs_f64())?;
         println!(
-            "t={:>5.0}s rss_mib={:>6.1} committed_per_sec={:>7.0} behind_producer={}",
+            "t={:>5.0}s rss_mib={:>6.1} committed_per_sec={:>7.0} behind_producer={}{shares}",
             started.elapsed().as_secs_f64(),
             mib(now_rss),
             rate,
-            (expected - committed).max(0)
+            (sent - committed).max(0)
         );
         (last, last_committed) = (Instant::now(), committed);
     }
