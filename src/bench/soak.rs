@@ -1,7 +1,8 @@
 //! `anchorflow bench --duration 10m`: the pipeline under a steady produce rate for a
-//! long time. Every 10 s it prints the pipeline's RSS, what it committed in those 10 s
-//! and how far committing trails producing; both RSS and throughput should stay flat
-//! (a leak or a slowdown shows as a trend, not as one figure).
+//! long time. Every 10 s it prints the pipeline's RSS, what it committed in those 10 s,
+//! how far committing trails what the broker acknowledged, the producer's own queue,
+//! and the CPU the pipeline, Redis and the mock broker used; RSS and throughput should
+//! stay flat (a leak or a slowdown shows as a trend, not as one figure).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,13 +21,22 @@ const REPORT_EVERY: Duration = Duration::from_secs(10);
 /// Produce in ticks this long: rate / 100 records each.
 const TICK: Duration = Duration::from_millis(10);
 
+/// What the producer thread reports as it goes.
+#[derive(Default)]
+struct Produced {
+    /// Records handed to the producer.
+    sent: AtomicU64,
+    /// Of those, the ones the broker has not acknowledged yet (the producer's queue).
+    unacknowledged: AtomicU64,
+}
+
 /// Produces at `rate` records per second until `stop`; counts into `produced`.
 fn produce_steadily(
     ground: &Ground,
     options: &BenchOptions,
     config: &Config,
     stop: Arc<AtomicBool>,
-    produced: Arc<AtomicU64>,
+    produced: Arc<Produced>,
 ) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
     // A real broker (tansu) gets one record per batch, as in `demo::produce`. The mock
     // finds a fetch's offset by walking its record batches one by one, so it gets big
@@ -62,12 +72,15 @@ fn produce_steadily(
                 }
                 sent += 1;
             }
-            produced.store(sent, Ordering::Relaxed);
+            produced.sent.store(sent, Ordering::Relaxed);
+            let queued = producer.in_flight_count().max(0) as u64;
+            produced.unacknowledged.store(queued, Ordering::Relaxed);
             producer.poll(Duration::ZERO);
             std::thread::sleep(TICK);
         }
         producer.flush(Duration::from_secs(60))?;
-        produced.store(sent, Ordering::Relaxed);
+        produced.sent.store(sent, Ordering::Relaxed);
+        produced.unacknowledged.store(0, Ordering::Relaxed);
         Ok(())
     });
     Ok(thread)
@@ -124,10 +137,7 @@ pub fn run(
     let dir = tempfile::tempdir()?;
     let mut child = ground.start_pipeline(options, dir.path())?;
     child.wait_assigned(Duration::from_secs(60))?;
-    let (stop, produced) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
+    let (stop, produced) = (Arc::new(AtomicBool::new(false)), Arc::<Produced>::default());
     let producer = produce_steadily(ground, options, config, stop.clone(), produced.clone())?;
     println!(
         "soak: {} ev/s of {:?} data for {:?}, {} partitions",
@@ -145,19 +155,20 @@ pub fn run(
         }
         let committed = child.committed()?;
         let rate = (committed - last_committed) as f64 / last.elapsed().as_secs_f64();
-        // Records handed to the producer so far (up to a linger's worth may still wait
-        // in its queue), not the nominal rate × time: a producer that fell behind its
-        // rate is not the pipeline's lag.
-        let sent = produced.load(Ordering::Relaxed) as i64;
+        // Records the broker has acknowledged, not the nominal rate × time nor what was
+        // handed to the producer: a producer (or a mock broker) that falls behind is not
+        // the pipeline's lag, and shows as its own queue.
+        let queued = produced.unacknowledged.load(Ordering::Relaxed) as i64;
+        let acknowledged = produced.sent.load(Ordering::Relaxed) as i64 - queued;
         let now_rss = rss_of(&child.pid()).0;
         rss.push(now_rss);
         let shares = cpu.report(last.elapsed().as_secs_f64())?;
         println!(
-            "t={:>5.0}s rss_mib={:>6.1} committed_per_sec={:>7.0} behind_producer={}{shares}",
+            "t={:>5.0}s rss_mib={:>6.1} committed_per_sec={:>7.0} behind_broker={} producer_queue={queued}{shares}",
             started.elapsed().as_secs_f64(),
             mib(now_rss),
             rate,
-            (sent - committed).max(0)
+            (acknowledged - committed).max(0)
         );
         (last, last_committed) = (Instant::now(), committed);
     }
@@ -165,7 +176,7 @@ pub fn run(
     producer
         .join()
         .map_err(|_| anyhow::anyhow!("the producer thread panicked"))??;
-    let total = produced.load(Ordering::Relaxed) as i64;
+    let total = produced.sent.load(Ordering::Relaxed) as i64;
     let drain = Instant::now();
     while child.committed()? < total && drain.elapsed() < Duration::from_secs(120) {
         child.check_running()?;
