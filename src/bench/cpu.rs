@@ -47,7 +47,7 @@ fn timed(
 ) -> f64 {
     let started = Instant::now();
     let mut done = 0;
-    for (i, payload) in (0..payloads.len()).cycle().map(|i| (i, &payloads[i])) {
+    for (i, payload) in payloads.iter().enumerate().cycle() {
         if done >= events {
             break;
         }

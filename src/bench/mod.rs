@@ -166,6 +166,11 @@ impl Ground {
         })
     }
 
+    /// The mock broker's process, when the bench started it (not for `--brokers`).
+    fn broker_pid(&self) -> Option<String> {
+        self.broker.as_ref().map(broker::MockBroker::pid)
+    }
+
     /// The `--set` overrides that point `anchorflow run` at this ground.
     fn pipeline_sets(&self, options: &BenchOptions, warehouse: &std::path::Path) -> Vec<String> {
         let mut sets = vec![
@@ -285,7 +290,7 @@ fn run_pipeline(
     let assigned = Instant::now();
     let cpu_before = probe.cpu_seconds()?;
     let own_cpu_before = cpu_of(&child.pid());
-    let broker_pid = ground.broker.as_ref().map(broker::MockBroker::pid);
+    let broker_pid = ground.broker_pid();
     let broker_cpu_before = broker_pid.as_deref().map(cpu_of);
     probe.watch_slowlog()?;
     let total = options.events as i64;

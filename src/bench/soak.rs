@@ -100,7 +100,7 @@ impl CpuWatch {
         let mut watch = CpuWatch {
             pipeline: pipeline.to_string(),
             redis: RedisProbe::connect(&ground.redis_url)?,
-            broker: ground.broker.as_ref().map(super::broker::MockBroker::pid),
+            broker: ground.broker_pid(),
             last: [0.0; 3],
         };
         watch.last = watch.seconds()?;
