@@ -151,8 +151,9 @@ pub fn straight_loop_rate(payloads: &[Option<Vec<u8>>], events: usize, config: &
     rate
 }
 
-/// Prints decode + route + aggregate against the straight loop, on one core.
-pub fn report(payloads: &[Option<Vec<u8>>], events: usize, config: &Config) -> anyhow::Result<()> {
+/// Prints decode + route + aggregate against the straight loop, on one core; returns
+/// the straight loop's rate.
+pub fn report(payloads: &[Option<Vec<u8>>], events: usize, config: &Config) -> anyhow::Result<f64> {
     let straight = straight_loop_rate(payloads, events, config);
     let ours = anchorflow_rate(payloads, events, config);
     println!(
@@ -164,7 +165,7 @@ pub fn report(payloads: &[Option<Vec<u8>>], events: usize, config: &Config) -> a
         "ratio_decode_route_aggregate_to_straight_loop: {:.2}",
         ours / straight
     );
-    Ok(())
+    Ok(straight)
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@
 //!    work) or `--data funnel` (the demo's traffic).
 //! 2. **Bare consumer**: a `BaseConsumer` reads every partition, touching each payload.
 //! 3. **Reference job** (`bench/reference.rs`): a straight-line single-thread program doing
-//!    the same Redis and Parquet writes at-least-once.
+//!    the same Redis and Parquet writes at-least-once; and the floor: the same Redis
+//!    writes for the whole input in one batch, the least Redis work for it.
 //! 4. **Pipeline** (`bench/child.rs`): `anchorflow run` in its own process. The headline is
 //!    *committed* records (durable in both sinks by the fences in Redis) per second,
 //!    from partition assignment to the last fence. Redis's CPU seconds over the same
@@ -15,6 +16,8 @@
 //! 5. **Decode + route + aggregate** on one core against a straight loop (`bench/cpu.rs`).
 //! 6. Peak RSS of the pipeline process against `pipeline.memory_budget_mb`,
 //!    checkpoint p50/p99 and Redis's longest single command.
+//! 7. The cores committing at half the bare consumer's rate takes at the least: the
+//!    straight loop's decode plus Redis at the floor's cost (`bench/report.rs`).
 //!
 //! `--duration 10m` runs the soak instead (`bench/soak.rs`): a steady produce rate, RSS and
 //! committed throughput printed every 10 s. The figures are printed; nothing here
@@ -38,7 +41,7 @@ use rdkafka::{ClientConfig, Message};
 pub use broker::serve as mock_serve;
 use child::{cpu_of, rss_of, PipelineChild};
 use redis_probe::RedisProbe;
-use report::{report_pipeline, PipelineRun};
+use report::{report_cores_needed, report_pipeline, report_references, PipelineRun};
 
 use crate::demo::{produce, start_throwaway_redis, ThrowawayRedis};
 use crate::generator::{Generator, GeneratorConfig, Shape};
@@ -369,10 +372,16 @@ fn run_reference(
     let cpu = probe.cpu_seconds()? - cpu_before;
     // The pipeline must start from an empty database, as the reference did.
     probe.flush()?;
+    let per_event = cpu * 1e6 / options.events as f64;
+    if writes == reference::Writes::Floor {
+        println!(
+            "redis_floor_cpu_us_per_event: {per_event:.2}   (the Multi reference's commands for the whole input in one batch, every key written once, no MULTI: the least Redis work for this input)"
+        );
+        return Ok((rate, cpu));
+    }
     println!("reference_{writes:?}_committed_events_per_sec: {rate:.0}");
     println!(
-        "redis_cpu_us_per_event_reference_{writes:?}: {:.2}   (Redis busy {:.0} % of its {wall:.2} s)",
-        cpu * 1e6 / options.events as f64,
+        "redis_cpu_us_per_event_reference_{writes:?}: {per_event:.2}   (Redis busy {:.0} % of its {wall:.2} s)",
         100.0 * cpu / wall,
     );
     Ok((rate, cpu))
@@ -387,7 +396,8 @@ fn run_references(
 ) -> anyhow::Result<Vec<(reference::Writes, f64, f64)>> {
     let mut out = Vec::new();
     if !options.skip_reference {
-        for writes in [reference::Writes::Script, reference::Writes::Multi] {
+        use reference::Writes;
+        for writes in [Writes::Script, Writes::Multi, Writes::Floor] {
             let (rate, cpu) = run_reference(ground, options, config, probe, writes)?;
             out.push((writes, rate, cpu));
         }
@@ -468,7 +478,7 @@ pub fn run(config: Config, options: BenchOptions) -> anyhow::Result<()> {
         None => generate(&config, &options)?,
     };
     if options.cpu_only {
-        return cpu::report(&payloads, options.cpu_events, &config);
+        return cpu::report(&payloads, options.cpu_events, &config).map(drop);
     }
     let ground = Ground::start(&options)?;
     let mut probe = RedisProbe::connect(&ground.redis_url)?;
@@ -484,26 +494,12 @@ pub fn run(config: Config, options: BenchOptions) -> anyhow::Result<()> {
     let references = run_references(&ground, &options, &config, &mut probe)?;
     let run = run_pipeline(&ground, &options, &mut probe)?;
     report_pipeline(&options, &config, &run, bare);
-    for (writes, rate, cpu) in references {
-        if writes == reference::Writes::Multi {
-            // The cheapest form of the same Redis writes measured here: no pipeline on
-            // one Redis can commit faster than one fully busy core at this cost.
-            let bound = options.events as f64 / cpu;
-            println!(
-                "redis_bound_events_per_sec: {bound:.0}   (one Redis core 100 % busy at the Multi reference's cost per event)"
-            );
-            println!("ratio_redis_bound_to_bare_consumer: {:.2}", bound / bare);
-        }
-        println!(
-            "ratio_committed_to_reference_{writes:?}: {:.2}",
-            run.committed_per_sec / rate
-        );
-        println!(
-            "ratio_redis_cpu_per_event_pipeline_to_reference_{writes:?}: {:.2}",
-            run.redis_cpu_secs / cpu
-        );
+    let floor_secs = report_references(options.events, bare, &run, references);
+    let straight = cpu::report(&payloads, options.cpu_events, &config)?;
+    if let Some(redis_secs) = floor_secs {
+        report_cores_needed(bare, straight, redis_secs);
     }
-    cpu::report(&payloads, options.cpu_events, &config)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 use anchorflow_actors::config::Config;
 
+use super::reference::Writes;
 use super::{mib, redis_probe, BenchOptions};
 
 /// What the pipeline run measured.
@@ -114,4 +115,76 @@ pub(super) fn report_pipeline(
         100.0 * mib(run.peak_rss) / budget as f64
     );
     println!("pipeline_exit_code: {}", run.exit_code);
+}
+
+/// Prints the pipeline against each reference run (`(writes, committed ev/s, Redis CPU
+/// s)`) and, from the floor, the most one Redis core could commit; returns the floor's
+/// Redis CPU seconds per event.
+pub(super) fn report_references(
+    events: usize,
+    bare: f64,
+    run: &PipelineRun,
+    references: Vec<(Writes, f64, f64)>,
+) -> Option<f64> {
+    let events = events as f64;
+    let mut floor_secs = None;
+    for (writes, rate, cpu) in references {
+        if writes == Writes::Floor {
+            // No job on one Redis can commit faster than one fully busy core at this
+            // cost.
+            let bound = events / cpu;
+            println!(
+                "redis_bound_events_per_sec: {bound:.0}   (one Redis core 100 % busy at the floor's cost per event)"
+            );
+            println!("ratio_redis_bound_to_bare_consumer: {:.2}", bound / bare);
+            floor_secs = Some(cpu / events);
+            continue;
+        }
+        println!(
+            "ratio_committed_to_reference_{writes:?}: {:.2}",
+            run.committed_per_sec / rate
+        );
+        println!(
+            "ratio_redis_cpu_per_event_pipeline_to_reference_{writes:?}: {:.2}",
+            run.redis_cpu_secs / cpu
+        );
+    }
+    floor_secs
+}
+
+/// Cores a job needs to commit `rate` events per second if it did nothing but decode
+/// them (the straight loop, `straight_per_core` events per second on one core) and pay
+/// Redis `redis_secs_per_event` for their writes, as (decode, Redis): a lower bound,
+/// since reading from Kafka, the warehouse and the fences are left out.
+pub(super) fn cores_needed(
+    rate: f64,
+    straight_per_core: f64,
+    redis_secs_per_event: f64,
+) -> (f64, f64) {
+    (rate / straight_per_core, rate * redis_secs_per_event)
+}
+
+/// Prints the cores goal 3 (half the bare consumer) needs at this run's reference costs,
+/// against the machine's: whether the goal can be met here at all, by any job.
+pub(super) fn report_cores_needed(bare: f64, straight_per_core: f64, redis_secs_per_event: f64) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (decode, redis) = cores_needed(bare / 2.0, straight_per_core, redis_secs_per_event);
+    println!(
+        "cores_needed_at_half_the_bare_consumer: {:.1}   (at {:.0} ev/s: the straight loop's decode, {decode:.2} cores, plus Redis at the floor's cost per event, {redis:.2} cores, of which one Redis server runs on one; reading Kafka, the warehouse and the fences not counted; this machine has {cores})",
+        decode + redis,
+        bare / 2.0,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 1M events per second: decode at 2M per core is half a core, Redis at 2 µs per
+    /// event is two cores' worth.
+    #[test]
+    fn cores_needed_adds_decode_and_redis_per_event() {
+        assert_eq!(cores_needed(1e6, 2e6, 2e-6), (0.5, 2.0));
+        assert_eq!(cores_needed(0.0, 2e6, 2e-6), (0.0, 0.0));
+    }
 }
