@@ -3,8 +3,9 @@
 //!
 //! State is kept per source partition: template counts `(businessId, state) → receivers`
 //! and the values to push onto receiver and message lists. A barrier for checkpoint *n*
-//! on partition *p* moves *p*'s state into checkpoint *n*'s flush and *p* starts afresh,
-//! so later records of *p* belong to *n + 1* while other partitions carry on untouched:
+//! on partition *p* moves *p*'s state into checkpoint *n*'s flush and *p* starts afresh
+//! (empty, its tables' room kept: see `take_pushes`), so later records of *p* belong to
+//! *n + 1* while other partitions carry on untouched:
 //! no partition ever waits for another's barrier. Once the barrier of every partition
 //! in the checkpoint has arrived, the shard hands its flush to the Redis sink and waits
 //! until the sink has taken it (queued for planning, not yet in Redis: a slow Redis
@@ -83,43 +84,42 @@ impl UnitFilter {
     }
 }
 
-/// Pre-aggregated state of one source partition in one shard.
+/// Pre-aggregated state of one source partition in one shard, for one checkpoint at a
+/// time: a barrier takes its contents and leaves its tables' room for the next.
 #[derive(Default)]
 pub struct PartitionState {
     counts: FxHashMap<(i64, i32), i64>,
     receivers: Lists,
     messages: Lists,
-    /// How many receivers and message ids the state before this one held: the maps are
-    /// sized for as many at the first fold, not grown (and rehashed) from empty.
-    expect: (usize, usize),
 }
 
-fn into_pushes(lists: Lists) -> Vec<ListPush> {
-    lists
-        .into_iter()
+/// Takes every list out of `lists`, keeping the table's room for the next checkpoint
+/// (it is sized like this one, not grown and rehashed from empty) unless it is over
+/// four times what this checkpoint held: a burst's room is given back.
+fn take_pushes(lists: &mut Lists) -> Vec<ListPush> {
+    let pushes: Vec<ListPush> = lists
+        .drain()
         .map(|(key, values)| ListPush { key, values })
-        .collect()
+        .collect();
+    if lists.capacity() > 4 * pushes.len() {
+        lists.shrink_to(pushes.len());
+    }
+    pushes
 }
 
 impl PartitionState {
-    /// An empty state for the next checkpoint, expecting as many keys as this one has.
-    /// Nothing is allocated until it folds its first batch.
-    pub fn successor(&self) -> PartitionState {
-        PartitionState {
-            expect: (self.receivers.len(), self.messages.len()),
-            ..PartitionState::default()
-        }
+    /// Takes the receiver and message lists folded since the last barrier, leaving
+    /// them empty (`take_pushes`).
+    pub fn take_lists(&mut self) -> (Vec<ListPush>, Vec<ListPush>) {
+        (
+            take_pushes(&mut self.receivers),
+            take_pushes(&mut self.messages),
+        )
     }
 
     /// Folds a batch of events into the state, leaving out what `filter` says Redis
     /// has already.
     pub fn fold(&mut self, batch: &EventBatch, filter: Option<&UnitFilter>) {
-        if self.receivers.capacity() == 0 {
-            self.receivers.reserve(self.expect.0);
-        }
-        if self.messages.capacity() == 0 {
-            self.messages.reserve(self.expect.1);
-        }
         for event in &batch.events {
             let filter = filter.filter(|f| event.offset < f.below);
             // Key names are built only while a filter applies (rarely, after a crash).
@@ -152,20 +152,24 @@ impl PartitionState {
         }
     }
 
-    fn into_delta(self, barrier: &Barrier, emitted: Emitted, windows: String) -> PartitionDelta {
+    /// Takes what was folded since the last barrier as the partition's delta for
+    /// `barrier`, leaving the state empty for the next checkpoint.
+    fn take_delta(
+        &mut self,
+        barrier: &Barrier,
+        emitted: Emitted,
+        windows: String,
+    ) -> PartitionDelta {
         let mut series = emitted.closed;
         series.extend(emitted.late);
+        let (receiver_lists, message_lists) = self.take_lists();
         PartitionDelta {
             partition: barrier.partition,
             next_offset: barrier.next_offset,
             claim: barrier.claim,
-            template_counts: self
-                .counts
-                .into_iter()
-                .map(|((b, s), n)| (b, s, n))
-                .collect(),
-            receiver_lists: into_pushes(self.receivers),
-            message_lists: into_pushes(self.messages),
+            template_counts: self.counts.drain().map(|((b, s), n)| (b, s, n)).collect(),
+            receiver_lists,
+            message_lists,
             series,
             windows,
         }
@@ -254,11 +258,7 @@ impl Aggregator {
         {
             self.filters.remove(&barrier.partition);
         }
-        let state = self
-            .partitions
-            .remove(&barrier.partition)
-            .unwrap_or_default();
-        self.partitions.insert(barrier.partition, state.successor());
+        let state = self.partitions.entry(barrier.partition).or_default();
         let id = barrier.spec.id;
         let pending = self.pending.entry(id).or_insert_with(|| PendingCheckpoint {
             spec: barrier.spec.clone(),
@@ -275,7 +275,7 @@ impl Aggregator {
         let open = windows.encode();
         pending
             .deltas
-            .push(state.into_delta(&barrier, emitted, open));
+            .push(state.take_delta(&barrier, emitted, open));
         if pending.seen.len() < pending.spec.partitions.len() {
             return None;
         }
@@ -365,20 +365,39 @@ mod tests {
     }
 
     #[test]
-    fn a_successor_starts_empty_sized_like_the_state_before() {
-        let state = state_with(&[
+    fn a_barrier_takes_the_lists_and_keeps_their_room_but_not_a_bursts() {
+        let mut state = state_with(&[
             (10, 1, &["a", "b"], Some("m1")),
             (10, 1, &["c"], Some("m2")),
         ]);
-        let mut next = state.successor();
-        assert_eq!(
-            next.receivers.capacity(),
-            0,
-            "nothing before its first fold"
+        let (receivers, messages) = state.take_lists();
+        assert_eq!((receivers.len(), messages.len()), (3, 2));
+        assert!(state.receivers.is_empty() && state.messages.is_empty());
+        assert!(state.receivers.capacity() >= 3 && state.messages.capacity() >= 2);
+        // The next checkpoint holds only what it folds itself.
+        let mut batch = EventBatch::new(0);
+        batch.push(5, 60, 1, 5, ["a"], None);
+        state.fold(&batch, None);
+        let (receivers, messages) = state.take_lists();
+        assert_eq!(receivers.len(), 1);
+        assert_eq!(receivers[0].key, "a");
+        assert_eq!(receivers[0].values.len(), 1);
+        assert_eq!(receivers[0].values[0].state, 60);
+        assert!(messages.is_empty());
+        // A burst's room is given back once a checkpoint needs a quarter of it.
+        let mut batch = EventBatch::new(0);
+        let ids: Vec<String> = (0..1000).map(|i| format!("user{i}")).collect();
+        batch.push(6, 10, 1, 6, ids.iter().map(String::as_str), None);
+        state.fold(&batch, None);
+        assert_eq!(state.take_lists().0.len(), 1000);
+        assert!(state.receivers.capacity() >= 1000);
+        state.fold(&EventBatch::new(0), None);
+        assert!(state.take_lists().0.is_empty());
+        assert!(
+            state.receivers.capacity() < 250,
+            "{}",
+            state.receivers.capacity()
         );
-        next.fold(&EventBatch::new(0), None);
-        assert!(next.receivers.is_empty() && next.messages.is_empty());
-        assert!(next.receivers.capacity() >= 3 && next.messages.capacity() >= 2);
     }
 
     fn state_with(events: &[(i32, i64, &[&str], Option<&str>)]) -> PartitionState {

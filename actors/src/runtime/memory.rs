@@ -50,7 +50,8 @@ pub const MIN_BUDGET_MB: u64 = 32;
 pub const BATCHES_PER_PARTITION: usize = 4;
 
 /// Memory held per payload byte of uncommitted input: aggregator state (list values,
-/// keys), the Redis commit plan built from it, and Arrow/Parquet buffers of the rows.
+/// keys, and the room each shard's tables keep from the last checkpoint), the Redis
+/// commit plan built from it, and Arrow/Parquet buffers of the rows.
 /// Measured with `anchorflow bench` on unique message ids (the worst case): see
 /// docs/benchmarks.md.
 pub const EXPANSION: u64 = 6;
