@@ -145,7 +145,8 @@ fn send_commands(
     batch: &Pending,
     keys: &KeyLayout,
     (receiver_ttl, message_ttl, template_ttl): (i64, u64, u64),
-    (conn, atomic): (&mut redis::Connection, bool),
+    conn: &mut redis::Connection,
+    atomic: bool,
 ) -> anyhow::Result<()> {
     let mut pipe = redis::pipe();
     if atomic {
@@ -218,8 +219,8 @@ fn flush(
 ) -> anyhow::Result<usize> {
     match target.writes {
         Writes::Script => send_script(&batch, keys, ttls, conn)?,
-        Writes::Multi => send_commands(&batch, keys, ttls, (conn, true))?,
-        Writes::Floor => send_commands(&batch, keys, ttls, (conn, false))?,
+        Writes::Multi => send_commands(&batch, keys, ttls, conn, true)?,
+        Writes::Floor => send_commands(&batch, keys, ttls, conn, false)?,
     }
     let topic = target.topic;
     writer.write(&batch.rows.finish())?;

@@ -27,6 +27,11 @@ pub(super) struct PipelineRun {
     pub(super) exit_code: i32,
 }
 
+/// The cores this machine offers the run (the bench, Redis and the broker share them).
+fn machine_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// The `q` quantile of `sorted` values.
 fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted
@@ -72,7 +77,7 @@ pub(super) fn report_pipeline(
         run.drain_secs
     );
     if let Some(broker) = run.broker_cpu_secs {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cores = machine_cores();
         println!(
             "broker_cpu_us_per_event: {:.2}   (the mock broker's {broker:.2} CPU-s; with anchorflow and Redis, {:.2} of the machine's {cores} cores busy while draining)",
             broker * 1e6 / events,
@@ -167,7 +172,7 @@ pub(super) fn cores_needed(
 /// Prints the cores goal 3 (half the bare consumer) needs at this run's reference costs,
 /// against the machine's: whether the goal can be met here at all, by any job.
 pub(super) fn report_cores_needed(bare: f64, straight_per_core: f64, redis_secs_per_event: f64) {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = machine_cores();
     let (decode, redis) = cores_needed(bare / 2.0, straight_per_core, redis_secs_per_event);
     println!(
         "cores_needed_at_half_the_bare_consumer: {:.1}   (at {:.0} ev/s: the straight loop's decode, {decode:.2} cores, plus Redis at the floor's cost per event, {redis:.2} cores, of which one Redis server runs on one; reading Kafka, the warehouse and the fences not counted; this machine has {cores})",
