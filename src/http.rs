@@ -1,6 +1,7 @@
 //! The HTTP endpoint: `/metrics` (Prometheus text), `/healthz` (process alive),
-//! `/readyz` (the last checkpoint committed, Redis holds the fences, and no actor is
-//! restarting; `runtime/health.rs`) and `/checkpoints` (the durations in milliseconds
+//! `/readyz` (the last checkpoint committed, Redis holds the fences, no actor is
+//! restarting, no partition stalled, Redis cannot evict anchorflow's keys; when not
+//! ready, the reasons one per line; `runtime/health.rs`) and `/checkpoints` (the durations in milliseconds
 //! of the recent checkpoints, one per line, oldest first; `anchorflow bench` reads its
 //! percentiles here, exact where the histogram has buckets). It runs on its
 //! own thread with a small synchronous server; scrapes are rare and cheap.
@@ -46,10 +47,13 @@ pub fn serve(
                     ),
                     "/healthz" => (200, "ok\n".to_string(), "text/plain"),
                     "/checkpoints" => (200, checkpoints(&telemetry), "text/plain"),
-                    "/readyz" if telemetry.health.is_ready() => {
-                        (200, "ready\n".to_string(), "text/plain")
-                    }
-                    "/readyz" => (503, "not ready\n".to_string(), "text/plain"),
+                    "/readyz" => match telemetry.health.not_ready_because() {
+                        reasons if reasons.is_empty() => (200, "ready\n".to_string(), "text/plain"),
+                        reasons => {
+                            let body = format!("not ready:\n{}\n", reasons.join("\n"));
+                            (503, body, "text/plain")
+                        }
+                    },
                     _ => (404, "not found\n".to_string(), "text/plain"),
                 };
                 let header = Header::from_bytes("Content-Type", content_type)

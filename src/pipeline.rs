@@ -151,6 +151,32 @@ fn wait_while_state_lost(
     }
 }
 
+/// Why this Redis must not be run against (its eviction policy may drop anchorflow's
+/// bookkeeping, `protocol/server.rs`), unless `redis.allow_evicting_policy` says so.
+/// An unreachable Redis is not refused here: claiming partitions retries and reports it,
+/// and the Redis sink looks at the policy again once it connects.
+fn evicting_redis(config: &Config) -> Option<String> {
+    if config.redis.allow_evicting_policy {
+        return None;
+    }
+    let timeout = Duration::from_secs(config.redis.command_timeout_secs);
+    let info = fences::connect(&config.redis.url, timeout)
+        .and_then(|mut conn| anchorflow_actors::protocol::server::inspect(&mut conn))
+        .ok()?;
+    info.may_evict_bookkeeping()
+}
+
+/// The live run that holds this instance id's lease, if one does (`protocol/lease.rs`).
+/// An unreachable Redis says nothing here (claiming reports it).
+fn live_run_of_this_id(config: &Config) -> Option<String> {
+    let keys = FenceKeys::new(&config.source.group_id, &config.source.topic);
+    let timeout = Duration::from_secs(config.redis.command_timeout_secs);
+    let mut conn = fences::connect(&config.redis.url, timeout).ok()?;
+    anchorflow_actors::protocol::lease::live_holder(&mut conn, &keys, &config.source.instance_id)
+        .ok()
+        .flatten()
+}
+
 /// The sinks and their links.
 struct Sinks {
     redis: Mailbox<ShardFlush>,
@@ -347,6 +373,18 @@ pub fn run(
 ) -> anyhow::Result<i32> {
     if !wait_while_state_lost(&config, &telemetry, &stop) {
         return Ok(0);
+    }
+    if let Some(why) = evicting_redis(&config) {
+        error!("{why}");
+        return Ok(exit::CONFIG);
+    }
+    if let Some(holder) = live_run_of_this_id(&config) {
+        error!(
+            instance_id = config.source.instance_id,
+            holder,
+            "another live run holds this instance id: every instance needs its own source.instance_id (the default is this host's name)"
+        );
+        return Ok(exit::DUPLICATE);
     }
     let config = Arc::new(config);
     let system = System::new();

@@ -23,25 +23,6 @@ fn in_order(seed: u64, count: usize, start_ms: i64, step_ms: i64) -> Vec<Option<
     generate_spread(seed, count, MAX_IDS, start_ms, step_ms)
 }
 
-/// What every row checks at the end: the oracle, and for in-order data that nothing
-/// was closed early (no correction rows, nothing published into a committed folder).
-fn check_in_order(setup: &Setup, produced: &Produced) {
-    setup.check(produced);
-    let corrections: Vec<DwsRow> = read_dws(setup.warehouse.path())
-        .into_iter()
-        .filter(|r| r.is_correction)
-        .collect();
-    assert!(
-        corrections.is_empty(),
-        "in-order data made correction rows: a window closed early: {corrections:?}"
-    );
-    let late = published_after_success(setup.warehouse.path());
-    assert!(
-        late.is_empty(),
-        "files published into folders after their _SUCCESS: {late:?}"
-    );
-}
-
 /// When to inject a fault, as a percentage of the backlog committed: `default` in CI,
 /// drawn from `ANCHORFLOW_SOAK_SEED` (and the row's name) when `scripts/soak.sh` runs
 /// the matrix in a loop.
@@ -112,7 +93,8 @@ fn redis_outage(name: &str, fault: impl FnOnce(&mut TestRedis), heal: impl FnOnc
     // ran on: this row hung on its check of that).
     setup
         .set("time.idle_timeout_ms=5000")
-        .set("pipeline.max_uncommitted_records=5000");
+        .set("pipeline.max_uncommitted_records=5000")
+        .set("pipeline.stall_timeout_secs=5");
     // 150,000 events over 150 s of event time around an hour boundary.
     let produced = setup.produce_records(in_order(901, 150_000, SHANGHAI_MIDNIGHT - 60_000, 4));
     let total: i64 = produced.values().map(|r| r.len() as i64).sum();
@@ -163,9 +145,20 @@ fn redis_outage(name: &str, fault: impl FnOnce(&mut TestRedis), heal: impl FnOnc
         quiet_since - outage,
         samples.last()
     );
-    // Loud, not silent: the sink is restarting, and the process says it is not ready.
-    let ready = http_get(&metrics, "/readyz").map(|r| r.0);
-    assert_eq!(ready, Some(503), "ready while Redis is out");
+    // Loud, not silent: the sink is restarting, the partitions waiting for it are
+    // stalled, and the process says it is not ready, and why.
+    let (ready, why) = http_get(&metrics, "/readyz").unwrap_or_default();
+    assert_eq!(ready, 503, "ready while Redis is out");
+    assert!(
+        why.contains("is restarting") && why.contains("is stalled"),
+        "/readyz says why: {why}"
+    );
+    let stalled = http_get(&metrics, "/metrics")
+        .and_then(|(_, text)| metric(&text, "anchorflow_stalled_partitions"));
+    assert!(
+        stalled >= Some(1.0),
+        "stalled partitions exported: {stalled:?}"
+    );
     heal(&mut redis);
     assert!(
         samples.iter().any(|s| s.1.is_some()),
@@ -186,6 +179,8 @@ fn redis_outage(name: &str, fault: impl FnOnce(&mut TestRedis), heal: impl FnOnc
             .iter()
             .sum::<f64>()
     });
+    let stalled = http_get(&metrics, "/metrics")
+        .and_then(|(_, text)| metric(&text, "anchorflow_stalled_partitions"));
     let exits = run.stop();
     println!("runs: {exits:?}");
     assert_eq!(
@@ -197,7 +192,13 @@ fn redis_outage(name: &str, fault: impl FnOnce(&mut TestRedis), heal: impl FnOnc
         restarted >= Some(1.0),
         "the sinks' restarts are counted: {restarted:?}"
     );
-    check_in_order(&setup, &produced);
+    assert_eq!(stalled, Some(0.0), "no partition stalled once drained");
+    let log = std::fs::read_to_string(&exits[0].log).unwrap_or_default();
+    assert!(
+        log.contains("partition stalled") && log.contains("a stalled partition moves again"),
+        "the stall and its end are logged"
+    );
+    setup.check_in_order(&produced);
 }
 
 #[test]
@@ -208,6 +209,215 @@ fn redis_paused_mid_backlog_loses_nothing_and_closes_nothing_early() {
 #[test]
 fn redis_refusing_connections_mid_backlog_loses_nothing_and_closes_nothing_early() {
     redis_outage("redis-down", |redis| redis.stop(), |redis| redis.restart());
+}
+
+/// Redis misbehaves without going away while a backlog of in-order events drains:
+/// `fault` runs every `every` for `lasting`, then `heal` once. The pipeline keeps
+/// running (the sinks restart, the process does not), and afterwards the oracle finds
+/// every record exactly once in both sinks, no correction row and no file published
+/// into a folder after its `_SUCCESS`.
+fn redis_misbehaving_mid_backlog(
+    name: &str,
+    every: Duration,
+    lasting: Duration,
+    mut fault: impl FnMut(&TestRedis, &mut redis::Connection),
+    heal: impl FnOnce(&TestRedis, &mut redis::Connection),
+) {
+    let redis = TestRedis::start();
+    let mut setup = Setup::new(name, 4, redis.url(1));
+    if std::env::var("XPROD").is_ok() {
+        setup
+            .set("source.batch_max_records=4096")
+            .set("pipeline.checkpoint_interval_ms=1000")
+            .set("warehouse.roll_interval_secs=60")
+            .set("pipeline.aggregator_shards=0")
+            .set("pipeline.reader_threads=0")
+            .set("redis.command_timeout_secs=30");
+    } else {
+        short_timeouts(&mut setup);
+        setup
+            .set("time.idle_timeout_ms=5000")
+            .set("pipeline.max_uncommitted_records=5000");
+    }
+    let produced = setup.produce_batched(in_order(905, 150_000, SHANGHAI_MIDNIGHT - 60_000, 4));
+    let total: i64 = produced.values().map(|r| r.len() as i64).sum();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let run = setup.supervise(name, &[], &metrics);
+    let moment = fault_moment(name, 5);
+    setup.wait_until("the fault moment", Duration::from_secs(120), || {
+        setup.progress() > total * moment / 100
+    });
+    let mut admin = redis.admin();
+    let started = std::time::Instant::now();
+    while started.elapsed() < lasting {
+        fault(&redis, &mut admin);
+        std::thread::sleep(every);
+    }
+    heal(&redis, &mut admin);
+    println!("{name}: fault over at progress {}", setup.progress());
+    setup.wait_drained(&produced);
+    let exits = run.stop();
+    println!("runs: {exits:?}");
+    assert_eq!(
+        exits.len(),
+        1,
+        "the sinks restarted, not the process: {exits:?}"
+    );
+    setup.check_in_order(&produced);
+}
+
+/// A Redis configured as a cache (`maxmemory-policy allkeys-lru`) may evict the fences,
+/// claims and publish records, and exactly-once with them: `run` refuses it at start
+/// with exit 78 naming the setting that allows it; a policy changed to one while
+/// running makes the process not ready, saying why; keys Redis evicts are logged and
+/// exported. Before, such a Redis ran green and said nothing.
+#[test]
+fn a_redis_that_may_evict_anchorflows_keys_is_refused_or_flagged() {
+    let redis = TestRedis::start_with(&["--maxmemory-policy", "allkeys-lru"]);
+    let mut admin = redis.admin();
+    let setup = Setup::new("evicting", 2, redis.url(1));
+    let produced = setup.produce(908, 2_000);
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let mut refused = setup.spawn("evicting", &[], &metrics);
+    let status = refused.wait_exit(Duration::from_secs(60));
+    let log = refused.tail();
+    assert_eq!(status.code(), Some(78), "refused at start: {log}");
+    assert!(
+        log.contains("allkeys-lru") && log.contains("redis.allow_evicting_policy"),
+        "the refusal names the policy and the setting: {log}"
+    );
+    drop(refused);
+
+    let set_policy = |admin: &mut redis::Connection, policy: &str| {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory-policy")
+            .arg(policy)
+            .query::<()>(admin)
+            .unwrap();
+    };
+    set_policy(&mut admin, "noeviction");
+    let run = setup.supervise("evicting", &[], &metrics);
+    setup.wait_drained(&produced);
+    let readyz = || http_get(&metrics, "/readyz").unwrap_or_default();
+    setup.wait_until("ready", Duration::from_secs(30), || readyz().0 == 200);
+    set_policy(&mut admin, "allkeys-lru");
+    // The sink reads INFO every 10 s at a commit; commits run every checkpoint.
+    setup.wait_until("not ready, saying why", Duration::from_secs(60), || {
+        let (status, body) = readyz();
+        status == 503 && body.contains("maxmemory-policy is allkeys-lru")
+    });
+    set_policy(&mut admin, "noeviction");
+    setup.wait_until("ready again", Duration::from_secs(60), || readyz().0 == 200);
+    setup.check(&produced);
+
+    // Keys of someone else's with a time to live, evicted under volatile-lru once the
+    // limit is below what the data set uses (the austin keys may go too: the oracle
+    // has had its look).
+    set_policy(&mut admin, "volatile-lru");
+    for n in 0..2_000 {
+        redis::cmd("SET")
+            .arg(format!("someone-else:{n}"))
+            .arg("x".repeat(512))
+            .arg("EX")
+            .arg(3_600)
+            .query::<()>(&mut admin)
+            .unwrap();
+    }
+    let used: String = redis::cmd("INFO").arg("memory").query(&mut admin).unwrap();
+    let used: u64 = used
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("used_memory");
+    redis.set_maxmemory(&mut admin, used - 200_000);
+    // A write makes Redis evict down to the limit.
+    redis::cmd("SET")
+        .arg("someone-else:trigger")
+        .arg("x")
+        .query::<()>(&mut admin)
+        .unwrap();
+    setup.wait_until("the evictions exported", Duration::from_secs(60), || {
+        http_get(&metrics, "/metrics")
+            .and_then(|(_, text)| metric(&text, "anchorflow_redis_evicted_keys"))
+            .is_some_and(|n| n > 0.0)
+    });
+    redis.set_maxmemory(&mut admin, 0);
+    let exits = run.stop();
+    let log = std::fs::read_to_string(&exits[0].log).unwrap_or_default();
+    assert!(
+        log.contains("Redis evicted keys since the last look"),
+        "the evictions are logged"
+    );
+}
+
+/// Reading that resumes inside a producer's batch (after every pause at a small
+/// uncommitted bound) loses nothing. tansu answers a fetch inside a batch with the
+/// batches after it: before the fix the source took the jump for the log's own gap and
+/// the fences moved over the rest of the batch in both sinks, silently. The last
+/// records are produced one per batch, so that only the jumps are tried here (the
+/// partition that gets nothing at its end is the Redis rows' case).
+#[test]
+fn reading_that_resumes_inside_a_batch_loses_nothing() {
+    let mut setup = Setup::new("inside-a-batch", 2, redis_url(28));
+    setup.set("pipeline.max_uncommitted_records=300");
+    let mut produced = setup.produce_batched(generate(906, 20_000, MAX_IDS));
+    extend(
+        &mut produced,
+        setup.produce_records(generate(907, 20, MAX_IDS)),
+    );
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let run = setup.supervise("inside-a-batch", &[], &metrics);
+    setup.wait_drained(&produced);
+    let (_, text) = http_get(&metrics, "/metrics").expect("metrics");
+    run.stop();
+    setup.check(&produced);
+    assert!(
+        metric(&text, r#"anchorflow_offset_gaps_total{outcome="reread"}"#) >= Some(1.0),
+        "the jumps were read again, and counted"
+    );
+}
+
+/// Redis drops every client connection about twice a second for 40 s (a failover, a
+/// proxy's idle timeout, `CLIENT KILL`): scripts die in flight, replies are lost, both
+/// sinks restart again and again. Before the fix whole offset ranges vanished from
+/// both sinks while the fences moved past them.
+#[test]
+fn redis_dropping_connections_mid_backlog_loses_nothing() {
+    redis_misbehaving_mid_backlog(
+        "redis-kill-clients",
+        Duration::from_millis(
+            std::env::var("XKILLMS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(500),
+        ),
+        Duration::from_secs(40),
+        |redis, admin| {
+            redis.kill_clients(admin);
+        },
+        |_, _| {},
+    );
+}
+
+/// Redis at `maxmemory` (`noeviction`) for 30 s mid-backlog: every write is refused
+/// with `OOM`, then the limit is lifted. Before the fix records went missing from both
+/// sinks, and one partition stopped for good short of its end.
+#[test]
+fn redis_at_maxmemory_mid_backlog_loses_nothing_and_every_partition_finishes() {
+    let mut limited = false;
+    redis_misbehaving_mid_backlog(
+        "redis-maxmemory",
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+        |redis, admin| {
+            if !limited {
+                redis.set_maxmemory(admin, 1 << 20);
+                limited = true;
+            }
+        },
+        |redis, admin| redis.set_maxmemory(admin, 0),
+    );
 }
 
 /// A Redis sink far slower than the input, with the warehouse sink keeping up: nothing
@@ -730,7 +940,7 @@ fn a_broker_paused_for_a_minute_loses_nothing_and_closes_nothing_early() {
     setup.wait_drained(&produced);
     let exits = run.stop();
     println!("runs: {exits:?}");
-    check_in_order(&setup, &produced);
+    setup.check_in_order(&produced);
 }
 
 /// `anchorflow_records_read_total` of the child whose metrics listen on `metrics`.
@@ -751,7 +961,7 @@ fn a_second_run_finishes_exactly(setup: &Setup, instance: &str, produced: &Produ
     let run = setup.supervise(instance, &[], "");
     setup.wait_drained(produced);
     run.stop();
-    check_in_order(setup, produced);
+    setup.check_in_order(produced);
 }
 
 /// SIGTERM while the broker is frozen (SIGSTOP), with records read but not yet

@@ -26,7 +26,7 @@ use anchorflow_actors::protocol::keys::{series_field, FenceKeys, KeyLayout, SERI
 use anchorflow_actors::protocol::publish::{pending_publishes, publish_done, PublishRecord};
 use anchorflow_actors::protocol::reply::{self, Rejection, Reply};
 use anchorflow_actors::protocol::scripts::{
-    commit_command, commit_script, record_script, Args, Mode, RecordArgs,
+    commit_command, commit_script, record_script, Args, Expiry, Mode, RecordArgs,
 };
 use anchorflow_actors::protocol::staged;
 use anchorflow_actors::protocol::units::unit_of;
@@ -87,6 +87,25 @@ fn plan(
 
 /// Plans checkpoint `id` of these deltas as the Redis sink does.
 fn plan_of(keys: &FenceKeys, id: u64, deltas: Vec<PartitionDelta>, budget: usize) -> CommitPlan {
+    let ttls = Ttls {
+        receiver: Expiry::After(60_000),
+        // Apart from the receivers', so that the lists form two expiry classes.
+        message: Expiry::After(120_000),
+        template_ms: 60_000,
+        series_ms: 60_000,
+        conflicts_ms: 60_000,
+    };
+    plan_with(keys, id, deltas, budget, ttls)
+}
+
+/// [`plan_of`] with the keys' expiries given.
+fn plan_with(
+    keys: &FenceKeys,
+    id: u64,
+    deltas: Vec<PartitionDelta>,
+    budget: usize,
+    ttls: Ttls,
+) -> CommitPlan {
     let flush = ShardFlush {
         shard: 0,
         spec: Arc::new(CheckpointSpec {
@@ -99,14 +118,7 @@ fn plan_of(keys: &FenceKeys, id: u64, deltas: Vec<PartitionDelta>, budget: usize
     };
     let input = CommitInput {
         layout: &KeyLayout::default(),
-        ttls: Ttls {
-            receiver_ms: 60_000,
-            // Apart from the receivers', so that the lists form two TTL classes.
-            message_ms: 120_000,
-            template_ms: 60_000,
-            series_ms: 60_000,
-            conflicts_ms: 60_000,
-        },
+        ttls,
         tracked: &BTreeMap::new(),
         keys,
         budget_ops: budget,
@@ -549,6 +561,73 @@ fn lists_of_every_shape_apply_exactly_with_their_class_ttl() {
         assert!(
             pttl > ttl_ms - 30_000 && pttl <= ttl_ms,
             "{key}: PTTL {pttl}"
+        );
+    }
+}
+
+/// A receiver list expires at the end of the day by Redis's clock when the script
+/// runs, not when the commit was planned: a commit that waited past a day end it was
+/// planned for takes the next one, and one that waited past both takes whole days
+/// after the second. (Before, the time to live was fixed at planning, and a commit held
+/// up by a stalled Redis kept its lists past midnight by as long as it waited.)
+#[test]
+fn a_receiver_list_expires_at_the_day_end_redis_sees_when_the_script_runs() {
+    let (mut conn, keys) = fresh_db(55);
+    claim_fresh(&mut conn, &keys, &[0], 0);
+    let (secs, micros): (i64, i64) = redis::cmd("TIME").query(&mut conn).unwrap();
+    let now = secs * 1000 + micros / 1000;
+    const DAY: i64 = 86_400_000;
+    let cases = [
+        ("ahead", [now + 30_000, now + 30_000 + DAY], 30_000),
+        ("first passed", [now - 1_000, now + 60_000], 60_000),
+        (
+            "both passed",
+            [now - 2 * DAY + 5_000, now - DAY + 5_000],
+            5_000,
+        ),
+    ];
+    for (n, (case, day_ends, expected)) in cases.into_iter().enumerate() {
+        let key = format!("day-end-{n}");
+        let delta = PartitionDelta {
+            partition: 0,
+            next_offset: n as i64 + 1,
+            // Each case's range starts where the one before ended.
+            claim: Claim {
+                epoch: 1,
+                redis: n as i64,
+                warehouse: 0,
+            },
+            template_counts: vec![],
+            receiver_lists: vec![ListPush {
+                key: key.as_str().into(),
+                values: [TraceValue {
+                    state: 10,
+                    business_id: TEMPLATE,
+                    timestamp: 1,
+                }]
+                .into_iter()
+                .collect(),
+            }],
+            message_lists: vec![],
+            series: vec![],
+            windows: String::new(),
+        };
+        let ttls = Ttls {
+            receiver: Expiry::DayEnd(day_ends),
+            message: Expiry::After(120_000),
+            template_ms: 60_000,
+            series_ms: 60_000,
+            conflicts_ms: 60_000,
+        };
+        let commit = plan_with(&keys, n as u64 + 1, vec![delta], 100_000, ttls);
+        assert!(matches!(
+            run(&mut conn, &keys, &commit.scripts[0].args),
+            Reply::Applied { .. }
+        ));
+        let pttl: i64 = redis::cmd("PTTL").arg(&key).query(&mut conn).unwrap();
+        assert!(
+            pttl > expected - 5_000 && pttl <= expected,
+            "{case}: PTTL {pttl}, expected about {expected}"
         );
     }
 }

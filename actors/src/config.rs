@@ -55,9 +55,20 @@ pub struct SourceConfig {
     pub batch_max_records: usize,
     /// Most payload bytes a partition batch holds before it is handed to its reader.
     pub batch_max_bytes: usize,
-    /// Unique name of this instance among those sharing a warehouse root; it prefixes
-    /// this instance's in-progress files so that it cleans up only its own.
+    /// Unique name of this instance among those sharing a group or a warehouse root;
+    /// it prefixes this instance's in-progress files so that it cleans up only its
+    /// own, and names its lease: a second live run of one id refuses to start (exit
+    /// 73). Empty (the default): this host's name, so hosts deployed from one file
+    /// differ.
     pub instance_id: String,
+    /// When a fetch jumps over offsets, read again from further back before taking
+    /// them as offsets without records, so that a broker that skipped records (one
+    /// that answers a read inside a batch with the batches after it) loses none; a
+    /// partition that gets nothing below its high watermark is searched the same way.
+    /// Turn off only for a compacted or transactional topic, whose gaps are many and
+    /// real: every gap is then taken at once (still counted in
+    /// `anchorflow_offset_gaps_total`).
+    pub verify_offset_gaps: bool,
 }
 
 impl Default for SourceConfig {
@@ -67,8 +78,39 @@ impl Default for SourceConfig {
             group_id: "anchorflow".into(),
             batch_max_records: 4096,
             batch_max_bytes: 1 << 20,
-            instance_id: "anchorflow".into(),
+            instance_id: host_instance_id(),
+            verify_offset_gaps: true,
         }
+    }
+}
+
+/// This host's name: the default instance id is made of it, and the instance lease
+/// names the host of its run (`protocol/lease.rs`).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "unknown-host".into())
+}
+
+/// This host's name as an instance id: letters, digits, '-' and '_' kept, anything
+/// else turned into '-' (`anchorflow` if nothing is left).
+pub fn host_instance_id() -> String {
+    let name: String = hostname()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let name = name.trim_matches('-');
+    if name.is_empty() {
+        "anchorflow".into()
+    } else {
+        name.to_string()
     }
 }
 
@@ -133,6 +175,11 @@ pub struct PipelineConfig {
     /// warehouse's open row groups are cut to shares of it (`runtime/memory.rs`), so
     /// RSS stays near it at any partition count and behind a slow sink. At least 32.
     pub memory_budget_mb: u64,
+    /// Seconds a partition with records to read may keep its Redis fence unmoved (its
+    /// warehouse fence: this plus `warehouse.roll_interval_secs`, as the warehouse
+    /// publishes once per roll) before it is reported stalled: an error naming it and
+    /// what it waits for, `anchorflow_stalled_partitions`, and `/readyz` not ready.
+    pub stall_timeout_secs: u64,
 }
 
 impl Default for PipelineConfig {
@@ -145,6 +192,7 @@ impl Default for PipelineConfig {
             revoke_timeout_ms: 20_000,
             max_uncommitted_records: 100_000,
             memory_budget_mb: 256,
+            stall_timeout_secs: 120,
         }
     }
 }
@@ -204,6 +252,12 @@ pub struct RedisConfig {
     /// Benchmarks only: sleep this many times the commit's own duration after each
     /// commit, to emulate a slow sink. 0 disables.
     pub slowdown_factor: u32,
+    /// Run against a Redis whose `maxmemory-policy` may evict keys without a time to
+    /// live (`allkeys-*`). Such a policy can drop anchorflow's fences under memory
+    /// pressure, and exactly-once with them, so by default it is refused at start
+    /// (exit 78) and makes `/readyz` not ready if set later. Only for a Redis you know
+    /// never reaches its `maxmemory`; evictions are logged and counted either way.
+    pub allow_evicting_policy: bool,
 }
 
 impl Default for RedisConfig {
@@ -219,6 +273,7 @@ impl Default for RedisConfig {
             command_timeout_secs: 30,
             max_commit_ms: 100,
             slowdown_factor: 0,
+            allow_evicting_policy: false,
         }
     }
 }
@@ -243,6 +298,7 @@ impl fmt::Debug for RedisConfig {
             .field("command_timeout_secs", &self.command_timeout_secs)
             .field("max_commit_ms", &self.max_commit_ms)
             .field("slowdown_factor", &self.slowdown_factor)
+            .field("allow_evicting_policy", &self.allow_evicting_policy)
             .finish()
     }
 }
@@ -460,6 +516,43 @@ mod tests {
             config.validate().unwrap_err().field,
             "kafka.bootstrap.servers"
         );
+    }
+
+    /// Everything `run` would refuse is refused here, naming the field: librdkafka's
+    /// own verdict on a property, and an S3 endpoint that is no URL or is plain http
+    /// without `allow_http`.
+    #[test]
+    fn what_run_would_refuse_is_refused_here() {
+        let kafka = |key: &str, value: &str| {
+            let mut config = valid();
+            config.kafka.0.insert(key.into(), value.into());
+            config.validate().err()
+        };
+        let e = kafka("no.such.property", "1").expect("an unknown property");
+        assert_eq!(e.field, "kafka.no.such.property");
+        assert!(e.message.contains("No such configuration property"), "{e}");
+        let e = kafka("security.protocol", "bogus").expect("a bad value");
+        assert_eq!(e.field, "kafka.security.protocol");
+        assert!(
+            e.message.contains("bogus") || e.message.contains("Invalid value"),
+            "{e}"
+        );
+        assert!(kafka("security.protocol", "SASL_SSL").is_none());
+
+        let s3 = |endpoint: &str, allow_http: bool| {
+            let mut config = valid();
+            config.warehouse.root = "s3://lake/anchorflow".into();
+            config.warehouse.s3.endpoint = endpoint.into();
+            config.warehouse.s3.allow_http = allow_http;
+            config.validate().err()
+        };
+        let e = s3("http://minio:9000", false).expect("http without allow_http");
+        assert_eq!(e.field, "warehouse.s3.endpoint");
+        assert!(e.message.contains("allow_http"), "{e}");
+        assert!(s3("http://minio:9000", true).is_none());
+        assert!(s3("https://s3.example.com", false).is_none());
+        let e = s3("notaurl", true).expect("not a URL");
+        assert_eq!(e.field, "warehouse.s3.endpoint", "{e}");
     }
 
     #[test]

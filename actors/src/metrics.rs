@@ -55,6 +55,11 @@ pub struct SkipLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
     pub state: StateCode,
 }
@@ -128,6 +133,13 @@ metrics! {
     dead_letters: Family<ReasonLabel, Counter> = Default::default(), "Records sent to the dead-letter table, by reason";
     /// Records the broker deleted before they were read (their fence was out of range).
     records_skipped: Family<SkipLabel, Counter> = Default::default(), "Records the broker no longer held when they were due (retention, a trimmed log), by partition";
+    /// Offsets a fetch jumped over, by what they turned out to be (`source/gap.rs`).
+    offset_gaps: Family<OutcomeLabel, Counter> = Default::default(), "Times a fetch jumped over offsets, by outcome: reread (the broker had skipped records; they were read from further back) or not_in_log (no records there: compaction, transactions)";
+    /// Partitions with records to read whose durable fence has not moved for
+    /// `pipeline.stall_timeout_secs` (`source/progress.rs`).
+    stalled_partitions: Gauge = Default::default(), "Assigned partitions with records to read whose fence has not moved for pipeline.stall_timeout_secs";
+    /// Redis's own `evicted_keys`, as last read (`sinks/redis/client.rs`).
+    redis_evicted_keys: Gauge = Default::default(), "Keys Redis has evicted since it started (INFO stats evicted_keys), as last read; growth means a maxmemory policy is dropping keys";
     unknown_state_events: Family<StateLabel, Counter> = Default::default(), "Events whose state code is not one of austin's (kept and counted under their number)";
     redis_commands: Counter = Default::default(), "Commands sent to Redis";
     redis_script_operations: Counter = Default::default(), "Redis operations (LPUSH, HINCRBY, expiries) executed inside commit scripts";

@@ -191,6 +191,23 @@ impl Setup {
         self._cluster.as_ref()
     }
 
+    /// Runs `anchorflow <args>` with this setup's settings plus `sets` to completion;
+    /// returns its exit status, stdout and stderr.
+    pub fn command(&self, args: &[&str], sets: &[&str]) -> (ExitStatus, String, String) {
+        let out = Command::new(binary())
+            .args(args)
+            .args(self.sets("operator", ""))
+            .args(sets.iter().flat_map(|s| ["--set", s]))
+            .env("ANCHORFLOW_LOG", "warn")
+            .output()
+            .expect("running anchorflow");
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     pub fn fences_command(&self, args: &[&str]) -> (ExitStatus, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_anchorflow"))
             .arg("fences")
@@ -215,6 +232,21 @@ impl Setup {
             self.partitions,
             records.into_iter(),
             true,
+        )
+        .expect("produce")
+    }
+
+    /// Produces `records` round-robin over the partitions as a real producer does,
+    /// many records per batch: a read that resumes inside a batch must not lose the
+    /// batch's rest (tansu 0.6.0 answers a fetch inside a batch with the batches after
+    /// it, or with nothing at the partition's end).
+    pub fn produce_batched(&self, records: Vec<Option<Vec<u8>>>) -> Produced {
+        anchorflow::demo::produce(
+            &self.brokers,
+            &self.topic,
+            self.partitions,
+            records.into_iter(),
+            false,
         )
         .expect("produce")
     }
@@ -272,6 +304,25 @@ impl Setup {
         );
     }
 
+    /// [`Self::check`] for in-order data, plus that nothing was closed early: no
+    /// correction rows, nothing published into a folder after its `_SUCCESS`.
+    pub fn check_in_order(&self, produced: &Produced) {
+        self.check(produced);
+        let corrections: Vec<DwsRow> = read_dws(self.warehouse.path())
+            .into_iter()
+            .filter(|r| r.is_correction)
+            .collect();
+        assert!(
+            corrections.is_empty(),
+            "in-order data made correction rows: a window closed early: {corrections:?}"
+        );
+        let late = published_after_success(self.warehouse.path());
+        assert!(
+            late.is_empty(),
+            "files published into folders after their _SUCCESS: {late:?}"
+        );
+    }
+
     /// The final comparison with the oracle.
     pub fn check(&self, produced: &Produced) {
         self.check_with(produced, Dws::Complete);
@@ -289,6 +340,8 @@ impl Setup {
                 "upload markers left in the bucket: {markers:?}"
             );
         }
+        // The warehouse first: its report names the offset ranges a loss hit.
+        check_warehouse(self.warehouse.path(), produced, self.max_ids, false);
         check_redis_except(
             &self.url,
             produced,
@@ -296,7 +349,6 @@ impl Setup {
             self.started,
             &self.foreign,
         );
-        check_warehouse(self.warehouse.path(), produced, self.max_ids, false);
         check_windows(
             &self.url,
             self.warehouse.path(),
@@ -473,6 +525,13 @@ pub struct Launcher {
 }
 
 impl Launcher {
+    /// Adds a `--set` override for this launcher's children only.
+    pub fn with_set(mut self, assignment: &str) -> Self {
+        self.args
+            .extend(["--set".to_string(), assignment.to_string()]);
+        self
+    }
+
     /// Runs the binary under `wrapper` (its arguments followed by the binary's).
     pub fn wrapped(mut self, wrapper: &[&str]) -> Self {
         self.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
@@ -482,14 +541,14 @@ impl Launcher {
     pub fn spawn(&self) -> Instance {
         let n = self.spawned.fetch_add(1, Ordering::SeqCst) + 1;
         let log = self.logs.join(format!("{n:03}-{}.log", self.instance));
-        let binary = env!("CARGO_BIN_EXE_anchorflow");
+        let binary = binary();
         let mut command = match self.wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
-                c.args(args).arg(binary);
+                c.args(args).arg(&binary);
                 c
             }
-            None => Command::new(binary),
+            None => Command::new(&binary),
         };
         let child = command
             .arg("run")
@@ -507,6 +566,14 @@ impl Launcher {
             .expect("starting anchorflow");
         Instance { child, log }
     }
+}
+
+/// The binary the children run: `ANCHORFLOW_TEST_BINARY` runs another build (the
+/// release binary, whose timing differs, or an older one to see a test fail) under the
+/// same tests; the suite's own build by default.
+pub fn binary() -> String {
+    std::env::var("ANCHORFLOW_TEST_BINARY")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_anchorflow").to_string())
 }
 
 /// How one run of a supervised child ended.
@@ -583,14 +650,20 @@ impl Supervised {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
 
-    /// Stops the loop with SIGTERM to the running child; returns every run's end. The
-    /// last one must be the graceful stop (code 0).
-    pub fn stop(mut self) -> Vec<Exit> {
+    /// Stops the loop with SIGTERM to the running child and returns every run's end,
+    /// however the last one ended (a stop during a fault may miss its deadline).
+    pub fn terminate(mut self) -> Vec<Exit> {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(thread) = self.thread.take() {
             thread.join().expect("supervisor thread");
         }
-        let exits = self.exits();
+        self.exits()
+    }
+
+    /// Stops the loop with SIGTERM to the running child; returns every run's end. The
+    /// last one must be the graceful stop (code 0).
+    pub fn stop(self) -> Vec<Exit> {
+        let exits = self.terminate();
         let last = exits.last().expect("at least one run");
         assert_eq!(
             last.code,

@@ -120,6 +120,33 @@ impl TestRedis {
         signal(self.pid(), "CONT");
     }
 
+    /// A connection of the test's own to this server (calls time out).
+    pub fn admin(&self) -> redis::Connection {
+        super::connect(&self.url(0))
+    }
+
+    /// Drops every client connection but the caller's (`CLIENT KILL TYPE normal`), as
+    /// a failover, a proxy's idle timeout or an operator does; returns how many.
+    pub fn kill_clients(&self, admin: &mut redis::Connection) -> i64 {
+        redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .query(admin)
+            .unwrap_or(0)
+    }
+
+    /// Sets `maxmemory` (bytes; 0 lifts the limit). With the default `noeviction`
+    /// policy, a limit below what the data set uses refuses every write with `OOM`.
+    pub fn set_maxmemory(&self, admin: &mut redis::Connection, bytes: u64) {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(bytes)
+            .query::<()>(admin)
+            .expect("CONFIG SET maxmemory");
+    }
+
     /// Stops the server (its data is on disk): connections are refused until
     /// [`TestRedis::restart`].
     pub fn stop(&mut self) {

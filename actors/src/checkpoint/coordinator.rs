@@ -70,6 +70,13 @@ impl Coordinator {
         self.in_flight.front().map(|f| f.spec.id)
     }
 
+    /// The oldest checkpoint in flight and how long it has been running.
+    pub fn running(&self) -> Option<(u64, Duration)> {
+        self.in_flight
+            .front()
+            .map(|f| (f.spec.id, f.started.elapsed()))
+    }
+
     /// Whether a checkpoint of `kind` may start now: when none is in flight, or (a
     /// periodic one) when every sink but Redis has reported the one in flight.
     pub fn may_start(&self, kind: CheckpointKind) -> bool {

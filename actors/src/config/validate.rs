@@ -19,6 +19,31 @@ fn not_empty(field: &str, value: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// An S3 endpoint must be an `http(s)://host[:port]` URL, and a plain `http://` one
+/// needs `allow_http` (the object store refuses it otherwise, deep in a request).
+fn validate_endpoint(s3: &crate::config::S3Config) -> Result<(), ConfigError> {
+    let endpoint = s3.endpoint.trim();
+    if endpoint.is_empty() {
+        return Ok(());
+    }
+    let field = "warehouse.s3.endpoint";
+    let uri: http::Uri = endpoint
+        .parse()
+        .map_err(|e| ConfigError::new(field, format!("`{endpoint}` is not a URL: {e}")))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("https"), Some(_)) => Ok(()),
+        (Some("http"), Some(_)) if s3.allow_http => Ok(()),
+        (Some("http"), Some(_)) => Err(ConfigError::new(
+            field,
+            "is plain http://: set warehouse.s3.allow_http = true to allow it (a store on a private network or loopback), or use https://",
+        )),
+        _ => Err(ConfigError::new(
+            field,
+            format!("`{endpoint}` must be http(s)://host[:port]"),
+        )),
+    }
+}
+
 impl Config {
     /// Checks what types alone cannot; the error names the first bad field.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -80,7 +105,19 @@ impl Config {
                 ));
             }
         }
-        Ok(())
+        // librdkafka checks every property's name and value as it is set, without
+        // connecting: its own message names what is wrong.
+        let mut client = rdkafka::ClientConfig::new();
+        for (key, value) in &self.kafka.0 {
+            client.set(key, value);
+        }
+        match client.create_native_config() {
+            Ok(_) => Ok(()),
+            Err(rdkafka::error::KafkaError::ClientConfig(_, description, key, _)) => {
+                Err(ConfigError::new(format!("kafka.{key}"), description))
+            }
+            Err(other) => Err(ConfigError::new("kafka", other.to_string())),
+        }
     }
 
     fn validate_time(&self) -> Result<(), ConfigError> {
@@ -196,6 +233,7 @@ impl Config {
                     "must be at least 5 (S3's smallest part)",
                 ));
             }
+            validate_endpoint(&warehouse.s3)?;
         } else if warehouse.root.contains("://") {
             return Err(ConfigError::new(
                 "warehouse.root",

@@ -24,12 +24,7 @@ pub const LEASE: Duration = Duration::from_secs(30);
 /// How often the holder renews it.
 pub const RENEW: Duration = Duration::from_secs(10);
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "unknown-host".into())
-}
+use crate::config::hostname;
 
 /// Whether a lease value names a process of this host that is gone.
 fn holder_is_gone(holder: &str, host: &str) -> bool {
@@ -41,6 +36,21 @@ fn holder_is_gone(holder: &str, host: &str) -> bool {
         && pid.parse::<u32>().is_ok_and(|pid| {
             pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
         })
+}
+
+/// The run holding `instance`'s lease now, if it may be alive: a lease that expired,
+/// or whose holder is a process of this host that is gone, names no one. A new run
+/// refuses to start while one does (`pipeline.rs`).
+pub fn live_holder(
+    conn: &mut redis::Connection,
+    keys: &crate::protocol::keys::FenceKeys,
+    instance: &str,
+) -> anyhow::Result<Option<String>> {
+    let holder: Option<String> = redis::cmd("GET")
+        .arg(format!("{}{instance}", keys.instances_prefix))
+        .query(conn)
+        .context("reading the instance lease")?;
+    Ok(holder.filter(|h| !holder_is_gone(h, &hostname())))
 }
 
 pub struct InstanceLease {

@@ -7,6 +7,7 @@ pub mod lease;
 pub mod publish;
 pub mod reply;
 pub mod scripts;
+pub mod server;
 pub mod skipped;
 pub mod staged;
 pub mod units;

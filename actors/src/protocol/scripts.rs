@@ -186,12 +186,38 @@ impl Mode {
     }
 }
 
-/// One list write: values to push (oldest first) and the key's TTL. The key (prefix and
-/// id) is held inline up to 24 bytes, as receivers' are: no allocation per list.
+/// When a list written by a commit expires. The time to live is taken from Redis's
+/// clock when the script runs, not when the commit was planned: a commit that waited
+/// (a stalled Redis, retries, a queue) must not carry a receiver list past midnight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Expiry {
+    /// This many milliseconds after the write.
+    After(i64),
+    /// At the first of these instants (Unix ms, by Redis's clock) still ahead when the
+    /// script runs: the end of the local day the commit was planned in, and the end of
+    /// the next (a commit applied after midnight belongs to the new day). Past both,
+    /// whole days are added to the second.
+    DayEnd([i64; 2]),
+}
+
+impl std::fmt::Display for Expiry {
+    /// The script's form (`redis_commit.lua`, `ttl_of`): a number of milliseconds, or
+    /// `at:` and the two instants.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Expiry::After(ms) => write!(f, "{ms}"),
+            Expiry::DayEnd([first, second]) => write!(f, "at:{first}:{second}"),
+        }
+    }
+}
+
+/// One list write: values to push (oldest first) and when the key expires. The key
+/// (prefix and id) is held inline up to 24 bytes, as receivers' are: no allocation per
+/// list.
 #[derive(Debug)]
 pub struct ListWrite {
     pub key: CompactString,
-    pub ttl_ms: i64,
+    pub expiry: Expiry,
     pub values: TraceValues,
 }
 
@@ -304,21 +330,21 @@ impl CommitArgs<'_> {
         args.push(self.mode.name());
         args.push(self.units_prefix);
         args.push(self.conflicts_ttl_ms);
-        // The lists' TTL classes, then per unit its lists class by class
+        // The lists' expiry classes, then per unit its lists class by class
         // (`redis_commit.lua` has the layout).
-        let classes: BTreeSet<i64> = self
+        let classes: BTreeSet<Expiry> = self
             .units
             .iter()
-            .flat_map(|(_, unit)| unit.lists.iter().map(|list| list.ttl_ms))
+            .flat_map(|(_, unit)| unit.lists.iter().map(|list| list.expiry))
             .collect();
         args.push(classes.len());
-        for ttl_ms in &classes {
-            args.push(ttl_ms);
+        for expiry in &classes {
+            args.push(expiry);
         }
         args.counted(self.units, |args, (id, unit)| {
             args.push_int(*id);
-            for &ttl_ms in &classes {
-                push_lists(args, unit.lists.iter().filter(|l| l.ttl_ms == ttl_ms));
+            for &expiry in &classes {
+                push_lists(args, unit.lists.iter().filter(|l| l.expiry == expiry));
             }
             push_hashes(args, &unit.hashes);
         });
@@ -457,7 +483,7 @@ impl LeaseArgs<'_> {
 mod tests {
     use super::*;
 
-    fn list(key: &str, ttl_ms: i64, timestamps: &[i64]) -> ListWrite {
+    fn list(key: &str, expiry: Expiry, timestamps: &[i64]) -> ListWrite {
         let values = timestamps
             .iter()
             .map(|&timestamp| TraceValue {
@@ -468,20 +494,22 @@ mod tests {
             .collect();
         ListWrite {
             key: key.into(),
-            ttl_ms,
+            expiry,
             values,
         }
     }
 
-    /// The lists' TTLs go once per script (one class per TTL), and a single-value list
-    /// is its key and value: two arguments, not four (`redis_commit.lua` reads them).
+    /// The lists' expiries go once per script (one class per expiry), and a
+    /// single-value list is its key and value: two arguments, not four
+    /// (`redis_commit.lua` reads them).
     #[test]
-    fn lists_are_written_by_ttl_class_and_single_values_without_a_count() {
+    fn lists_are_written_by_expiry_class_and_single_values_without_a_count() {
+        let day_end = Expiry::DayEnd([5_000, 86_405_000]);
         let unit = UnitWrites {
             lists: vec![
-                list("r1", 500, &[1]),
-                list("m1", 900, &[2, 3]),
-                list("r2", 500, &[4]),
+                list("r1", day_end, &[1]),
+                list("m1", Expiry::After(900), &[2, 3]),
+                list("r2", day_end, &[4]),
             ],
             hashes: Vec::new(),
         };
@@ -511,12 +539,28 @@ mod tests {
         };
         let (v1, v2, v3, v4) = (value(1), value(2), value(3), value(4));
         let expected = [
-            "part", "u:", "10", // mode, unit-fence prefix, conflicts' TTL
-            "2", "500", "900", // two TTL classes
-            "1", "7", // one unit, its id
-            "2", "r1", &v1, "r2", &v4, "0", // class 500: two singles, no others
-            "0", "1", "m1", "2", &v2, &v3, // class 900: no singles, one list of two
-            "0", END, // no hashes
+            "part",
+            "u:",
+            "10", // mode, unit-fence prefix, conflicts' TTL
+            "2",
+            "900",
+            "at:5000:86405000", // two expiry classes
+            "1",
+            "7", // one unit, its id
+            "0",
+            "1",
+            "m1",
+            "2",
+            &v2,
+            &v3, // class 900 ms: no singles, one list of two
+            "2",
+            "r1",
+            &v1,
+            "r2",
+            &v4,
+            "0", // class day end: two singles, no others
+            "0",
+            END, // no hashes
         ];
         assert_eq!(&all[own..], expected);
     }

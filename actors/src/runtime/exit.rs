@@ -23,6 +23,11 @@ pub const FENCED: i32 = 75;
 /// operator recovers them (`docs/exactly-once.md`).
 pub const STATE_LOST: i32 = 76;
 
+/// Another live run holds this instance id's lease (EX_CANTCREAT): two processes with
+/// one `source.instance_id`. A restart is refused again while the other lives, and
+/// starts once its lease (30 s) has expired.
+pub const DUPLICATE: i32 = 73;
+
 /// Invalid configuration (EX_CONFIG): a restart cannot cure it.
 pub const CONFIG: i32 = 78;
 

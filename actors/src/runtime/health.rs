@@ -3,8 +3,10 @@
 //! whether the pipeline can keep its promises right now.
 //!
 //! Ready means: the last checkpoint committed, Redis still holds anchorflow's fences,
-//! and no supervised actor is restarting after a failure. Any failure turns it false
-//! at once; the next completed checkpoint turns it true again.
+//! no supervised actor is restarting after a failure, no partition is stalled, and
+//! Redis's eviction policy cannot drop anchorflow's keys. Any failure turns it false
+//! at once; the next completed checkpoint turns it true again. `/readyz` says why it
+//! is not ([`Health::not_ready_because`]).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +28,10 @@ struct State {
     committed_offsets: Mutex<BTreeMap<i32, i64>>,
     /// Durations of the most recent checkpoints.
     recent: Mutex<VecDeque<Duration>>,
+    /// Stalled partitions and why (`source/progress.rs`).
+    stalled: Mutex<BTreeMap<i32, String>>,
+    /// Why Redis may drop anchorflow's keys, while it may (`sinks/redis/client.rs`).
+    evicting: Mutex<Option<String>>,
 }
 
 /// Cheap to clone; every clone sees the same state.
@@ -45,9 +51,43 @@ impl Health {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.0.committed.load(Ordering::Relaxed)
-            && !self.0.state_lost.load(Ordering::Relaxed)
-            && locked(&self.0.restarting).is_empty()
+        self.not_ready_because().is_empty()
+    }
+
+    /// Why the process is not ready, one reason per line; empty when it is.
+    pub fn not_ready_because(&self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if !self.0.committed.load(Ordering::Relaxed) {
+            reasons.push(
+                "no checkpoint has completed since the start or the last failure".to_string(),
+            );
+        }
+        if self.0.state_lost.load(Ordering::Relaxed) {
+            reasons.push(
+                "Redis has lost anchorflow's fences: run `anchorflow fences recover` (docs/exactly-once.md)"
+                    .into(),
+            );
+        }
+        for actor in locked(&self.0.restarting).iter() {
+            reasons.push(format!("{actor} is restarting after a failure"));
+        }
+        for (partition, why) in locked(&self.0.stalled).iter() {
+            reasons.push(format!("partition {partition} is stalled: {why}"));
+        }
+        if let Some(why) = locked(&self.0.evicting).as_ref() {
+            reasons.push(why.clone());
+        }
+        reasons
+    }
+
+    /// The stalled partitions now, with why (replaces the earlier set).
+    pub fn set_stalled(&self, stalled: BTreeMap<i32, String>) {
+        *locked(&self.0.stalled) = stalled;
+    }
+
+    /// Redis may evict anchorflow's keys (`Some`, with why), or may not.
+    pub fn set_evicting(&self, why: Option<String>) {
+        *locked(&self.0.evicting) = why;
     }
 
     /// Something failed: not ready until the next checkpoint completes.
@@ -121,6 +161,16 @@ mod tests {
         health.set_state_lost(true);
         assert!(!health.is_ready());
         health.set_state_lost(false);
+        health.set_stalled([(3, "waiting for Redis commits".to_string())].into());
+        assert_eq!(
+            health.not_ready_because(),
+            ["partition 3 is stalled: waiting for Redis commits"]
+        );
+        health.set_stalled(BTreeMap::new());
+        health.set_evicting(Some("Redis evicts".into()));
+        assert!(!health.is_ready());
+        health.set_evicting(None);
+        assert!(health.is_ready());
         health.failed();
         assert!(!health.is_ready());
         health.checkpoint_completed(Duration::from_millis(7), &[(1, 5)].into());

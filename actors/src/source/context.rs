@@ -23,9 +23,8 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use tracing::{debug, error, info, warn};
 
-use crate::metrics::{Metrics, PartitionLabel, SkipLabel};
-use crate::protocol::fences::{self, ClaimError};
-use crate::protocol::skipped;
+use crate::metrics::{Metrics, PartitionLabel};
+use crate::protocol::fences::ClaimError;
 use crate::runtime::exit;
 use crate::source::assignment::{Claimer, Claims};
 use crate::source::control::{OffsetCommit, PartitionControl};
@@ -33,7 +32,7 @@ use crate::source::flow::SourceState;
 use crate::source::held::Held;
 
 /// How long a seek or a watermark query may block the poll thread.
-const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub type SourceConsumer = BaseConsumer<SourceContext>;
 
@@ -58,7 +57,7 @@ impl SourceContext {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn topic(&self) -> &str {
+    pub(super) fn topic(&self) -> &str {
         &self.claimer.topic
     }
 }
@@ -146,6 +145,7 @@ impl ClientContext for SourceContext {
 
     fn stats(&self, statistics: Statistics) {
         self.held.update(&statistics);
+        self.note_offsets(&statistics);
         for topic in statistics.topics.values() {
             for (id, partition) in &topic.partitions {
                 if *id < 0 {
@@ -187,52 +187,6 @@ fn partition_lag(
 }
 
 impl SourceContext {
-    /// A record arrived after a gap in the offsets. A gap inside the log is normal
-    /// (transaction markers, compaction); a gap that starts below the log's first
-    /// offset means the broker deleted records before they were read (retention, a
-    /// trimmed log) and librdkafka reset the position: those records are skipped for
-    /// good, and that is counted, logged as an error and stored for `fences show`.
-    pub fn on_gap(&self, consumer: &SourceConsumer, partition: i32, expected: i64, delivered: i64) {
-        let log_start = match consumer.fetch_watermarks(self.topic(), partition, BROKER_TIMEOUT) {
-            Ok((low, _)) => low,
-            Err(e) => {
-                warn!(partition, expected, delivered, error = %e, "offset gap; could not read the log start to tell why");
-                return;
-            }
-        };
-        let Some(range) = skipped::skipped(expected, delivered, log_start) else {
-            debug!(
-                partition,
-                expected,
-                delivered,
-                "offset gap inside the log (transaction markers or compaction)"
-            );
-            return;
-        };
-        let reason = skipped::OUT_OF_RANGE;
-        self.metrics
-            .records_skipped
-            .get_or_create(&SkipLabel { partition, reason })
-            .inc_by((range.end - range.start) as u64);
-        error!(
-            partition,
-            from = range.start,
-            to = range.end,
-            log_start,
-            "records were deleted by the broker before they were read; they are skipped (anchorflow fences show lists them)"
-        );
-        let claimer = &self.claimer;
-        let stored = fences::connect(&claimer.redis_url, claimer.redis_timeout)
-            .and_then(|mut conn| skipped::store(&mut conn, &claimer.keys, partition, &range));
-        if let Err(e) = stored {
-            warn!(
-                partition,
-                error = format!("{e:#}"),
-                "could not store the skipped range"
-            );
-        }
-    }
-
     /// Where partitions without fences start: the group's committed offset if there
     /// is one (the cold-start fallback, e.g. after moving from another consumer),
     /// otherwise the beginning or the end as `auto.offset.reset` says.
@@ -375,11 +329,20 @@ impl SourceContext {
         let mut state = self.lock();
         match state.final_checkpoint(consumer, self.revoke_timeout, OffsetCommit::Wait) {
             Ok(()) => info!(?partitions, "revoked partitions checkpointed"),
-            Err(e) => warn!(
-                ?partitions,
-                error = format!("{e:#}"),
-                "revocation checkpoint incomplete; uncommitted records will be read again"
-            ),
+            Err(e) => {
+                // The shards and the sinks still hold the revoked partitions' part of a
+                // checkpoint that can never complete, and their open files hold rows the
+                // next owner reads again: only a restart from the fences is consistent.
+                error!(
+                    ?partitions,
+                    error = format!("{e:#}"),
+                    "revocation checkpoint incomplete"
+                );
+                exit::stop(
+                    exit::FENCED,
+                    "exiting so that a restart resumes from the stored fences",
+                );
+            }
         }
         for partition in partitions {
             state.unassign(partition);

@@ -4,13 +4,8 @@
 //! callback (`context.rs`, which runs inside `poll`) share one [`SourceState`] behind
 //! a mutex; what it needs of the consumer is [`PartitionControl`].
 //!
-//! Batches go to a reader with `try_send`. When the reader's mailbox is full the
-//! partition is **paused**, the queued items are delivered with `send().await` by a
-//! drainer task on the reader's arbiter, and the partition **resumes** (at the exact
-//! next offset) when the drainer reports back. The consumer keeps polling all the
-//! while, so rebalances and other partitions carry on.
-//!
-//! A partition is also paused (*throttled*) once it has read
+//! Batches go to a reader with `try_send`; a full reader pauses its partition
+//! (`pausing.rs`). A partition is also paused (*throttled*) once it has read
 //! `pipeline.max_uncommitted_records`, or its share of the memory budget, beyond what
 //! the Redis sink has made durable, and resumes when a checkpoint brings it back under.
 //! The shards accept records until the next barrier, so without this bound a stalled
@@ -22,13 +17,13 @@
 //! stop reading in between; a slow or stalled warehouse sink stops it through the
 //! handoff (a reader waits until the warehouse took each batch).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use tracing::{debug, error, warn};
+use tracing::{debug, info, warn};
 
 use crate::checkpoint::barrier::{Barrier, CheckpointKind};
 use crate::checkpoint::claim::Claim;
@@ -44,6 +39,7 @@ use crate::runtime::mailbox::Mailbox;
 use crate::runtime::memory::RECORD_OVERHEAD;
 use crate::source::control::{OffsetCommit, PartitionControl};
 use crate::source::held::Held;
+use crate::source::progress::{Fence, Progress};
 pub use crate::source::slot::Slot;
 use crate::source::slot::{self, Pause};
 
@@ -60,10 +56,10 @@ pub struct ReaderFactory {
 
 pub struct SourceState {
     pub factory: ReaderFactory,
-    slots: BTreeMap<i32, Slot>,
+    pub(super) slots: BTreeMap<i32, Slot>,
     next_reader: usize,
     notices: Receiver<SourceNotice>,
-    notices_tx: Sender<SourceNotice>,
+    pub(super) notices_tx: Sender<SourceNotice>,
     coordinator: Coordinator,
     /// The last checkpoint completed; whoever waits for a final one looks here.
     completed: Option<u64>,
@@ -71,6 +67,10 @@ pub struct SourceState {
     due: bool,
     /// The size trigger started a checkpoint since the input last ran dry.
     backlog: bool,
+    /// Whether each partition's fence keeps moving (`progress.rs`), and when that was
+    /// last checked (`reading.rs`).
+    pub(super) progress: Progress,
+    pub(super) progress_checked: Instant,
 }
 
 impl SourceState {
@@ -89,6 +89,8 @@ impl SourceState {
             completed: None,
             due: false,
             backlog: false,
+            progress: Progress::default(),
+            progress_checked: Instant::now(),
         }
     }
 
@@ -117,28 +119,17 @@ impl SourceState {
         factory
             .held
             .track_reader(partition, reader.busy_probe(READER_MAILBOX));
-        let slot = Slot {
-            reader,
-            arbiter,
-            building: RecordBatch::new(partition),
-            outbox: VecDeque::new(),
-            blocked: false,
-            throttled: false,
-            at_end: false,
-            next_offset: claim.start(),
-            released: claim.start(),
-            read_bytes: 0,
-            released_bytes: 0,
-            barrier_bytes: VecDeque::new(),
-            claim,
-        };
-        self.slots.insert(partition, slot);
+        self.slots
+            .insert(partition, Slot::new(reader, arbiter, partition, claim));
+        self.progress
+            .assigned(partition, claim.start(), Instant::now());
         self.export_assigned();
     }
 
     /// Drops a partition's reader (revocation, shutdown).
     pub fn unassign(&mut self, partition: i32) {
         self.slots.remove(&partition);
+        self.progress.forget(partition);
         self.factory.held.forget(partition);
         self.export_assigned();
     }
@@ -149,7 +140,7 @@ impl SourceState {
         self.export_paused();
     }
 
-    fn export_paused(&self) {
+    pub(super) fn export_paused(&self) {
         slot::export_paused(&self.factory.context.metrics, self.slots.values());
     }
 
@@ -233,132 +224,27 @@ impl SourceState {
         }
     }
 
-    /// Hands queued items to the reader while it has room; pauses the partition and
-    /// starts a drainer when it does not.
-    fn dispatch(&mut self, control: &impl PartitionControl, partition: i32) {
-        let Some(slot) = self.slots.get_mut(&partition) else {
-            return;
-        };
-        if slot.blocked {
-            return;
-        }
-        while let Some(item) = slot.outbox.pop_front() {
-            if !slot.reader.connected() {
-                error!(
+    /// A checkpoint moved `which` fences: stalled partitions that moved are stalled no
+    /// more.
+    fn advanced(&mut self, which: Fence, fences: &BTreeMap<i32, i64>) {
+        for (&partition, &fence) in fences {
+            if self
+                .progress
+                .advanced(partition, which, fence, Instant::now())
+            {
+                info!(
                     partition,
-                    queued = slot.outbox.len() + 1,
-                    "partition reader is gone; its records cannot be processed"
+                    fence,
+                    which = which.name(),
+                    "a stalled partition moves again"
                 );
-                slot.outbox.push_front(item);
-                return;
             }
-            // The room comes back on the reader's thread: this one blocks at times
-            // (rebalance callbacks, the final checkpoint).
-            let Err(item) = slot.reader.try_send_on(item, &slot.arbiter) else {
-                continue;
-            };
-            slot.outbox.push_front(item);
-            self.pause(control, partition);
-            return;
         }
     }
 
-    /// Pauses a partition whose reader is full and hands what is queued for it to a
-    /// drainer, which reports back when the reader took it all.
-    fn pause(&mut self, control: &impl PartitionControl, partition: i32) {
-        self.hold(control, partition, Pause::ReaderFull);
-        let Some(slot) = self.slots.get_mut(&partition) else {
-            return;
-        };
-        let items: Vec<PartitionInput> = slot.outbox.drain(..).collect();
-        let reader = slot.reader.clone();
-        let notices = self.notices_tx.clone();
-        slot.arbiter.spawn(async move {
-            for item in items {
-                if let Err(error) = reader.send(item).await {
-                    warn!(partition, %error, "partition reader is gone; queued input dropped");
-                    break;
-                }
-            }
-            let _ = notices.send(SourceNotice::Drained { partition });
-        });
-    }
-
-    /// The reader drained what was queued for it.
-    fn drained(&mut self, control: &impl PartitionControl, partition: i32) {
-        if let Some(slot) = self.slots.get_mut(&partition) {
-            slot.blocked = false;
-            self.release(control, partition);
-        }
-        self.dispatch(control, partition);
-    }
-
-    /// Marks why a partition is paused, and pauses it in the consumer unless it was.
-    fn hold(&mut self, control: &impl PartitionControl, partition: i32, why: Pause) {
-        let Some(slot) = self.slots.get_mut(&partition) else {
-            return;
-        };
-        let was_paused = slot.paused();
-        let metrics = &self.factory.context.metrics;
-        match why {
-            Pause::ReaderFull => {
-                slot.blocked = true;
-                metrics.partition_pauses.inc();
-            }
-            Pause::Uncommitted => {
-                slot.throttled = true;
-                metrics.uncommitted_pauses.inc();
-            }
-        }
-        self.factory.held.set_paused(partition, true);
-        debug!(
-            partition,
-            ?why,
-            queued = slot.outbox.len(),
-            next_offset = slot.next_offset,
-            released = slot.released,
-            "partition paused"
-        );
-        if !was_paused {
-            control.pause(partition);
-        }
-        self.export_paused();
-    }
-
-    /// Resumes a partition, at its exact next offset, once nothing holds it paused.
-    fn release(&mut self, control: &impl PartitionControl, partition: i32) {
-        self.export_paused();
-        let Some(slot) = self.slots.get_mut(&partition) else {
-            return;
-        };
-        if slot.paused() {
-            return;
-        }
-        self.factory.held.set_paused(partition, false);
-        debug!(
-            partition,
-            next_offset = slot.next_offset,
-            "partition resumed"
-        );
-        control.resume(partition, slot.next_offset);
-    }
-
-    /// A checkpoint released input (`Completed::released`): throttled partitions back
-    /// under the bound resume.
-    fn advance_released(&mut self, control: &impl PartitionControl, released: &BTreeMap<i32, i64>) {
-        let pipeline = &self.factory.config.pipeline;
-        let max_records = pipeline.max_uncommitted_records as i64;
-        let max_bytes = pipeline.memory().uncommitted_bytes(self.slots.len());
-        for (&partition, &fence) in released {
-            let Some(slot) = self.slots.get_mut(&partition) else {
-                continue;
-            };
-            slot.advance(fence);
-            if slot.throttled && !slot.over_uncommitted(max_records, max_bytes) {
-                slot.throttled = false;
-                self.release(control, partition);
-            }
-        }
+    /// The oldest checkpoint in flight and how long it has been.
+    pub(super) fn checkpoint_running(&self) -> Option<(u64, Duration)> {
+        self.coordinator.running()
     }
 
     /// Keeps the timer's latest watermark; checkpoints close the windows it passed.
@@ -435,6 +321,8 @@ impl SourceState {
     fn complete(&mut self, control: &impl PartitionControl, done: Completed, commit: OffsetCommit) {
         fault::point(fault::AFTER_SINKS_COMMITTED);
         self.advance_released(control, &done.released);
+        self.advanced(Fence::Redis, &done.released);
+        self.advanced(Fence::Durable, &done.durable);
         let metrics = &self.factory.context.metrics;
         let mut committed = BTreeMap::new();
         if !done.durable.is_empty() {

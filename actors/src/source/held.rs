@@ -90,6 +90,11 @@ impl Held {
         state.readers.remove(&partition);
     }
 
+    /// Whether the partition's leader does not answer now.
+    pub fn unreachable(&self, partition: i32) -> bool {
+        self.lock().unreachable.contains(&partition)
+    }
+
     /// How many readers have unfinished input.
     pub fn busy_readers(&self) -> usize {
         self.lock().readers.values().filter(|busy| busy()).count()

@@ -186,24 +186,14 @@ impl KafkaSource {
             taken += 1;
             let (partition, offset) = (message.partition(), message.offset());
             let mut state = context.lock();
-            let Some(slot) = state.slot_mut(partition) else {
-                warn!(
-                    partition,
-                    offset, "record for an unassigned partition skipped"
-                );
-                continue;
-            };
-            let expected = slot.next_offset;
-            if offset < expected {
-                // Already handed on before a pause; librdkafka delivered it again.
-                continue;
+            // Exactly the offset each partition expects next (`reading.rs`).
+            if context.admit(consumer, &mut state, partition, offset) {
+                state.push(consumer, partition, offset, message.payload());
             }
-            if offset > expected && expected >= 0 {
-                context.on_gap(consumer, partition, expected, offset);
-            }
-            state.push(consumer, partition, offset, message.payload());
         }
         let mut state = context.lock();
+        context.search_starved(consumer, &mut state);
+        context.check_progress(&mut state);
         state.flush_all(consumer);
         state.drain_notices(consumer);
         state.ran_dry(consumer);

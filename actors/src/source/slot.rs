@@ -5,6 +5,7 @@
 //! share, `runtime/memory.rs`). `flow.rs` drives it.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 use actix::prelude::*;
 
@@ -12,6 +13,7 @@ use crate::checkpoint::claim::Claim;
 use crate::messages::{PartitionInput, RecordBatch};
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::runtime::mailbox::Mailbox;
+use crate::source::gap::GapSearch;
 
 /// One assigned partition.
 pub struct Slot {
@@ -38,6 +40,18 @@ pub struct Slot {
     pub(super) released_bytes: u64,
     pub(super) barrier_bytes: VecDeque<(i64, u64)>,
     pub(super) claim: Claim,
+    /// The search for records the broker jumped over, while one runs (`gap.rs`), and
+    /// how far back the last one found them (where the next starts).
+    pub(super) search: Option<GapSearch>,
+    pub(super) gap_step: i64,
+    /// What librdkafka's statistics last said of the partition: the offset below which
+    /// it has records for us (the last stable offset, else the high watermark; -1
+    /// while unknown) and its log start.
+    pub(super) high_watermark: i64,
+    pub(super) log_start: i64,
+    /// When the partition last delivered a record, or was (re)started or searched: a
+    /// partition below its high watermark that delivers nothing for long is searched.
+    pub(super) last_delivered: Instant,
 }
 
 /// Why a partition is paused (both may hold at once).
@@ -50,6 +64,43 @@ pub(super) enum Pause {
 }
 
 impl Slot {
+    /// A newly claimed partition, read from its claim's lower fence.
+    pub(super) fn new(
+        reader: Mailbox<PartitionInput>,
+        arbiter: ArbiterHandle,
+        partition: i32,
+        claim: Claim,
+    ) -> Self {
+        Slot {
+            reader,
+            arbiter,
+            building: RecordBatch::new(partition),
+            outbox: VecDeque::new(),
+            blocked: false,
+            throttled: false,
+            at_end: false,
+            next_offset: claim.start(),
+            released: claim.start(),
+            read_bytes: 0,
+            released_bytes: 0,
+            barrier_bytes: VecDeque::new(),
+            claim,
+            search: None,
+            gap_step: 1,
+            high_watermark: -1,
+            log_start: 0,
+            last_delivered: Instant::now(),
+        }
+    }
+
+    /// Where reading resumes after a pause: where the search reads from while one
+    /// runs, else the next offset.
+    pub(super) fn resume_at(&self) -> i64 {
+        self.search
+            .as_ref()
+            .map_or(self.next_offset, GapSearch::reading_from)
+    }
+
     pub(super) fn paused(&self) -> bool {
         self.blocked || self.throttled
     }

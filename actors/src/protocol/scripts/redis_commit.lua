@@ -3,8 +3,8 @@
 -- conflicts hash.
 --
 -- Own arguments: mode (`final`, `part` or `publish`), the prefix of the per-partition
--- unit-fence hashes, the conflicts' TTL in ms, then the lists' TTLs in ms (count, then
--- each: a *class*), then the units: count, and per unit its id, its lists per class
+-- unit-fence hashes, the conflicts' TTL in ms, then the lists' expiries (count, then
+-- each: a *class*, a TTL in ms or two day ends, see ttl_of), then the units: count, and per unit its id, its lists per class
 -- (single-value lists: count, then key and value each; the others: count, then key, n
 -- and n values each; every list of a class gets its TTL) and its hashes (count; per
 -- hash: key, TTL ms, m, m pairs of field and increment). Most lists get one value per
@@ -309,9 +309,35 @@ if mode == 'publish' then
   return applied_reply()
 end
 
--- The lists' TTL classes: count, then each TTL.
+-- Redis's clock in ms, read once (a commit's lists all expire by the same clock).
+local now_ms = nil
+
+-- A class's time to live in ms from now: the class itself (a number of ms), or for
+-- `at:first:second` the time until the first of those instants still ahead by Redis's
+-- clock, now, when the script runs; past both, whole days after the second. A commit
+-- that waited (a stall, retries, a queue) thus never carries a list past its day's end.
+local function ttl_of(class)
+  local first, second = string.match(class, '^at:(%d+):(%d+)$')
+  if not first then
+    return tonumber(class) or error('anchorflow: script arguments do not match their layout (a list expiry is ' .. class .. ')')
+  end
+  if not now_ms then
+    local t = redis.call('TIME')
+    now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  local at = tonumber(first)
+  if at <= now_ms then
+    at = tonumber(second)
+  end
+  while at <= now_ms do
+    at = at + 86400000
+  end
+  return at - now_ms
+end
+
+-- The lists' expiry classes: count, then each.
 for _ = 1, int_at(i) do
-  list_ttls[#list_ttls + 1] = argv[i + 1]
+  list_ttls[#list_ttls + 1] = ttl_of(argv[i + 1])
   i = i + 1
 end
 i = i + 1

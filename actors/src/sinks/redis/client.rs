@@ -1,22 +1,98 @@
 //! The Redis sink's connection: one multiplexed async connection, opened on first use
 //! and again after any error, whose first use (and every minute after) also reads
 //! Redis's clock, so that processing time follows Redis's and not this host's
-//! (`runtime/clock.rs`). One deadline, `redis.command_timeout_secs`, bounds every step.
+//! (`runtime/clock.rs`), and whose every tenth second reads the server's `INFO`
+//! ([`ServerWatch`]: evictions, the eviction policy). One deadline,
+//! `redis.command_timeout_secs`, bounds every step.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use redis::aio::MultiplexedConnection;
 use redis::{ErrorKind, ServerErrorKind};
+use tracing::{error, warn};
 
 use crate::config::RedisConfig;
+use crate::metrics::Metrics;
 use crate::protocol::keys::FenceKeys;
 use crate::protocol::reply::{self, Reply};
 use crate::protocol::scripts::{self, Args};
+use crate::protocol::server::ServerInfo;
 use crate::runtime::clock::{self, Clock};
+use crate::runtime::health::Health;
 
 /// How often Redis's clock is read again (it is also read on every new connection).
 const CLOCK_CHECK: Duration = Duration::from_secs(60);
+
+/// How often the server's `INFO` is read (evictions, the eviction policy).
+const SERVER_CHECK: Duration = Duration::from_secs(10);
+
+/// What the sink learns of the server every [`SERVER_CHECK`], reported: keys Redis
+/// evicted (an error, `anchorflow_redis_evicted_keys`), and a policy that may evict
+/// anchorflow's bookkeeping (not ready, unless `redis.allow_evicting_policy`), see
+/// `protocol/server.rs`.
+pub struct ServerWatch {
+    metrics: Metrics,
+    health: Health,
+    allow_evicting: bool,
+    /// Redis's `evicted_keys` at the last look.
+    evicted: Option<u64>,
+    /// The policy at the last look, to log a change once.
+    policy: Option<String>,
+    checked: Option<Instant>,
+}
+
+impl ServerWatch {
+    pub fn new(metrics: &Metrics, health: &Health, allow_evicting: bool) -> Self {
+        ServerWatch {
+            metrics: metrics.clone(),
+            health: health.clone(),
+            allow_evicting,
+            evicted: None,
+            policy: None,
+            checked: None,
+        }
+    }
+
+    fn due(&self) -> bool {
+        self.checked.is_none_or(|at| at.elapsed() >= SERVER_CHECK)
+    }
+
+    /// Reports what one look at `INFO` found.
+    pub fn observe(&mut self, info: &ServerInfo) {
+        self.checked = Some(Instant::now());
+        self.metrics
+            .redis_evicted_keys
+            .set(info.evicted_keys as i64);
+        if let Some(before) = self.evicted.filter(|&before| info.evicted_keys > before) {
+            error!(
+                evicted = info.evicted_keys - before,
+                policy = info.policy,
+                maxmemory = info.maxmemory,
+                "Redis evicted keys since the last look: at maxmemory it drops data (austin keys, and under an allkeys-* policy possibly anchorflow's fences)"
+            );
+        }
+        self.evicted = Some(info.evicted_keys);
+        let unsafe_policy = info.may_evict_bookkeeping();
+        let changed = self.policy.as_deref() != Some(info.policy.as_str());
+        self.policy = Some(info.policy.clone());
+        match (&unsafe_policy, self.allow_evicting) {
+            (Some(why), false) => {
+                if changed {
+                    error!("{why}");
+                }
+                self.health.set_evicting(Some(why.clone()));
+            }
+            (Some(why), true) => {
+                if changed {
+                    warn!("{why} (allowed by redis.allow_evicting_policy)");
+                }
+                self.health.set_evicting(None);
+            }
+            (None, _) => self.health.set_evicting(None),
+        }
+    }
+}
 
 /// The connection and what lives with it. The sink lends it to each commit.
 pub struct Link {
@@ -26,10 +102,11 @@ pub struct Link {
     script: redis::Script,
     pub clock: Clock,
     clock_read: Option<Instant>,
+    server: ServerWatch,
 }
 
 impl Link {
-    pub fn new(config: &RedisConfig, clock: Clock) -> Self {
+    pub fn new(config: &RedisConfig, clock: Clock, server: ServerWatch) -> Self {
         Link {
             url: config.url.clone(),
             timeout: Duration::from_secs(config.command_timeout_secs),
@@ -37,6 +114,7 @@ impl Link {
             script: scripts::commit_script(),
             clock,
             clock_read: None,
+            server,
         }
     }
 
@@ -99,6 +177,15 @@ impl Link {
             })
             .await?;
             self.clock_read = Some(Instant::now());
+        }
+        if self.server.due() {
+            let mut asked = conn.clone();
+            let text: String = self
+                .bounded("reading redis's INFO", async move {
+                    Ok(redis::cmd("INFO").query_async(&mut asked).await?)
+                })
+                .await?;
+            self.server.observe(&ServerInfo::parse(&text));
         }
         let script = self.script.clone();
         let value = self

@@ -31,18 +31,19 @@ use crate::logic::window::Counts;
 use crate::messages::{ListPush, PartitionDelta, ShardFlush};
 use crate::protocol::keys::{FenceKeys, KeyLayout, RESERVED_PREFIX, SERIES_KEY_PREFIX};
 use crate::protocol::scripts::{
-    Args, CommitArgs, FinalTail, HashWrite, ListWrite, Mode, Staged, UnitWrites,
+    Args, CommitArgs, Expiry, FinalTail, HashWrite, ListWrite, Mode, Staged, UnitWrites,
 };
 use crate::protocol::staged::{staged_batch, PublishArgs, SeriesPart};
 use crate::protocol::units::unit_of;
 
-/// Time to live of each kind of key, in milliseconds, for one commit.
+/// When each kind of key expires, for one commit (hashes: milliseconds after the write).
 #[derive(Clone, Copy, Debug)]
 pub struct Ttls {
-    /// Until the end of the current day in the configured zone, relative, so that a
-    /// clock that differs from Redis's cannot make the lists expire early.
-    pub receiver_ms: i64,
-    pub message_ms: i64,
+    /// The end of the current day in the configured zone, chosen by Redis's clock when
+    /// the script runs ([`Expiry::DayEnd`]): neither a host clock that differs from
+    /// Redis's nor a commit that waited can move it.
+    pub receiver: Expiry,
+    pub message: Expiry,
     pub template_ms: i64,
     pub series_ms: i64,
     /// Of the conflicts hash.
@@ -324,10 +325,10 @@ fn into_units(
     let mut units: BTreeMap<u16, UnitWrites> = BTreeMap::new();
     let ttls = input.ttls;
     let lists = [
-        (receivers, &input.layout.receiver_prefix, ttls.receiver_ms),
-        (messages, &input.layout.message_prefix, ttls.message_ms),
+        (receivers, &input.layout.receiver_prefix, ttls.receiver),
+        (messages, &input.layout.message_prefix, ttls.message),
     ];
-    for (by_id, prefix, ttl_ms) in lists {
+    for (by_id, prefix, expiry) in lists {
         for (id, values) in by_id {
             let mut key = CompactString::with_capacity(prefix.len() + id.len());
             key.push_str(prefix);
@@ -339,7 +340,7 @@ fn into_units(
             let unit = units.entry(unit_of(key.as_bytes())).or_default();
             unit.lists.push(ListWrite {
                 key,
-                ttl_ms,
+                expiry,
                 values,
             });
         }
@@ -502,8 +503,8 @@ mod tests {
         CommitInput {
             layout,
             ttls: Ttls {
-                receiver_ms: 1000,
-                message_ms: 2000,
+                receiver: Expiry::After(1000),
+                message: Expiry::After(2000),
                 template_ms: 3000,
                 series_ms: 4000,
                 conflicts_ms: 5000,

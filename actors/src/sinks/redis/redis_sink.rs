@@ -47,30 +47,28 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
 use actix::prelude::*;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info};
 
 use crate::checkpoint::claim::SinkKind;
 use crate::config::RedisConfig;
 use crate::logic::tables::end_of_day_ms;
 use crate::messages::ShardFlush;
-use crate::metrics::{Metrics, ReasonLabel, SinkLabel};
+use crate::metrics::SinkLabel;
 use crate::protocol::keys::{KeyLayout, CONFLICTS_TTL_MS};
-use crate::protocol::reply::{Conflict, Rejection, Reply};
-use crate::protocol::scripts::Mode;
+use crate::protocol::reply::{Rejection, Reply};
+use crate::protocol::scripts::{Expiry, Mode};
 use crate::runtime::clock::Clock;
 use crate::runtime::fault;
 use crate::runtime::supervision::{self, Failure, Restarts};
 use crate::sinks::fenced::{on_rejection, SinkShared};
-use crate::sinks::redis::client::Link;
+use crate::sinks::redis::client::{Link, ServerWatch};
 use crate::sinks::redis::commit::{self, CommitInput, CommitPlan, OpsBudget, Ttls};
+use crate::sinks::redis::conflicts::report_conflicts;
 
 /// Mailbox capacity: one flush per shard per checkpoint is all that is ever queued,
 /// because a shard waits for its flush to be taken before it handles anything else, and
 /// at most two checkpoints are in flight.
 pub const REDIS_SINK_MAILBOX: usize = 64;
-
-/// Conflicts logged per commit with their key; the rest are counted.
-const LOGGED_CONFLICTS: usize = 10;
 
 /// Counters of the sink, for tests and logs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -133,7 +131,15 @@ impl RedisSink {
             layout: KeyLayout::new(&config),
             budget: OpsBudget::new(config.max_commit_ms),
             publish_budget: OpsBudget::new(config.max_commit_ms),
-            link: Some(Link::new(&config, clock.clone())),
+            link: Some(Link::new(
+                &config,
+                clock.clone(),
+                ServerWatch::new(
+                    &shared.metrics,
+                    &shared.health,
+                    config.allow_evicting_policy,
+                ),
+            )),
             clock,
             config,
             tz,
@@ -153,11 +159,10 @@ impl RedisSink {
     }
 
     fn ttls(&self, clock: &Clock) -> Ttls {
-        let now = clock.now();
         let secs = |s: u64| (s * 1000).min(i64::MAX as u64) as i64;
         Ttls {
-            receiver_ms: (end_of_day_ms(self.tz, now) - now.timestamp_millis()).max(1),
-            message_ms: secs(self.config.message_ttl_secs),
+            receiver: day_end(self.tz, clock.now()),
+            message: Expiry::After(secs(self.config.message_ttl_secs)),
             template_ms: secs(self.config.template_ttl_secs),
             series_ms: secs(self.config.series_ttl_secs),
             conflicts_ms: CONFLICTS_TTL_MS,
@@ -173,14 +178,29 @@ impl RedisSink {
         if self.planning {
             return;
         }
-        let Some(id) = self
-            .pending
-            .iter()
-            .find(|(_, arrived)| arrived.len() >= self.shards)
-            .map(|(id, _)| *id)
-        else {
+        // Only the oldest checkpoint: each plan starts where the one before ends, so a
+        // later one planned past an older that is not in would move the fences over the
+        // older one's output. Checkpoints complete in order, so that never happens;
+        // if it did, stopping is the only way not to lose it.
+        let Some((&id, arrived)) = self.pending.iter().next() else {
             return;
         };
+        if arrived.len() < self.shards {
+            if let Some(later) = self
+                .pending
+                .iter()
+                .skip(1)
+                .find(|(_, arrived)| arrived.len() >= self.shards)
+            {
+                error!(
+                    waiting = id,
+                    complete = *later.0,
+                    "a later checkpoint is complete before an earlier one"
+                );
+                supervision::stateful_panic("redis_sink", "checkpoints out of order");
+            }
+            return;
+        }
         let flushes = self.pending.remove(&id).unwrap_or_default();
         let (layout, ttls, tracked) = (
             self.layout.clone(),
@@ -310,6 +330,15 @@ impl RedisSink {
     }
 }
 
+/// The receivers' expiry for a commit planned at `now`: the end of its local day, or
+/// of the next if the script runs after midnight (Redis's clock decides, when it runs).
+fn day_end(tz: chrono_tz::Tz, now: chrono::DateTime<chrono::Utc>) -> Expiry {
+    let today = end_of_day_ms(tz, now);
+    let next = chrono::DateTime::from_timestamp_millis(today)
+        .map_or(today + 86_400_000, |midnight| end_of_day_ms(tz, midnight));
+    Expiry::DayEnd([today, next])
+}
+
 /// Why a commit stopped before it applied.
 enum Stop {
     /// Refused for good by the fence check: the process is stopping.
@@ -408,46 +437,6 @@ impl Committer {
 
 fn lost_fences(rejection: Rejection) -> anyhow::Error {
     anyhow::anyhow!("{rejection}: holding the commit until an operator recovers the fences")
-}
-
-fn report_conflicts(metrics: &Metrics, checkpoint: u64, total: i64, first: &[Conflict]) {
-    if total <= 0 {
-        return;
-    }
-    for conflict in first {
-        let reason = conflict_reason(&conflict.reason);
-        metrics
-            .redis_conflicts
-            .get_or_create(&ReasonLabel { reason })
-            .inc();
-    }
-    let unlisted = (total as usize).saturating_sub(first.len());
-    if unlisted > 0 {
-        metrics
-            .redis_conflicts
-            .get_or_create(&ReasonLabel { reason: "other" })
-            .inc_by(unlisted as u64);
-    }
-    for conflict in first.iter().take(LOGGED_CONFLICTS) {
-        warn!(
-            checkpoint,
-            key = conflict.key,
-            reason = conflict.reason,
-            lost = conflict.lost,
-            "redis refused a write; the rest of the commit applied (anchorflow fences show lists these)"
-        );
-    }
-}
-
-/// The metric label of a conflict reason the script reported (a fixed set).
-fn conflict_reason(reason: &str) -> &'static str {
-    match reason {
-        "wrong_type" => "wrong_type",
-        "not_an_integer" => "not_an_integer",
-        "overflow" => "overflow",
-        "reserved_key" => "reserved_key",
-        _ => "other",
-    }
 }
 
 impl Actor for RedisSink {

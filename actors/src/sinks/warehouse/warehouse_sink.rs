@@ -34,7 +34,7 @@ use actix::prelude::*;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 use rustc_hash::FxHashMap;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::checkpoint::barrier::Barrier;
 use crate::checkpoint::claim::{FenceRange, SinkKind};
@@ -285,10 +285,16 @@ impl WarehouseSink {
     /// The roll of the checkpoint `barrier` belongs to, started at its first barrier.
     fn roll_for(&mut self, barrier: &Barrier) -> &mut Roll {
         if let Some(stale) = self.roll.take_if(|r| r.spec.id != barrier.spec.id) {
-            warn!(
+            // Checkpoints complete in order and a revocation that cannot finish one
+            // stops the process (`source/context.rs`): a later barrier before the
+            // roll is whole means rows and fences no longer agree. Going on would move
+            // the fences over the abandoned checkpoint's rows; stopping re-reads them.
+            error!(
                 checkpoint = stale.spec.id,
-                "checkpoint abandoned before all barriers arrived"
+                next = barrier.spec.id,
+                "a barrier of a later checkpoint came before this one was complete"
             );
+            supervision::stateful_panic("warehouse_sink", "checkpoints out of order");
         }
         let (policy, current, recorded) = (&self.policy, &self.current, self.recorded_watermark);
         self.roll.get_or_insert_with(|| {
