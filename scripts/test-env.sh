@@ -104,11 +104,23 @@ ensure_packages() {
   # The warehouse fault tests run a child as `nobody` (setpriv) on a tmpfs (mount).
   command -v setpriv >/dev/null || missing+=(util-linux)
   command -v mount >/dev/null || missing+=(mount)
+  # promtool tests the shipped alerting rules; the alerts test scrapes a real Prometheus.
+  command -v promtool >/dev/null || missing+=(prometheus)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}" >&2
     local sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
     $sudo apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >&2
+    # --no-install-recommends: Prometheus's web assets and exporters are not needed;
+    # a package's service is never started (tests start their own, on free ports).
+    local policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      policy=/usr/sbin/policy-rc.d
+      printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+      $sudo chmod +x "$policy"
+    fi
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" >&2
+    [ -z "$policy" ] || $sudo rm -f "$policy"
   fi
 }
 
@@ -133,6 +145,7 @@ start() {
   echo "export ANCHORFLOW_TEST_BROKERS=127.0.0.1:$kafka_port"
   # Fault tests start (and pause) private brokers of their own.
   echo "export ANCHORFLOW_TEST_TANSU=$tansu"
+  echo "export ANCHORFLOW_TEST_PROMETHEUS=$(command -v prometheus)"
   start_seaweedfs
 }
 

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::say;
 use anchorflow_actors::config::Config;
 use anchorflow_actors::protocol::fences;
 use anchorflow_actors::protocol::keys::FenceKeys;
@@ -53,10 +54,11 @@ pub enum RedisFrom {
 }
 
 /// Per partition: low and high watermark, committed offset (if any).
-type KafkaOffsets = BTreeMap<i32, (i64, i64, Option<i64>)>;
+pub type KafkaOffsets = BTreeMap<i32, (i64, i64, Option<i64>)>;
 
-fn kafka_offsets(config: &Config) -> anyhow::Result<KafkaOffsets> {
-    let timeout = Duration::from_secs(10);
+/// The topic's partitions with their watermarks and the group's committed offsets,
+/// each request bounded by `timeout`.
+pub fn kafka_offsets(config: &Config, timeout: Duration) -> anyhow::Result<KafkaOffsets> {
     let mut client = ClientConfig::new();
     for (key, value) in &config.kafka.0 {
         client.set(key, value);
@@ -191,9 +193,9 @@ fn complete_or_discard(
     let mut repaired: BTreeMap<i32, i64> = BTreeMap::new();
     for record in pending_publishes(conn, keys)? {
         match roll_forward(storage.as_ref(), &record) {
-            Ok(()) => println!("published recorded commit {}", record.id),
+            Ok(()) => say!("published recorded commit {}", record.id),
             Err(error) => {
-                println!(
+                say!(
                     "recorded commit {} cannot be published ({error:#}): its files are removed and its ranges read again",
                     record.id
                 );
@@ -216,16 +218,34 @@ pub fn run(config: &Config, command: FencesCommand) -> anyhow::Result<()> {
     let keys = FenceKeys::new(&config.source.group_id, &config.source.topic);
     let timeout = Duration::from_secs(config.redis.command_timeout_secs);
     let mut conn = fences::connect(&config.redis.url, timeout)?;
-    let kafka = kafka_offsets(config)?;
-    let partitions: Vec<i32> = kafka.keys().copied().collect();
-    let stored = fences::read(&mut conn, &keys, &partitions)?;
     match command {
-        FencesCommand::Show => show(config, &mut conn, &keys, &kafka, &stored),
+        FencesCommand::Show => {
+            // What Redis holds is shown whether or not the broker answers.
+            let kafka = match kafka_offsets(config, BROKER_TIMEOUT) {
+                Ok(kafka) => kafka,
+                Err(e) => {
+                    say!("broker: unreachable ({e:#}); showing what Redis holds");
+                    crate::status::stored_partitions(&mut conn, &keys)?
+                        .into_iter()
+                        .map(|p| (p, (-1, -1, None)))
+                        .collect()
+                }
+            };
+            let partitions: Vec<i32> = kafka.keys().copied().collect();
+            let stored = fences::read(&mut conn, &keys, &partitions)?;
+            show(config, &mut conn, &keys, &kafka, &stored)
+        }
         FencesCommand::Recover { redis_from } => {
+            let kafka = kafka_offsets(config, Duration::from_secs(10))?;
+            let partitions: Vec<i32> = kafka.keys().copied().collect();
+            let stored = fences::read(&mut conn, &keys, &partitions)?;
             recover(config, &mut conn, &keys, &kafka, &stored, redis_from)
         }
     }
 }
+
+/// How long a command waits for the broker before it shows what Redis holds alone.
+pub const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn show(
     config: &Config,
@@ -236,10 +256,10 @@ fn show(
 ) -> anyhow::Result<()> {
     let show = |v: Option<i64>| v.map_or("-".to_string(), |v| v.to_string());
     if let Some(marker) = fences::lost_marker(conn, keys)? {
-        println!("LOST: Redis lost the fences ({marker}); run `anchorflow fences recover`");
+        say!("LOST: Redis lost the fences ({marker}); run `anchorflow fences recover`");
     }
     let pending = pending_publishes(conn, keys)?;
-    println!(
+    say!(
         "topic {} group {}: {} recorded warehouse commit(s) awaiting publish",
         config.source.topic,
         config.source.group_id,
@@ -250,15 +270,15 @@ fn show(
         .query(conn)
         .context("reading the staged series")?;
     if !staged.is_empty() {
-        println!(
+        say!(
             "{} commit(s) with window series staged, not yet published (the next start of a Redis sink publishes them)",
             staged.len()
         );
     }
-    println!("partition\tepoch\tredis\twarehouse\tcommitted\tlow\thigh");
+    say!("partition\tepoch\tredis\twarehouse\tcommitted\tlow\thigh");
     for (p, (low, high, committed)) in kafka {
         let (epoch, redis, warehouse) = stored.get(p).copied().unwrap_or_default();
-        println!(
+        say!(
             "{p}\t{}\t{}\t{}\t{}\t{low}\t{high}",
             show(epoch),
             show(redis),
@@ -267,7 +287,7 @@ fn show(
         );
     }
     for (p, (total, last)) in anchorflow_actors::protocol::skipped::read(conn, keys)? {
-        println!(
+        say!(
             "partition {p}: skipped {total} records the broker no longer held (last range {last})"
         );
     }
@@ -276,12 +296,12 @@ fn show(
         .query(conn)
         .context("reading conflicts")?;
     if !conflicts.is_empty() {
-        println!("writes Redis refused (reason key: values lost), last 30 days:");
+        say!("writes Redis refused (reason key: values lost), last 30 days:");
         for (what, lost) in conflicts.iter().take(50) {
-            println!("  {what}: {lost}");
+            say!("  {what}: {lost}");
         }
         if conflicts.len() > 50 {
-            println!("  … and {} more keys", conflicts.len() - 50);
+            say!("  … and {} more keys", conflicts.len() - 50);
         }
     }
     Ok(())
@@ -324,10 +344,10 @@ fn recover(
         new.insert(p, (redis, warehouse));
     }
     fences::reset(conn, keys, &new, stored)?;
-    println!("partition\tredis\twarehouse");
+    say!("partition\tredis\twarehouse");
     for (p, (redis, warehouse)) in &new {
-        println!("{p}\t{redis}\t{warehouse}");
+        say!("{p}\t{redis}\t{warehouse}");
     }
-    println!("fences stored and the lost marker cleared; running instances restart and resume from these fences");
+    say!("fences stored and the lost marker cleared; running instances restart and resume from these fences");
     Ok(())
 }

@@ -40,11 +40,15 @@ pub fn serve(
         .spawn(move || {
             for request in server.incoming_requests() {
                 let (status, body, content_type) = match request.url() {
-                    "/metrics" => (
-                        200,
-                        telemetry.metrics.encode(),
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    ),
+                    "/metrics" => {
+                        let ready = telemetry.health.is_ready();
+                        telemetry.metrics.ready.set(i64::from(ready));
+                        (
+                            200,
+                            telemetry.metrics.encode(),
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )
+                    }
                     "/healthz" => (200, "ok\n".to_string(), "text/plain"),
                     "/checkpoints" => (200, checkpoints(&telemetry), "text/plain"),
                     "/readyz" => match telemetry.health.not_ready_because() {

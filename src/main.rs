@@ -1,10 +1,11 @@
-//! The `anchorflow` command line: `run`, `demo`, `check-config`, `fences`, `bench`.
+//! The `anchorflow` command line: `run`, `demo`, `check-config`, `status`, `fences`,
+//! `bench`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anchorflow::settings;
-use anchorflow::{bench, demo, fences_cli, http, pipeline};
+use anchorflow::{bench, demo, doctor, fences_cli, http, pipeline, say, status};
 use anchorflow_actors::config::Config;
 use anchorflow_actors::runtime::exit::CONFIG as EXIT_CONFIG;
 use clap::{Parser, Subcommand};
@@ -52,8 +53,22 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9898")]
         metrics_listen: String,
     },
-    /// Validate the configuration and print it with secrets redacted.
-    CheckConfig,
+    /// Validate the configuration and print it with secrets redacted; with
+    /// `--connect`, also reach the broker, Redis and the warehouse (exit 81-87 says
+    /// which failed: 1 broker, 2 Redis, 4 warehouse, added to 80).
+    CheckConfig {
+        /// Reach every dependency as `run` would, one line each.
+        #[arg(long)]
+        connect: bool,
+    },
+    /// Per partition: owner epoch, both fences and their last commit, the broker's end
+    /// and the lag; then pending publishes, staged series, refused writes, lost markers.
+    /// Prints what Redis holds even when the broker does not answer.
+    Status {
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect or recover the exactly-once bookkeeping in Redis (docs/exactly-once.md).
     #[command(subcommand)]
     Fences(fences_cli::FencesCommand),
@@ -73,8 +88,12 @@ enum Command {
 fn init_logging(config: &Config, format: Option<&str>) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ANCHORFLOW_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    // Colour only for a person at a terminal: a file or the journal gets plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     if format.unwrap_or(&config.log.format) == "json" {
         builder.json().init();
@@ -133,13 +152,30 @@ fn main() -> ExitCode {
     };
     init_logging(&config, cli.log_format.as_deref());
     match cli.command {
-        Command::CheckConfig => {
-            println!(
-                "# configuration is valid\n{}",
-                settings::render_redacted(&config)
-            );
-            ExitCode::SUCCESS
+        Command::CheckConfig { connect } => {
+            if !connect {
+                say!(
+                    "# configuration is valid\n{}",
+                    settings::render_redacted(&config)
+                );
+                return ExitCode::SUCCESS;
+            }
+            say!("configuration is valid");
+            match doctor::run(&config) {
+                0 => ExitCode::SUCCESS,
+                failed => ExitCode::from(doctor::EXIT_BASE + failed),
+            }
         }
+        Command::Status { json } => match status::read(&config) {
+            Ok(found) => {
+                status::print(&found, json);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("anchorflow status: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run => run(config),
         Command::Demo {
             events,
@@ -188,7 +224,14 @@ fn run(config: Config) -> ExitCode {
         }
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let health = telemetry.health.clone();
     if let Err(e) = ctrlc::set_handler(move || {
+        // Before the actors run nothing is in flight (no partition is claimed): a
+        // stop during start-up (S3 or Redis retries) ends the process at once.
+        if !health.running() {
+            info!("stop requested during start-up; nothing is in flight");
+            std::process::exit(0);
+        }
         let _ = stop_tx.send(true);
     }) {
         error!(error = %e, "cannot install the signal handler");

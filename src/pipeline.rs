@@ -407,6 +407,12 @@ pub fn run(
         Ok(())
     });
     setup.context("starting the pipeline")?;
+    telemetry.health.set_running();
+    let budget = config.pipeline.memory_budget_mb.saturating_mul(1 << 20);
+    telemetry
+        .metrics
+        .memory_budget_bytes
+        .set(i64::try_from(budget).unwrap_or(i64::MAX));
     let code = system.run_with_code().context("running the actor system");
     // A partition-commit hook still running would outlive the process.
     anchorflow_actors::sinks::warehouse::hook::kill_running_hook();

@@ -17,6 +17,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+mod process;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
@@ -52,6 +54,11 @@ pub struct PartitionLabel {
 pub struct SkipLabel {
     pub partition: i32,
     pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabel {
+    pub version: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -107,20 +114,20 @@ macro_rules! metrics {
 
         impl Metrics {
             pub fn new() -> Self {
-                let mut registry = Registry::with_prefix("anchorflow");
+                let mut registry = Registry::default();
+                // The process's own series keep the names every client library uses.
+                registry.register_collector(Box::new(process::ProcessCollector));
+                let ours = registry.sub_registry_with_prefix("anchorflow");
                 $(
                     let $field: $ty = $make;
-                    registry.register(stringify!($field), $help, $field.clone());
+                    ours.register(stringify!($field), $help, $field.clone());
                 )*
                 let metrics = Metrics {
                     registry: Arc::new(registry),
                     $($field,)*
                     unknown_states: Arc::default(),
                 };
-                // Every dead-letter reason is exported from the start, at zero.
-                for reason in crate::logic::decode::DecodeError::REASONS {
-                    drop(metrics.dead_letters.get_or_create(&ReasonLabel { reason }));
-                }
+                metrics.export_from_start();
                 metrics
             }
         }
@@ -163,7 +170,13 @@ metrics! {
     parquet_bytes: Family<TableLabel, Counter> = Default::default(), "Bytes of published Parquet files";
     mailbox_depth: Family<ActorLabel, Gauge> = Default::default(), "Messages waiting in an actor kind's mailboxes";
     backpressure_seconds: Family<ActorLabel, FloatCounter> = Default::default(), "Time an actor kind spent waiting for room in a full downstream mailbox";
-    consumer_lag: Family<PartitionLabel, Gauge> = Default::default(), "Records between the committed offset and the end, per partition";
+    consumer_lag_records: Family<PartitionLabel, Gauge> = Default::default(), "Records between the committed offset and the end, per assigned partition";
+    /// 1 while `/readyz` would answer 200 (set at each scrape, `src/http.rs`).
+    ready: Gauge = Default::default(), "Whether the process is ready (1) or not (0); /readyz says why not";
+    /// `pipeline.memory_budget_mb` in bytes, for alerts on resident memory.
+    memory_budget_bytes: Gauge = Default::default(), "The memory budget the process holds its resident memory near (pipeline.memory_budget_mb)";
+    /// 1, labelled with the version: which build runs where.
+    build_info: Family<BuildLabel, Gauge> = Default::default(), "The running build: always 1, labelled with its version";
     /// Wall-clock now minus the partition's watermark.
     watermark_lag_seconds: Family<PartitionLabel, FloatGauge> = Default::default(), "Wall-clock time minus the partition's event-time watermark";
     /// The instance watermark (Unix seconds).
@@ -193,7 +206,76 @@ metrics! {
     actor_restarts: Family<ActorLabel, Counter> = Default::default(), "Supervised actor restarts";
 }
 
+/// The supervised actors, as labelled in `anchorflow_actor_restarts_total`.
+pub const SUPERVISED_ACTORS: [&str; 5] = [
+    "partition_reader",
+    "redis_sink",
+    "warehouse_sink",
+    "timer",
+    "partition_committer",
+];
+
 impl Metrics {
+    /// Every labelled series whose labels are known in advance is exported from the
+    /// start, at zero, so that a dashboard or an alert sees 0 rather than no data.
+    fn export_from_start(&self) {
+        self.build_info
+            .get_or_create(&BuildLabel {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        for reason in crate::logic::decode::DecodeError::REASONS {
+            drop(self.dead_letters.get_or_create(&ReasonLabel { reason }));
+        }
+        for actor in SUPERVISED_ACTORS {
+            drop(self.actor_restarts.get_or_create(&ActorLabel { actor }));
+        }
+        for sink in ["redis", "warehouse"] {
+            drop(self.sink_commits.get_or_create(&SinkLabel { sink }));
+            for reason in crate::protocol::reply::Rejection::REASONS {
+                drop(
+                    self.commits_rejected
+                        .get_or_create(&RejectionLabel { sink, reason }),
+                );
+            }
+        }
+        for reason in [
+            "wrong_type",
+            "not_an_integer",
+            "overflow",
+            "reserved_key",
+            "other",
+        ] {
+            drop(self.redis_conflicts.get_or_create(&ReasonLabel { reason }));
+        }
+        for reason in ["reader_full", "uncommitted"] {
+            drop(
+                self.paused_partitions
+                    .get_or_create(&ReasonLabel { reason }),
+            );
+        }
+        for outcome in ["reread", "not_in_log"] {
+            drop(self.offset_gaps.get_or_create(&OutcomeLabel { outcome }));
+        }
+        for table in crate::logic::tables::Table::ALL {
+            let table = TableLabel {
+                table: table.name(),
+            };
+            drop(self.parquet_rows.get_or_create(&table));
+            drop(self.parquet_files.get_or_create(&table));
+            drop(self.parquet_bytes.get_or_create(&table));
+            drop(self.partitions_committed.get_or_create(&table));
+        }
+    }
+
+    /// A partition left this instance: its per-partition series go with it, so a
+    /// dashboard does not show the lag of a partition another instance reads now.
+    pub fn forget_partition(&self, partition: i32) {
+        let label = PartitionLabel { partition };
+        self.consumer_lag_records.remove(&label);
+        self.watermark_lag_seconds.remove(&label);
+    }
+
     /// Counts an event whose state code is not one of austin's.
     pub fn unknown_state(&self, state: i32) {
         let label = match self.unknown_states.lock() {
@@ -318,6 +400,42 @@ mod tests {
         );
     }
 
+    /// A fresh process already exports what dashboards and alerts read: process
+    /// metrics under their standard names, the build, and every labelled family whose
+    /// labels are known, at zero; a revoked partition's series go.
+    #[test]
+    fn series_are_there_from_the_start_and_go_with_their_partition() {
+        let metrics = Metrics::new();
+        let text = metrics.encode();
+        for series in [
+            "process_resident_memory_bytes ",
+            "process_cpu_seconds_total ",
+            "process_open_fds ",
+            "process_start_time_seconds ",
+            &format!(
+                "anchorflow_build_info{{version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            ),
+            r#"anchorflow_actor_restarts_total{actor="redis_sink"} 0"#,
+            r#"anchorflow_sink_commits_total{sink="warehouse"} 0"#,
+            r#"anchorflow_commits_rejected_total{sink="redis",reason="stale_epoch"} 0"#,
+            r#"anchorflow_redis_conflicts_total{reason="wrong_type"} 0"#,
+            r#"anchorflow_paused_partitions{reason="uncommitted"} 0"#,
+            r#"anchorflow_offset_gaps_total{outcome="reread"} 0"#,
+            r#"anchorflow_parquet_rows_total{table="ods_anchor_log"} 0"#,
+            "anchorflow_stalled_partitions 0",
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
+        let p = PartitionLabel { partition: 3 };
+        metrics.consumer_lag_records.get_or_create(&p).set(9);
+        assert!(metrics
+            .encode()
+            .contains(r#"anchorflow_consumer_lag_records{partition="3"} 9"#));
+        metrics.forget_partition(3);
+        assert!(!metrics.encode().contains(r#"partition="3""#));
+    }
+
     /// Every series the shipped Grafana dashboard queries is one we export.
     #[test]
     fn the_dashboard_queries_only_exported_metrics() {
@@ -325,7 +443,7 @@ mod tests {
         // Families are encoded only once they have a series; give each one.
         let metrics = Metrics::new();
         let p = PartitionLabel { partition: 0 };
-        metrics.consumer_lag.get_or_create(&p).set(0);
+        metrics.consumer_lag_records.get_or_create(&p).set(0);
         metrics.watermark_lag_seconds.get_or_create(&p).set(0.0);
         metrics.mailbox("reader");
         let actor = ActorLabel { actor: "reader" };

@@ -14,6 +14,9 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// Every [`Rejection::reason`], for metrics exported from the start.
+    pub const REASONS: [&'static str; 3] = ["stale_epoch", "not_contiguous", "fences_missing"];
+
     /// Metric label.
     pub fn reason(&self) -> &'static str {
         match self {

@@ -32,6 +32,9 @@ struct State {
     stalled: Mutex<BTreeMap<i32, String>>,
     /// Why Redis may drop anchorflow's keys, while it may (`sinks/redis/client.rs`).
     evicting: Mutex<Option<String>>,
+    /// The actor system runs: a stop request is a graceful stop from here on; before,
+    /// nothing is in flight and the process may simply end.
+    running: AtomicBool,
 }
 
 /// Cheap to clone; every clone sees the same state.
@@ -78,6 +81,15 @@ impl Health {
             reasons.push(why.clone());
         }
         reasons
+    }
+
+    /// The actor system runs (`pipeline.rs`).
+    pub fn set_running(&self) {
+        self.0.running.store(true, Ordering::Relaxed);
+    }
+
+    pub fn running(&self) -> bool {
+        self.0.running.load(Ordering::Relaxed)
     }
 
     /// The stalled partitions now, with why (replaces the earlier set).

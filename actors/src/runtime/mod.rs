@@ -7,5 +7,6 @@ pub mod fault;
 pub mod health;
 pub mod mailbox;
 pub mod memory;
+pub mod repeats;
 pub mod retry;
 pub mod supervision;

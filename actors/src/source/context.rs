@@ -26,6 +26,7 @@ use tracing::{debug, error, info, warn};
 use crate::metrics::{Metrics, PartitionLabel};
 use crate::protocol::fences::ClaimError;
 use crate::runtime::exit;
+use crate::runtime::repeats::{kind_of, Repeats};
 use crate::source::assignment::{Claimer, Claims};
 use crate::source::control::{OffsetCommit, PartitionControl};
 use crate::source::flow::SourceState;
@@ -45,6 +46,8 @@ pub struct SourceContext {
     pub start_at_latest: bool,
     /// Shared with the timer: partitions that are not idle whatever their silence.
     pub held: Held,
+    /// librdkafka's repeated errors and warnings, logged once per window.
+    pub repeats: Repeats,
 }
 
 impl SourceContext {
@@ -113,15 +116,29 @@ impl PartitionControl for SourceConsumer {
 
 impl ClientContext for SourceContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        let loud = !matches!(
+            level,
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info | RDKafkaLogLevel::Debug
+        );
+        let repeated = match loud {
+            true => match self
+                .repeats
+                .admit(&kind_of(fac, log_message), Instant::now())
+            {
+                Some(held) => held,
+                None => return,
+            },
+            false => 0,
+        };
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
             | RDKafkaLogLevel::Critical
             | RDKafkaLogLevel::Error => {
-                error!(target: "librdkafka", facility = fac, "{log_message}")
+                error!(target: "librdkafka", facility = fac, repeated, "{log_message}")
             }
             RDKafkaLogLevel::Warning => {
-                warn!(target: "librdkafka", facility = fac, "{log_message}")
+                warn!(target: "librdkafka", facility = fac, repeated, "{log_message}")
             }
             RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
                 info!(target: "librdkafka", facility = fac, "{log_message}")
@@ -140,16 +157,23 @@ impl ClientContext for SourceContext {
             self.held
                 .set_unreachable(self.lock().assigned().into_iter().collect());
         }
-        error!(target: "librdkafka", error = %error, reason, "kafka client error");
+        // The same error comes at every poll while it lasts: once, then a count.
+        let kind = kind_of("error", &error.to_string());
+        if let Some(repeated) = self.repeats.admit(&kind, Instant::now()) {
+            error!(target: "librdkafka", error = %error, reason, repeated, "kafka client error");
+        }
     }
 
     fn stats(&self, statistics: Statistics) {
         self.held.update(&statistics);
         self.note_offsets(&statistics);
+        // Only partitions assigned here: statistics go on naming revoked ones for a
+        // while, and their series were removed on revocation.
+        let assigned = self.lock().assigned();
         for topic in statistics.topics.values() {
             for (id, partition) in &topic.partitions {
-                if *id < 0 {
-                    continue; // librdkafka's internal "unassigned" partition
+                if !assigned.contains(id) {
+                    continue; // revoked, or librdkafka's internal "unassigned" partition
                 }
                 let lag = partition_lag(
                     partition.consumer_lag,
@@ -159,7 +183,7 @@ impl ClientContext for SourceContext {
                 );
                 if let Some(lag) = lag {
                     self.metrics
-                        .consumer_lag
+                        .consumer_lag_records
                         .get_or_create(&PartitionLabel { partition: *id })
                         .set(lag);
                 }

@@ -130,6 +130,7 @@ impl SourceState {
     pub fn unassign(&mut self, partition: i32) {
         self.slots.remove(&partition);
         self.progress.forget(partition);
+        self.factory.context.metrics.forget_partition(partition);
         self.factory.held.forget(partition);
         self.export_assigned();
     }

@@ -136,6 +136,7 @@ impl KafkaSource {
             revoke_timeout: Duration::from_millis(config.pipeline.revoke_timeout_ms),
             start_at_latest,
             held: factory.held.clone(),
+            repeats: Default::default(),
             state: Mutex::new(SourceState::new(factory, notices, notices_tx)),
         };
         let consumer: SourceConsumer = client_config(&config)
@@ -179,7 +180,9 @@ impl KafkaSource {
                     continue;
                 }
                 Some(Err(e)) => {
-                    warn!(error = %e, "kafka consumer error");
+                    // The same error reached the context's error callback, which logs it
+                    // (once per window while it repeats).
+                    debug!(error = %e, "kafka consumer error");
                     break;
                 }
             };

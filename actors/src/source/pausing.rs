@@ -6,7 +6,7 @@
 //! next offset) when the drainer reports back. The consumer keeps polling all the
 //! while, so rebalances and other partitions carry on. A partition is also paused
 //! (*throttled*) at its uncommitted bound and resumes when a checkpoint brings it back
-//! under (`flow.rs` says why the bound exists). [`Pause`] names the two reasons; a
+//! under (`flow.rs` says why the bound exists). `Pause` names the two reasons; a
 //! partition resumes only once neither holds.
 
 use std::collections::BTreeMap;

@@ -15,7 +15,8 @@
 -- windows) moves no fence, so the fence alone cannot tell the commit from its retry.
 -- move_fences() also stores `{sink}-checkpoint:{p}` = `epoch:checkpoint`; checkpoint
 -- ids grow within an owner epoch, so an empty range whose stored checkpoint (same
--- epoch) is this one or later was applied.
+-- epoch) is this one or later was applied. It also stores `{sink}-at:{p}`, Redis's
+-- time of the commit, which only `anchorflow status` reads.
 local sink = next_arg()
 local checkpoint = next_int()
 local ranges = {}
@@ -67,9 +68,13 @@ local function fence_verdict()
 end
 
 local function move_fences()
+  -- When, by Redis's clock in ms, for `anchorflow status` (`{sink}-at:{p}`).
+  local t = redis.call('TIME')
+  local at = t[1] .. string.format('%03d', math.floor(tonumber(t[2]) / 1000))
   for _, r in ipairs(ranges) do
     redis.call('HSET', KEYS[1], sink .. ':' .. r[1], r[4],
-      sink .. '-checkpoint:' .. r[1], r[2] .. ':' .. checkpoint)
+      sink .. '-checkpoint:' .. r[1], r[2] .. ':' .. checkpoint,
+      sink .. '-at:' .. r[1], at)
   end
 end
 

@@ -27,7 +27,7 @@ const CLOCK_CHECK: Duration = Duration::from_secs(60);
 /// How often the server's `INFO` is read (evictions, the eviction policy).
 const SERVER_CHECK: Duration = Duration::from_secs(10);
 
-/// What the sink learns of the server every [`SERVER_CHECK`], reported: keys Redis
+/// What the sink learns of the server every 10 s (`SERVER_CHECK`), reported: keys Redis
 /// evicted (an error, `anchorflow_redis_evicted_keys`), and a policy that may evict
 /// anchorflow's bookkeeping (not ready, unless `redis.allow_evicting_policy`), see
 /// `protocol/server.rs`.
