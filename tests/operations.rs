@@ -275,3 +275,34 @@ fn a_shipped_alert_fires_on_a_real_fault_in_a_real_prometheus() {
     run.stop();
     setup.check(&produced);
 }
+
+/// SIGTERM while start-up waits for a bucket that does not answer (object-store
+/// retries take many seconds): the process ends at once, exit 0; nothing was in
+/// flight. Before, it was ignored until the retries ran out.
+#[test]
+fn sigterm_during_start_up_is_honoured_at_once() {
+    let mut setup = Setup::new("term-at-start", 1, redis_url(29));
+    setup
+        .set("warehouse.root=s3://lake/anchorflow")
+        .set(format!("warehouse.s3.endpoint=http://{}", closed_port()))
+        .set("warehouse.s3.allow_http=true")
+        .set("warehouse.s3.region=us-east-1")
+        .set("warehouse.s3.access_key_id=k")
+        .set("warehouse.s3.secret_access_key=s");
+    let mut run = setup.spawn("term-at-start", &[], "");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        run.child.try_wait().unwrap().is_none(),
+        "still starting: {}",
+        run.tail()
+    );
+    let asked = Instant::now();
+    run.signal("TERM");
+    let status = run.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{}", run.tail());
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "ended {:?} after SIGTERM",
+        asked.elapsed()
+    );
+}

@@ -314,7 +314,9 @@ impl Setup {
             .collect();
         assert!(
             corrections.is_empty(),
-            "in-order data made correction rows: a window closed early: {corrections:?}"
+            "in-order data made {} correction rows: a window closed early; the first: {:?}",
+            corrections.len(),
+            &corrections[..corrections.len().min(3)]
         );
         let late = published_after_success(self.warehouse.path());
         assert!(
