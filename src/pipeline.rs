@@ -6,27 +6,30 @@
 //!     PartitionReader ─[16]──────────────────────────────────────────────> WarehouseSink (own thread)
 //!     WarehouseSink ─[2]─> PartitionCommitter (own thread)
 //! Timer (main thread) ─[4]─> KafkaSource;  PartitionReader ─[64]─> Timer (watermarks)
-//! sinks ──notices (unbounded, a few per checkpoint)──> KafkaSource
+//! RedisSink, WarehouseSink (SinkAcks), drainers (DrainAcks) ──Ack──> KafkaSource's
+//!     CheckpointDriver (unbounded, a few per checkpoint)
 //! ```
 //! Numbers in brackets are mailbox capacities (see each actor's constant for why).
 //! The readers, both sinks, the timer and the partition committer run under an actix
 //! `Supervisor` (`runtime/supervision.rs` says what a failure means for each).
 
 use std::path::Path;
-use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use actix::prelude::*;
 use anchorflow_actors::aggregator::{Aggregator, AGGREGATOR_MAILBOX};
+use anchorflow_actors::checkpoint::claim::SinkKind;
+use anchorflow_actors::checkpoint::driver::CheckpointDriver;
 use anchorflow_actors::config::Config;
 use anchorflow_actors::logic::watermark::Watermarks;
-use anchorflow_actors::messages::{ShardFlush, ShardInput, Shutdown, SourceNotice, WarehouseInput};
+use anchorflow_actors::messages::{ShardFlush, ShardInput, Shutdown, WarehouseInput};
 use anchorflow_actors::metrics::Metrics;
 use anchorflow_actors::protocol::fences;
 use anchorflow_actors::protocol::keys::{FenceKeys, KeyLayout};
-use anchorflow_actors::reader::links::{ReaderContext, ReaderLinks};
+use anchorflow_actors::reader::links::{ReaderContext, ReaderOutputs};
+use anchorflow_actors::reader::spawn::ReaderSpawner;
 use anchorflow_actors::runtime::clock::Clock;
 use anchorflow_actors::runtime::exit;
 use anchorflow_actors::runtime::health::Health;
@@ -39,10 +42,10 @@ use anchorflow_actors::sinks::warehouse::partition_committer::{
 };
 use anchorflow_actors::sinks::warehouse::warehouse_sink::{WarehouseSink, WAREHOUSE_SINK_MAILBOX};
 use anchorflow_actors::sinks::warehouse::{self, storage::Storage};
-use anchorflow_actors::source::flow::ReaderFactory;
+use anchorflow_actors::source::flow::SourceParts;
 use anchorflow_actors::source::held::Held;
 use anchorflow_actors::source::kafka_source::{KafkaSource, SOURCE_MAILBOX};
-use anchorflow_actors::timer::{Timer, TriggerLink, TIMER_MAILBOX};
+use anchorflow_actors::timer::{Timer, TriggersTo, TIMER_MAILBOX};
 use anyhow::Context as _;
 use tokio::sync::watch;
 use tracing::{error, info};
@@ -187,6 +190,7 @@ fn start_sinks(
     config: &Arc<Config>,
     telemetry: &Telemetry,
     shared: &SinkShared,
+    driver: &CheckpointDriver,
     storage: &Arc<dyn Storage>,
     clock: &Clock,
 ) -> anyhow::Result<Sinks> {
@@ -197,8 +201,9 @@ fn start_sinks(
         config.time.windows(),
     );
     let (c, s, t) = (config.redis.clone(), shared.clone(), clock.clone());
+    let acks = driver.sink_acks(SinkKind::Redis);
     let redis = Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-        RedisSink::new(c, tz, shards, s, t)
+        RedisSink::new(c, tz, shards, s, acks, t)
     });
     // The warehouse sink and its partition committer are built from the same parts.
     let parts = (
@@ -228,8 +233,9 @@ fn start_sinks(
     )?;
     let (c, r, i, s, st) = parts;
     let row_group_bytes = config.pipeline.memory().row_group_bytes();
+    let acks = driver.sink_acks(SinkKind::Warehouse);
     let warehouse = Supervisor::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-        WarehouseSink::new(c, &r, windows, i, s, st)
+        WarehouseSink::new(c, &r, windows, i, s, acks, st)
             .with_committer(committer)
             .with_marks(marks)
             .with_row_group_bytes(row_group_bytes)
@@ -268,65 +274,64 @@ fn start_aggregators(
         .collect()
 }
 
-/// Starts the source, its readers' factory and the timer (which know each other).
+/// Starts the timer, the readers' starter and the source, and connects the timer to
+/// the source: the readers send to the timer, the timer triggers the source, and the
+/// source starts readers.
 fn start_source_and_timer(
     config: &Arc<Config>,
     telemetry: &Telemetry,
     sinks: Sinks,
     storage: Arc<dyn Storage>,
     clock: Clock,
-    notices: (Receiver<SourceNotice>, Sender<SourceNotice>),
+    driver: CheckpointDriver,
 ) -> anyhow::Result<Addr<KafkaSource>> {
     let metrics = &telemetry.metrics;
     let held = Held::default();
     let aggregators = start_aggregators(config, metrics, &sinks.redis);
-    // The timer and the readers know each other's address: the timer starts first,
-    // and its link to the source is connected once the source exists.
-    let triggers = TriggerLink::default();
     let watermarks = Watermarks::new(
         Duration::from_millis(config.time.max_out_of_orderness_ms),
         Duration::from_millis(config.time.idle_timeout_ms),
     );
-    let timer = Timer::new(
-        triggers.clone(),
-        Duration::from_millis(config.pipeline.checkpoint_interval_ms),
-    )
+    let timer = Timer::new(Duration::from_millis(
+        config.pipeline.checkpoint_interval_ms,
+    ))
     .with_watermarks(watermarks, metrics.clone())
     .with_windows(config.time.windows())
     .with_clock(clock.clone())
     .with_held(held.clone())
     .supervised(metrics, &telemetry.health);
     let timer = Supervisor::start(move |_| timer);
-    let factory = ReaderFactory {
-        config: config.clone(),
-        context: ReaderContext {
-            topic: config.source.topic.as_str().into(),
-            limits: config.decode.clone(),
-            bounds: config.time.bounds(),
-            tz: config.time.tz(),
-            windows: config.time.windows(),
-            links: ReaderLinks {
-                shards: aggregators.into(),
-                warehouse: sinks.warehouse,
-                timer: Mailbox::new(timer, TIMER_MAILBOX, metrics.mailbox("timer")),
-            },
-            metrics: metrics.clone(),
-            health: telemetry.health.clone(),
-            clock: clock.clone(),
+    let context = ReaderContext {
+        topic: config.source.topic.as_str().into(),
+        limits: config.decode.clone(),
+        bounds: config.time.bounds(),
+        tz: config.time.tz(),
+        windows: config.time.windows(),
+        links: ReaderOutputs {
+            shards: aggregators.into(),
+            warehouse: sinks.warehouse,
+            timer: Mailbox::new(timer.clone(), TIMER_MAILBOX, metrics.mailbox("timer")),
         },
-        arbiters: (0..config.pipeline.readers())
-            .map(|_| Arbiter::new().handle())
-            .collect(),
-        held: held.clone(),
+        metrics: metrics.clone(),
         health: telemetry.health.clone(),
+        clock: clock.clone(),
     };
-    let source = KafkaSource::new(factory, storage, notices.0, notices.1)?;
+    let parts = SourceParts {
+        config: config.clone(),
+        metrics: metrics.clone(),
+        health: telemetry.health.clone(),
+        clock,
+        held,
+        readers: Box::new(ReaderSpawner::new(context, config.pipeline.readers())),
+        driver,
+    };
+    let source = KafkaSource::new(parts, storage)?;
     let source = KafkaSource::start_in_arbiter(&Arbiter::new().handle(), move |_| source);
-    triggers.connect(Mailbox::new(
+    timer.do_send(TriggersTo(Mailbox::new(
         source.clone(),
         SOURCE_MAILBOX,
         metrics.mailbox("kafka_source"),
-    ));
+    )));
     Ok(source)
 }
 
@@ -390,18 +395,16 @@ pub fn run(
     let system = System::new();
     let shutdown_timeout = Duration::from_secs(config.pipeline.shutdown_timeout_secs);
     let setup: anyhow::Result<()> = system.block_on(async {
-        let (notices_tx, notices_rx) = std::sync::mpsc::channel();
+        let driver = CheckpointDriver::default();
         let storage: Arc<dyn Storage> = warehouse::open(&config.warehouse)?;
         let clock = Clock::default();
         let shared = SinkShared {
             metrics: telemetry.metrics.clone(),
             health: telemetry.health.clone(),
-            notices: notices_tx.clone(),
             keys: FenceKeys::new(&config.source.group_id, &config.source.topic),
         };
-        let sinks = start_sinks(&config, &telemetry, &shared, &storage, &clock)?;
-        let notices = (notices_rx, notices_tx);
-        let source = start_source_and_timer(&config, &telemetry, sinks, storage, clock, notices)?;
+        let sinks = start_sinks(&config, &telemetry, &shared, &driver, &storage, &clock)?;
+        let source = start_source_and_timer(&config, &telemetry, sinks, storage, clock, driver)?;
         info!(topic = %config.source.topic, group = %config.source.group_id, shards = config.pipeline.shards(), "pipeline started");
         actix::spawn(shut_down_when(stop, source, shutdown_timeout));
         Ok(())

@@ -276,15 +276,20 @@ fn a_shipped_alert_fires_on_a_real_fault_in_a_real_prometheus() {
     setup.check(&produced);
 }
 
-/// SIGTERM while start-up waits for a bucket that does not answer (object-store
-/// retries take many seconds): the process ends at once, exit 0; nothing was in
-/// flight. Before, it was ignored until the retries ran out.
+/// SIGTERM while start-up waits for a bucket that does not answer (a listener that
+/// never accepts: each request waits out object_store's timeout before its retries):
+/// the process ends at once, exit 0; nothing was in flight. Before, it was ignored
+/// until the retries ran out.
 #[test]
 fn sigterm_during_start_up_is_honoured_at_once() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut setup = Setup::new("term-at-start", 1, redis_url(29));
     setup
         .set("warehouse.root=s3://lake/anchorflow")
-        .set(format!("warehouse.s3.endpoint=http://{}", closed_port()))
+        .set(format!(
+            "warehouse.s3.endpoint=http://{}",
+            silent.local_addr().unwrap()
+        ))
         .set("warehouse.s3.allow_http=true")
         .set("warehouse.s3.region=us-east-1")
         .set("warehouse.s3.access_key_id=k")

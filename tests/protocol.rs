@@ -21,13 +21,12 @@ use anchorflow_actors::logic::decode::TraceValue;
 use anchorflow_actors::logic::window::{Counts, WindowKey as SeriesKey};
 use anchorflow_actors::messages::{ListPush, PartitionDelta, ShardFlush};
 use anchorflow_actors::protocol::claim_script::{ClaimArgs, ClaimReply};
+use anchorflow_actors::protocol::commit_args::{commit_command, Expiry, Mode};
 use anchorflow_actors::protocol::fences::{self, ClaimError};
 use anchorflow_actors::protocol::keys::{series_field, FenceKeys, KeyLayout, SERIES_KEY_PREFIX};
 use anchorflow_actors::protocol::publish::{pending_publishes, publish_done, PublishRecord};
 use anchorflow_actors::protocol::reply::{self, Rejection, Reply};
-use anchorflow_actors::protocol::scripts::{
-    commit_command, commit_script, record_script, Args, Expiry, Mode, RecordArgs,
-};
+use anchorflow_actors::protocol::scripts::{commit_script, record_script, Args, RecordArgs};
 use anchorflow_actors::protocol::staged;
 use anchorflow_actors::protocol::units::unit_of;
 use anchorflow_actors::sinks::redis::commit::{self, CommitInput, CommitPlan, Ttls};

@@ -3,7 +3,7 @@
 //! ```text
 //! KafkaSource ──PartitionInput──> PartitionReader ──ShardInput──> Aggregator ──ShardFlush──> RedisSink
 //!                                                 └─WarehouseInput──────────────────────────> WarehouseSink
-//! RedisSink, WarehouseSink ──SourceNotice (std channel)──> KafkaSource
+//! RedisSink, WarehouseSink, drainers ──Ack (SinkAcks, DrainAcks)──> KafkaSource's CheckpointDriver
 //! ```
 //!
 //! Every batch names its source partition, and every stream carries [`Barrier`]s in
@@ -241,18 +241,23 @@ pub enum WarehouseInput {
     },
 }
 
-/// Reports to the Kafka source. They travel over a std channel because the source's
-/// thread may be blocked inside librdkafka's rebalance callback waiting for them; at
-/// most a few arrive per checkpoint, so the channel needs no bound.
+/// What travels back up the pipeline to the Kafka source's checkpoint driver
+/// (`checkpoint/driver.rs`), sent through a [`SinkAcks`] or a [`DrainAcks`] handle. Acks
+/// travel over a std channel because the source's thread may be blocked inside
+/// librdkafka's rebalance callback waiting for them; at most a few arrive per
+/// checkpoint, so the channel needs no bound.
+///
+/// [`SinkAcks`]: crate::checkpoint::driver::SinkAcks
+/// [`DrainAcks`]: crate::checkpoint::driver::DrainAcks
 #[derive(Debug)]
-pub enum SourceNotice {
+pub enum Ack {
     /// A sink made everything before `fences[p]` durable for checkpoint `checkpoint`.
     SinkCommitted {
         sink: SinkKind,
         checkpoint: u64,
         fences: Vec<(i32, i64)>,
     },
-    /// The items a blocked partition had queued were delivered; resume it.
+    /// The items a paused partition had queued were delivered; resume it.
     Drained { partition: i32 },
 }
 

@@ -13,7 +13,6 @@
 //! it on paused tokio time.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -58,26 +57,10 @@ pub struct TimerCounters {
     pub closes: u64,
 }
 
-/// Where the timer sends checkpoint triggers. It is connected once the source exists:
-/// the source's readers need the timer's address first.
-#[derive(Clone, Default)]
-pub struct TriggerLink(Arc<OnceLock<Mailbox<TriggerCheckpoint>>>);
-
-impl TriggerLink {
-    pub fn connected(mailbox: Mailbox<TriggerCheckpoint>) -> Self {
-        let link = TriggerLink::default();
-        link.connect(mailbox);
-        link
-    }
-
-    /// Connects the link (once; later calls change nothing).
-    pub fn connect(&self, mailbox: Mailbox<TriggerCheckpoint>) {
-        let _ = self.0.set(mailbox);
-    }
-}
-
 pub struct Timer {
-    checkpoints: TriggerLink,
+    /// Where checkpoint triggers go: the source, once it exists ([`TriggersTo`]); the
+    /// readers it starts need the timer's address first.
+    checkpoints: Option<Mailbox<TriggerCheckpoint>>,
     /// Set when the timer runs supervised (a panic restarts it with its state).
     restarts: Option<Restarts>,
     interval: Duration,
@@ -95,9 +78,9 @@ pub struct Timer {
 }
 
 impl Timer {
-    pub fn new(checkpoints: TriggerLink, interval: Duration) -> Self {
+    pub fn new(interval: Duration) -> Self {
         Timer {
-            checkpoints,
+            checkpoints: None,
             restarts: None,
             interval,
             watermarks: None,
@@ -109,6 +92,12 @@ impl Timer {
             held: Held::default(),
             counters: TimerCounters::default(),
         }
+    }
+
+    /// Sends checkpoint triggers to `source` from the start.
+    pub fn with_triggers(mut self, source: Mailbox<TriggerCheckpoint>) -> Self {
+        self.checkpoints = Some(source);
+        self
     }
 
     pub fn counters(&self) -> TimerCounters {
@@ -166,7 +155,7 @@ impl Timer {
         // Off the data path: a trigger that finds the source busy is skipped, the next
         // tick will do (and carry a newer watermark).
         let watermark = self.watermark();
-        let Some(source) = self.checkpoints.0.get() else {
+        let Some(source) = &self.checkpoints else {
             return false; // not connected yet
         };
         match source.try_send(TriggerCheckpoint { watermark }) {
@@ -337,6 +326,19 @@ impl Handler<WatermarkUpdate> for Timer {
     }
 }
 
+/// Connects the timer to the source it triggers checkpoints on.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct TriggersTo(pub Mailbox<TriggerCheckpoint>);
+
+impl Handler<TriggersTo> for Timer {
+    type Result = ();
+
+    fn handle(&mut self, TriggersTo(source): TriggersTo, _ctx: &mut Self::Context) {
+        self.checkpoints = Some(source);
+    }
+}
+
 /// Asks the timer for its counters.
 #[derive(Message)]
 #[rtype(result = "TimerCounters")]
@@ -354,13 +356,10 @@ impl Handler<GetTimerCounters> for Timer {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
 
-    fn triggers(recipient: Recipient<TriggerCheckpoint>) -> TriggerLink {
-        TriggerLink::connected(Mailbox::for_recipient(
-            recipient,
-            4,
-            Metrics::new().mailbox("source"),
-        ))
+    fn triggers(recipient: Recipient<TriggerCheckpoint>) -> Mailbox<TriggerCheckpoint> {
+        Mailbox::for_recipient(recipient, 4, Metrics::new().mailbox("source"))
     }
 
     struct Capture(Arc<AtomicU64>);
@@ -396,7 +395,8 @@ mod tests {
         let recorder = Recorder(seen.clone()).start();
         let watermarks = Watermarks::new(Duration::from_secs(5), Duration::from_secs(30));
         // Periodic ticks far apart, so every trigger seen here is a window close.
-        let timer = Timer::new(triggers(recorder.recipient()), Duration::from_secs(3_600))
+        let timer = Timer::new(Duration::from_secs(3_600))
+            .with_triggers(triggers(recorder.recipient()))
             .with_watermarks(watermarks, Metrics::new())
             .with_windows(WindowSpec::new(60_000, 0, chrono_tz::UTC))
             .start();
@@ -455,7 +455,9 @@ mod tests {
         tokio::time::pause();
         let seen = Arc::new(AtomicU64::new(0));
         let capture = Capture(seen.clone()).start();
-        let timer = Timer::new(triggers(capture.recipient()), Duration::from_secs(1)).start();
+        let timer = Timer::new(Duration::from_secs(1))
+            .with_triggers(triggers(capture.recipient()))
+            .start();
         tokio::time::sleep(Duration::from_millis(999)).await;
         assert_eq!(seen.load(Ordering::SeqCst), 0);
         tokio::time::sleep(Duration::from_millis(2)).await;
@@ -479,7 +481,8 @@ mod tests {
         let capture = Capture(Arc::default()).start();
         let metrics = Metrics::new();
         let watermarks = Watermarks::new(Duration::from_secs(5), Duration::from_secs(30));
-        let timer = Timer::new(triggers(capture.recipient()), Duration::from_secs(1))
+        let timer = Timer::new(Duration::from_secs(1))
+            .with_triggers(triggers(capture.recipient()))
             .with_watermarks(watermarks, metrics.clone())
             .start();
         let now_ms = chrono::Utc::now().timestamp_millis();

@@ -29,8 +29,8 @@ pub fn assigned_consumer(
         .set("enable.auto.commit", "false")
         // Once its queue passes `queued.max.messages.kbytes` (64 MiB; the preloaded
         // topic is about that), librdkafka postpones the next fetch by this long, 1 s by
-        // default: the bare consumer then read 340,000 events/s instead of 2 million in
-        // about every third run (docs/benchmarks.md), and understated the ceiling.
+        // default: a pause that would make the bare consumer's ceiling depend on when
+        // its queue happened to fill.
         .set("fetch.queue.backoff.ms", "10")
         .create()?;
     let mut tpl = TopicPartitionList::new();

@@ -12,9 +12,9 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use anchorflow_actors::aggregator::PartitionState;
 use anchorflow_actors::config::Config;
 use anchorflow_actors::logic::decode::{decode, TraceEvent};
+use anchorflow_actors::logic::partition_state::PartitionState;
 use anchorflow_actors::logic::window::{Counts, PartitionWindows, WindowSpec};
 use anchorflow_actors::messages::EventBatch;
 use anchorflow_actors::reader::links::shard_of;

@@ -381,12 +381,51 @@ pub struct Instance {
 
 impl Instance {
     pub fn signal(&self, signal: &str) {
+        if signal == "TERM" || signal == "INT" {
+            self.wait_until_it_handles(signal);
+        }
         let status = Command::new("kill")
             .arg(format!("-{signal}"))
             .arg(self.child.id().to_string())
             .status()
             .expect("kill");
         assert!(status.success(), "kill -{signal}");
+    }
+
+    /// Waits until the child has installed its handler for `signal` (its `SigCgt` mask
+    /// in `/proc`), or has exited: a SIGTERM that comes before the handler kills the
+    /// process by the default action, which no stop path of the product can see.
+    fn wait_until_it_handles(&self, signal: &str) {
+        let bit = match signal {
+            "INT" => 2,
+            _ => 15,
+        };
+        let status = format!("/proc/{}/status", self.child.id());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let Ok(text) = std::fs::read_to_string(&status) else {
+                return;
+            };
+            let caught = text
+                .lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))
+                .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok());
+            match caught {
+                Some(mask) if mask & (1 << (bit - 1)) != 0 => return,
+                // A zombie (exited, not yet reaped) has no handlers: nothing to wait for.
+                _ if text
+                    .lines()
+                    .any(|l| l.starts_with("State:") && l.contains('Z')) =>
+                {
+                    return
+                }
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        panic!(
+            "the instance never installed a SIG{signal} handler; log:\n{}",
+            self.tail()
+        );
     }
 
     pub fn kill9(&mut self) {

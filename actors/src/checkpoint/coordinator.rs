@@ -2,13 +2,14 @@
 //! next may start, collects each sink's fences, and says when a checkpoint is complete
 //! — when every sink ([`SinkKind::ALL`]) reported it — and which offsets are then
 //! durable in both (the lowest fence over the sinks, per partition). The Kafka source
-//! drives it (`source/flow.rs`) and commits those offsets to Kafka.
+//! drives it through the checkpoint driver (`driver.rs`, which feeds it the sinks' acks)
+//! and commits those offsets to Kafka (`source/flow.rs`).
 //!
 //! **Two checkpoints may be in flight, and only the Redis sink may be behind.** The
 //! next checkpoint starts once every other sink has reported the one in flight: its
 //! barriers, the shards' flushes and the Redis sink's plan then overlap the scripts of
-//! the checkpoint before (Flink's `maxConcurrentCheckpoints = 2`). Without it Redis
-//! waited 300–500 ms per checkpoint for its first script (docs/benchmarks.md). The
+//! the checkpoint before (Flink's `maxConcurrentCheckpoints = 2`), so Redis does not
+//! sit idle while the next checkpoint's barriers travel and its plan is built. The
 //! Redis sink applies its commits in checkpoint order, each planned from where the one
 //! before ends, so checkpoints still complete in order. A final checkpoint (shutdown,
 //! revocation) starts only when none is in flight.
@@ -28,7 +29,7 @@ struct InFlight {
 
 /// A checkpoint every sink committed.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Completed {
+pub struct CheckpointDone {
     pub id: u64,
     pub kind: CheckpointKind,
     pub took: Duration,
@@ -132,7 +133,7 @@ impl Coordinator {
         sink: SinkKind,
         checkpoint: u64,
         fences: Vec<(i32, i64)>,
-    ) -> Result<Vec<Completed>, Stale> {
+    ) -> Result<Vec<CheckpointDone>, Stale> {
         let current = self.in_flight();
         let Some(in_flight) = self.in_flight.iter_mut().find(|f| f.spec.id == checkpoint) else {
             return Err(Stale {
@@ -145,7 +146,7 @@ impl Coordinator {
         let reported = |f: &InFlight| SinkKind::ALL.iter().all(|s| f.fences.contains_key(s));
         while self.in_flight.front().is_some_and(reported) {
             let done = self.in_flight.pop_front().expect("checked above");
-            completed.push(Completed {
+            completed.push(CheckpointDone {
                 id: done.spec.id,
                 kind: done.spec.kind,
                 took: done.started.elapsed(),

@@ -406,8 +406,7 @@ impl TraceValue {
     }
 
     /// Appends [`TraceValue::to_json`] to `out`: straight into a commit's arguments,
-    /// with `itoa` rather than `fmt`, whose machinery was a twentieth of the pipeline's
-    /// CPU on funnel data (docs/benchmarks.md).
+    /// with `itoa` rather than `fmt`: every receiver's value is written this way.
     pub fn write_json(&self, out: &mut String) {
         let mut number = itoa::Buffer::new();
         out.push_str(r#"{"state":"#);

@@ -47,8 +47,7 @@ impl Lists {
 
     /// Moves every key and its values out, in no particular order, keeping the table's
     /// room: the next checkpoint folds into pages already in memory, where a fresh
-    /// table's pages fault in one by one as the fold first writes them (13 % of the
-    /// fold's time in `anchorflow bench --cpu-only`, `docs/benchmarks.md`).
+    /// table's pages would fault in one by one as the fold first writes them.
     pub fn drain(&mut self) -> impl Iterator<Item = (CompactString, TraceValues)> + '_ {
         self.0.drain()
     }

@@ -2,6 +2,7 @@
 
 pub mod decode;
 pub mod lists;
+pub mod partition_state;
 pub mod tables;
 pub mod watermark;
 pub mod window;

@@ -99,15 +99,15 @@ pub fn connect(url: &str, timeout: Duration) -> anyhow::Result<redis::Connection
 }
 
 /// A blocking connection that connects on first use and again after an error.
-pub struct BlockingLink {
+pub struct BlockingConnection {
     url: String,
     timeout: Duration,
     conn: Option<redis::Connection>,
 }
 
-impl BlockingLink {
+impl BlockingConnection {
     pub fn new(config: &crate::config::RedisConfig) -> Self {
-        BlockingLink {
+        BlockingConnection {
             url: config.url.clone(),
             timeout: Duration::from_secs(config.command_timeout_secs),
             conn: None,

@@ -38,9 +38,17 @@ fn holder_is_gone(holder: &str, host: &str) -> bool {
         })
 }
 
+/// Whether a lease value names this very process.
+fn holder_is_this_process(holder: &str, host: &str) -> bool {
+    let mut parts = holder.splitn(3, ':');
+    parts.next() == Some(host) && parts.next() == Some(std::process::id().to_string().as_str())
+}
+
 /// The run holding `instance`'s lease now, if it may be alive: a lease that expired,
-/// or whose holder is a process of this host that is gone, names no one. A new run
-/// refuses to start while one does (`pipeline.rs`).
+/// or whose holder is a process of this host that is gone, names no one; nor does a
+/// run of this process (a process runs one pipeline at a time, so that run has
+/// stopped: the demo, the bench and tests start one after another). A new run refuses
+/// to start while one does (`pipeline.rs`).
 pub fn live_holder(
     conn: &mut redis::Connection,
     keys: &crate::protocol::keys::FenceKeys,
@@ -50,7 +58,8 @@ pub fn live_holder(
         .arg(format!("{}{instance}", keys.instances_prefix))
         .query(conn)
         .context("reading the instance lease")?;
-    Ok(holder.filter(|h| !holder_is_gone(h, &hostname())))
+    let host = hostname();
+    Ok(holder.filter(|h| !holder_is_gone(h, &host) && !holder_is_this_process(h, &host)))
 }
 
 pub struct InstanceLease {
@@ -138,5 +147,14 @@ mod tests {
             "another host: wait"
         );
         assert!(!holder_is_gone("garbage", &host));
+        assert!(holder_is_this_process(&me, &host));
+        assert!(!holder_is_this_process(
+            &format!("{host}:4194303:run"),
+            &host
+        ));
+        assert!(!holder_is_this_process(
+            &format!("elsewhere:{}:run", std::process::id()),
+            &host
+        ));
     }
 }

@@ -1,6 +1,7 @@
 //! anchorflow's bookkeeping in Redis.
 
 pub mod claim_script;
+pub mod commit_args;
 pub mod fences;
 pub mod keys;
 pub mod lease;

@@ -8,9 +8,10 @@
 use anyhow::Context as _;
 
 use crate::checkpoint::claim::SinkKind;
+use crate::protocol::commit_args::Mode;
 use crate::protocol::keys::{FenceKeys, CONFLICTS_TTL_MS};
 use crate::protocol::reply::Reply;
-use crate::protocol::scripts::{self, invoke_fenced, Args, Mode};
+use crate::protocol::scripts::{self, invoke_fenced, Args};
 
 /// Part of one series hash in a staged batch: its key, TTL in ms, and fields with their
 /// increments.

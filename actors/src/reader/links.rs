@@ -18,7 +18,7 @@ use crate::runtime::mailbox::Mailbox;
 /// Where a reader sends its output. Every reader holds clones of the same links, so
 /// each bound is shared by all the readers that send to one actor.
 #[derive(Clone)]
-pub struct ReaderLinks {
+pub struct ReaderOutputs {
     pub shards: Arc<[Mailbox<ShardInput>]>,
     pub warehouse: Mailbox<WarehouseInput>,
     /// Event-time reports (`try_send`: a dropped report is superseded by the next).
@@ -34,7 +34,7 @@ pub struct ReaderContext {
     pub bounds: TimeBounds,
     pub tz: chrono_tz::Tz,
     pub windows: WindowSpec,
-    pub links: ReaderLinks,
+    pub links: ReaderOutputs,
     pub metrics: Metrics,
     pub health: Health,
     /// Processing time, by Redis's clock.
@@ -42,7 +42,7 @@ pub struct ReaderContext {
 }
 
 pub async fn forward_data(
-    links: &ReaderLinks,
+    links: &ReaderOutputs,
     routed: Vec<EventBatch>,
     detail: DetailBatch,
 ) -> Result<(), MailboxError> {
@@ -60,7 +60,7 @@ pub async fn forward_data(
 /// Hands a claimed partition's stored open windows to their owners (every shard gets
 /// its part, possibly empty, which also drops whatever it held from an earlier claim).
 pub async fn forward_restore(
-    links: &ReaderLinks,
+    links: &ReaderOutputs,
     partition: i32,
     stored: StoredWindows,
 ) -> Result<(), MailboxError> {
@@ -86,7 +86,7 @@ pub async fn forward_restore(
         .await
 }
 
-pub async fn forward_barrier(links: &ReaderLinks, barrier: Barrier) -> Result<(), MailboxError> {
+pub async fn forward_barrier(links: &ReaderOutputs, barrier: Barrier) -> Result<(), MailboxError> {
     for shard in links.shards.iter() {
         shard.send(ShardInput::Barrier(barrier.clone())).await?;
     }

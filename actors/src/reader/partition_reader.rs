@@ -49,19 +49,6 @@ use crate::runtime::supervision::{self, Failure, Restarts};
 /// one is processed: enough to hide the handoff, small enough for prompt backpressure.
 pub const READER_MAILBOX: usize = 2;
 
-/// Counters of one reader, for tests and logs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ReaderCounters {
-    /// Records received from Kafka.
-    pub records: u64,
-    /// Records decoded into events.
-    pub events: u64,
-    /// Records sent to the dead-letter table.
-    pub dead_letters: u64,
-    /// Barriers forwarded.
-    pub barriers: u64,
-}
-
 enum Work {
     Data(Vec<EventBatch>, DetailBatch),
     Barrier(Barrier),
@@ -80,7 +67,6 @@ pub struct PartitionReader {
     max_event_ms: Option<i64>,
     /// A batch whose processing panicked, processed again after the restart.
     retry: Option<RecordBatch>,
-    counters: ReaderCounters,
 }
 
 impl PartitionReader {
@@ -105,12 +91,7 @@ impl PartitionReader {
             restore: Some(restored),
             max_event_ms,
             retry: None,
-            counters: ReaderCounters::default(),
         }
-    }
-
-    pub fn counters(&self) -> ReaderCounters {
-        self.counters
     }
 
     /// Decodes one batch into per-shard event batches and folder-split warehouse rows,
@@ -138,7 +119,6 @@ impl PartitionReader {
         folders: &mut Folders,
         out: &mut Output,
     ) {
-        self.counters.records += 1;
         let to_redis = record.offset >= self.claim.redis;
         let to_warehouse = record.offset >= self.claim.warehouse;
         if !to_redis && !to_warehouse {
@@ -181,7 +161,6 @@ impl PartitionReader {
         ingest_ms: i64,
         out: &mut Output,
     ) {
-        self.counters.events += 1;
         let ts = event.log_timestamp;
         out.max_event_ms = Some(out.max_event_ms.map_or(ts, |m| m.max(ts)));
         if !is_known_state(event.state) {
@@ -221,7 +200,6 @@ impl PartitionReader {
         ingest_ms: i64,
         out: &mut Output,
     ) {
-        self.counters.dead_letters += 1;
         let reason = error.reason();
         self.context
             .metrics
@@ -395,7 +373,6 @@ impl Handler<PartitionInput> for PartitionReader {
                 }
             },
             PartitionInput::Barrier(mut barrier) => {
-                self.counters.barriers += 1;
                 barrier.max_event_ms = self.max_event_ms;
                 Work::Barrier(barrier)
             }

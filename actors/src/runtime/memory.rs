@@ -21,14 +21,14 @@
 //! and in row groups held to their own share, so they cost no more memory however long
 //! the warehouse waits to publish (`warehouse.roll_interval_secs`, a minute by
 //! default). Held against both fences, a partition could read only its share per roll
-//! interval: 1,640 committed records/s where 50,000 were possible (docs/benchmarks.md).
+//! interval, whatever Redis could take.
 
 /// glibc malloc arenas the process may use (`M_ARENA_MAX`). glibc's default allows 8 per
 /// core, and a thread that finds the others' arenas busy gets its own, which keeps what
-/// that thread freed: with librdkafka's, actix's and the blocking pool's threads, data
-/// spread over 48 hours peaked at 272–290 MiB of a 256 MiB budget; with 2 arenas at
-/// 225–233 MiB, and Redis-heavy data at 129 against 151 MiB, at the same throughput
-/// (docs/benchmarks.md).
+/// that thread freed. librdkafka's, actix's and the blocking pool's threads each
+/// allocate, so the default lets freed memory pile up per thread beyond the memory
+/// budget; two arenas keep the process within it at the same throughput
+/// (docs/benchmarks.md has the figures).
 pub const ALLOCATOR_ARENAS: i32 = 2;
 
 /// Caps glibc's malloc arenas at [`ALLOCATOR_ARENAS`], unless the operator set

@@ -48,13 +48,15 @@ pub fn on_rejection(
     }
 }
 
-/// What both sinks share: where they report, and the keys of their bookkeeping.
+/// What both sinks share: their metrics and health, and the keys of their bookkeeping.
+/// Where a sink reports its commits is its own [`SinkAcks`] handle, given in its
+/// constructor.
+///
+/// [`SinkAcks`]: crate::checkpoint::driver::SinkAcks
 #[derive(Clone)]
 pub struct SinkShared {
     pub metrics: crate::metrics::Metrics,
     pub health: crate::runtime::health::Health,
-    /// Where a sink reports its fences once it committed a checkpoint.
-    pub notices: std::sync::mpsc::Sender<crate::messages::SourceNotice>,
     pub keys: crate::protocol::keys::FenceKeys,
 }
 
@@ -63,17 +65,5 @@ impl SinkShared {
     pub fn applied(&self) {
         self.metrics.redis_state_lost.set(0);
         self.health.set_state_lost(false);
-    }
-
-    /// Reports a committed checkpoint to the source. The source may already be gone
-    /// during teardown; there is nothing to do then.
-    pub fn committed(&self, sink: SinkKind, checkpoint: u64, fences: Vec<(i32, i64)>) {
-        let _ = self
-            .notices
-            .send(crate::messages::SourceNotice::SinkCommitted {
-                sink,
-                checkpoint,
-                fences,
-            });
     }
 }

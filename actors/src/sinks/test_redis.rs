@@ -3,8 +3,10 @@
 
 use std::sync::mpsc::{channel, Receiver};
 
+use crate::checkpoint::claim::SinkKind;
+use crate::checkpoint::driver::SinkAcks;
 use crate::config::RedisConfig;
-use crate::messages::SourceNotice;
+use crate::messages::Ack;
 use crate::metrics::Metrics;
 use crate::protocol::keys::FenceKeys;
 use crate::runtime::health::Health;
@@ -26,14 +28,17 @@ pub fn test_redis() -> (RedisConfig, FenceKeys) {
     (redis, FenceKeys::new(&group, "t"))
 }
 
-/// What a sink shares, and the receiving end of its notices to the source.
-pub fn shared(keys: &FenceKeys) -> (SinkShared, Receiver<SourceNotice>) {
-    let (tx, rx) = channel();
-    let shared = SinkShared {
+/// What a sink shares.
+pub fn shared(keys: &FenceKeys) -> SinkShared {
+    SinkShared {
         metrics: Metrics::new(),
         health: Health::new(),
-        notices: tx,
         keys: keys.clone(),
-    };
-    (shared, rx)
+    }
+}
+
+/// A sink's ack handle, and the receiving end of what it reports.
+pub fn acks(sink: SinkKind) -> (SinkAcks, Receiver<Ack>) {
+    let (tx, rx) = channel();
+    (SinkAcks::to(sink, tx), rx)
 }

@@ -276,7 +276,7 @@ impl SourceContext {
     }
 
     fn claim_failed(&self, partitions: &[i32], error: ClaimError) {
-        let health = self.lock().factory.health.clone();
+        let health = self.lock().health.clone();
         health.failed();
         match error {
             ClaimError::StateLost { marker } => {

@@ -1,24 +1,27 @@
-//! The source's flow control and checkpoints, apart from librdkafka: per assigned
-//! partition a [`Slot`] (its reader, the batch being cut, what is queued for it), and
-//! the checkpoint [`Coordinator`]. The actor (`kafka_source.rs`) and the rebalance
-//! callback (`context.rs`, which runs inside `poll`) share one [`SourceState`] behind
-//! a mutex; what it needs of the consumer is [`PartitionControl`].
+//! The source's flow control, apart from librdkafka: per assigned partition a
+//! [`Slot`] (its reader, the batch being cut, what is queued for it), the checkpoint
+//! triggers, and what a completed checkpoint means to the source (partitions released,
+//! offsets committed to the group). Checkpoints themselves are numbered and collected
+//! by the [`CheckpointDriver`] (`checkpoint/driver.rs`), which the source holds. The
+//! actor (`kafka_source.rs`) and the rebalance callback (`context.rs`, which runs
+//! inside `poll`) share one [`SourceState`] behind a mutex; what it needs of the
+//! consumer is [`PartitionControl`]; readers come from the wiring's [`StartReader`].
 //!
 //! Batches go to a reader with `try_send`; a full reader pauses its partition
-//! (`pausing.rs`). A partition is also paused (*throttled*) once it has read
-//! `pipeline.max_uncommitted_records`, or its share of the memory budget, beyond what
-//! the Redis sink has made durable, and resumes when a checkpoint brings it back under.
-//! The shards accept records until the next barrier, so without this bound a stalled
-//! Redis would let the whole backlog into memory, and the partitions, read to their
-//! ends, would turn idle while nothing of theirs was committed. The bound is held
-//! against the Redis sink alone (`Completed::released`): the warehouse keeps the rows it
-//! has not published in files and in row groups held to a share of their own, so a
-//! warehouse that publishes once a minute (`warehouse.roll_interval_secs`) must not
-//! stop reading in between; a slow or stalled warehouse sink stops it through the
-//! handoff (a reader waits until the warehouse took each batch).
+//! ([`Pause::ReaderFull`], `pausing.rs`). A partition is also paused at its uncommitted
+//! bound ([`Pause::Uncommitted`]) once it has read `pipeline.max_uncommitted_records`,
+//! or its share of the memory budget, beyond what the Redis sink has made durable, and
+//! resumes when a checkpoint brings it back under. The shards accept records until the
+//! next barrier, so without this bound a stalled Redis would let the whole backlog into
+//! memory, and the partitions, read to their ends, would turn idle while nothing of
+//! theirs was committed. The bound is held against the Redis sink alone
+//! (`CheckpointDone::released`): the warehouse keeps the rows it has not published in
+//! files and in row groups held to a share of their own, so a warehouse that publishes
+//! once a minute (`warehouse.roll_interval_secs`) must not stop reading in between; a
+//! slow or stalled warehouse sink stops it through the handoff (a reader waits until
+//! the warehouse took each batch).
 
 use std::collections::BTreeMap;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,12 +30,13 @@ use tracing::{debug, info, warn};
 
 use crate::checkpoint::barrier::{Barrier, CheckpointKind};
 use crate::checkpoint::claim::Claim;
-use crate::checkpoint::coordinator::{Completed, Coordinator};
+use crate::checkpoint::coordinator::CheckpointDone;
+use crate::checkpoint::driver::{self, CheckpointDriver, Driven, Event};
 use crate::config::Config;
-use crate::messages::{PartitionInput, RecordBatch, SourceNotice};
+use crate::messages::{PartitionInput, RecordBatch};
+use crate::metrics::Metrics;
 use crate::protocol::fences::StoredWindows;
-use crate::reader::links::ReaderContext;
-use crate::reader::partition_reader::{PartitionReader, READER_MAILBOX};
+use crate::runtime::clock::Clock;
 use crate::runtime::fault;
 use crate::runtime::health::Health;
 use crate::runtime::mailbox::Mailbox;
@@ -43,26 +47,44 @@ use crate::source::progress::{Fence, Progress};
 pub use crate::source::slot::Slot;
 use crate::source::slot::{self, Pause};
 
-/// Everything a reader needs, minus the partition number.
-#[derive(Clone)]
-pub struct ReaderFactory {
+/// A reader the wiring started for a claimed partition.
+pub struct StartedReader {
+    pub mailbox: Mailbox<PartitionInput>,
+    /// The thread it runs on: a paused partition's drainer delivers there.
+    pub arbiter: ArbiterHandle,
+    /// Whether its mailbox is full (the timer's idleness test, `held.rs`).
+    pub busy: Box<dyn Fn() -> bool + Send>,
+}
+
+/// Starts the reader of a partition the source claimed. The pipeline's wiring provides
+/// it (`reader/spawn.rs`): the threads readers run on and the actors they feed are not
+/// the source's concern.
+pub trait StartReader: Send {
+    fn start(&mut self, partition: i32, claim: Claim, windows: StoredWindows) -> StartedReader;
+}
+
+/// What the source is built from, apart from the consumer.
+pub struct SourceParts {
     pub config: Arc<Config>,
-    pub context: ReaderContext,
-    pub arbiters: Arc<[ArbiterHandle]>,
+    pub metrics: Metrics,
+    pub health: Health,
+    /// Processing time, by Redis's clock (claims stamp it).
+    pub clock: Clock,
     /// Shared with the timer (see `held.rs`).
     pub held: Held,
-    pub health: Health,
+    pub readers: Box<dyn StartReader>,
+    /// Made by the wiring first: the sinks' ack handles come from it.
+    pub driver: CheckpointDriver,
 }
 
 pub struct SourceState {
-    pub factory: ReaderFactory,
+    pub config: Arc<Config>,
+    pub metrics: Metrics,
+    pub health: Health,
+    pub held: Held,
+    readers: Box<dyn StartReader>,
     pub(super) slots: BTreeMap<i32, Slot>,
-    next_reader: usize,
-    notices: Receiver<SourceNotice>,
-    pub(super) notices_tx: Sender<SourceNotice>,
-    coordinator: Coordinator,
-    /// The last checkpoint completed; whoever waits for a final one looks here.
-    completed: Option<u64>,
+    pub(super) driver: CheckpointDriver,
     /// A partition read half its uncommitted share since its last barrier.
     due: bool,
     /// The size trigger started a checkpoint since the input last ran dry.
@@ -74,19 +96,15 @@ pub struct SourceState {
 }
 
 impl SourceState {
-    pub fn new(
-        factory: ReaderFactory,
-        notices: Receiver<SourceNotice>,
-        notices_tx: Sender<SourceNotice>,
-    ) -> Self {
+    pub fn new(parts: SourceParts) -> Self {
         SourceState {
-            factory,
+            config: parts.config,
+            metrics: parts.metrics,
+            health: parts.health,
+            held: parts.held,
+            readers: parts.readers,
             slots: BTreeMap::new(),
-            next_reader: 0,
-            notices,
-            notices_tx,
-            coordinator: Coordinator::default(),
-            completed: None,
+            driver: parts.driver,
             due: false,
             backlog: false,
             progress: Progress::default(),
@@ -104,23 +122,12 @@ impl SourceState {
 
     /// Starts reading a claimed partition with a new reader.
     pub fn assign(&mut self, partition: i32, claim: Claim, windows: StoredWindows) {
-        let factory = &self.factory;
-        let arbiter = factory.arbiters[self.next_reader % factory.arbiters.len()].clone();
-        self.next_reader += 1;
-        let context = factory.context.clone();
-        let reader = Supervisor::start_in_arbiter(&arbiter, move |_| {
-            PartitionReader::new(context, partition, claim, windows)
-        });
-        let reader = Mailbox::new(
-            reader,
-            READER_MAILBOX,
-            factory.context.metrics.mailbox("partition_reader"),
+        let reader = self.readers.start(partition, claim, windows);
+        self.held.track_reader(partition, reader.busy);
+        self.slots.insert(
+            partition,
+            Slot::new(reader.mailbox, reader.arbiter, partition, claim),
         );
-        factory
-            .held
-            .track_reader(partition, reader.busy_probe(READER_MAILBOX));
-        self.slots
-            .insert(partition, Slot::new(reader, arbiter, partition, claim));
         self.progress
             .assigned(partition, claim.start(), Instant::now());
         self.export_assigned();
@@ -130,19 +137,19 @@ impl SourceState {
     pub fn unassign(&mut self, partition: i32) {
         self.slots.remove(&partition);
         self.progress.forget(partition);
-        self.factory.context.metrics.forget_partition(partition);
-        self.factory.held.forget(partition);
+        self.metrics.forget_partition(partition);
+        self.held.forget(partition);
         self.export_assigned();
     }
 
     fn export_assigned(&self) {
-        let metrics = &self.factory.context.metrics;
+        let metrics = &self.metrics;
         metrics.partitions_assigned.set(self.slots.len() as i64);
         self.export_paused();
     }
 
     pub(super) fn export_paused(&self) {
-        slot::export_paused(&self.factory.context.metrics, self.slots.values());
+        slot::export_paused(&self.metrics, self.slots.values());
     }
 
     /// Adds a record to its partition's batch; hands the batch on once it is full.
@@ -153,7 +160,7 @@ impl SourceState {
         offset: i64,
         payload: Option<&[u8]>,
     ) {
-        let (source, pipeline) = (&self.factory.config.source, &self.factory.config.pipeline);
+        let (source, pipeline) = (&self.config.source, &self.config.pipeline);
         let assigned = self.slots.len();
         let max_records = source.batch_max_records;
         let max_bytes = pipeline
@@ -170,15 +177,15 @@ impl SourceState {
         slot.next_offset = offset + 1;
         slot.at_end = false;
         slot.read_bytes += payload.map_or(0, <[u8]>::len) as u64 + RECORD_OVERHEAD;
-        let throttle = !slot.throttled && slot.over_uncommitted(uncommitted.0, uncommitted.1);
+        let at_bound = !slot.uncommitted && slot.over_uncommitted(uncommitted.0, uncommitted.1);
         self.due |= slot.half_full(uncommitted.0, uncommitted.1);
-        if throttle
+        if at_bound
             || slot.building.records.len() >= max_records
             || slot.building.data.len() >= max_bytes
         {
             self.flush_building(control, partition);
         }
-        if throttle {
+        if at_bound {
             // Read its uncommitted share beyond its released fence: paused until a
             // checkpoint commits.
             self.hold(control, partition, Pause::Uncommitted);
@@ -245,21 +252,21 @@ impl SourceState {
 
     /// The oldest checkpoint in flight and how long it has been.
     pub(super) fn checkpoint_running(&self) -> Option<(u64, Duration)> {
-        self.coordinator.running()
+        self.driver.running()
     }
 
     /// Keeps the timer's latest watermark; checkpoints close the windows it passed.
     pub fn set_watermark(&mut self, watermark: Option<i64>) {
-        self.coordinator.set_watermark(watermark);
+        self.driver.set_watermark(watermark);
     }
 
     pub fn checkpoint_in_flight(&self) -> bool {
-        self.coordinator.in_flight().is_some()
+        self.driver.in_flight()
     }
 
     /// Whether a periodic checkpoint may start now (`checkpoint/coordinator.rs`).
     pub fn may_start_periodic(&self) -> bool {
-        self.coordinator.may_start(CheckpointKind::Periodic)
+        self.driver.may_start_periodic()
     }
 
     /// Starts a checkpoint: a barrier after each partition's last batch.
@@ -268,7 +275,7 @@ impl SourceState {
         control: &impl PartitionControl,
         kind: CheckpointKind,
     ) -> Option<u64> {
-        let spec = self.coordinator.start(self.assigned(), kind)?;
+        let spec = self.driver.start(self.assigned(), kind)?;
         self.due = false;
         for &partition in &spec.partitions {
             self.flush_building(control, partition);
@@ -290,41 +297,28 @@ impl SourceState {
         Some(spec.id)
     }
 
-    /// Applies one notice; commits offsets when a checkpoint completes.
-    fn on_notice(
-        &mut self,
-        control: &impl PartitionControl,
-        notice: SourceNotice,
-        commit: OffsetCommit,
-    ) {
-        match notice {
-            SourceNotice::Drained { partition } => self.drained(control, partition),
-            SourceNotice::SinkCommitted {
-                sink,
-                checkpoint,
-                fences,
-            } => match self.coordinator.sink_committed(sink, checkpoint, fences) {
-                Ok(completed) => {
-                    for done in completed {
-                        self.complete(control, done, commit);
-                    }
+    /// Applies one event of the driver; commits offsets when a checkpoint completes.
+    fn apply(&mut self, control: &impl PartitionControl, event: Event, commit: OffsetCommit) {
+        match event {
+            Event::Drained(partition) => self.drained(control, partition),
+            Event::Completed(done) => {
+                for done in done {
+                    self.complete(control, done, commit);
                 }
-                Err(stale) => warn!(
-                    checkpoint = stale.checkpoint,
-                    current = stale.current,
-                    sink = sink.name(),
-                    "stale sink commit ignored"
-                ),
-            },
+            }
         }
     }
 
-    fn complete(&mut self, control: &impl PartitionControl, done: Completed, commit: OffsetCommit) {
+    fn complete(
+        &mut self,
+        control: &impl PartitionControl,
+        done: CheckpointDone,
+        commit: OffsetCommit,
+    ) {
         fault::point(fault::AFTER_SINKS_COMMITTED);
         self.advance_released(control, &done.released);
         self.advanced(Fence::Redis, &done.released);
         self.advanced(Fence::Durable, &done.durable);
-        let metrics = &self.factory.context.metrics;
         let mut committed = BTreeMap::new();
         if !done.durable.is_empty() {
             match control.commit(&done.durable, commit) {
@@ -338,72 +332,64 @@ impl SourceState {
                 }
             }
         }
-        metrics.checkpoint_completed(done.took);
-        metrics
+        self.metrics.checkpoint_completed(done.took);
+        self.metrics
             .last_checkpoint_timestamp_seconds
             .set(crate::runtime::clock::wall_ms() as f64 / 1000.0);
-        self.factory
-            .health
-            .checkpoint_completed(done.took, &committed);
+        self.health.checkpoint_completed(done.took, &committed);
         debug!(
             checkpoint = done.id,
             took_ms = done.took.as_millis() as u64,
             partitions = done.durable.len(),
             "checkpoint complete"
         );
-        self.completed = Some(done.id);
+        self.driver.finished(done.id);
     }
 
-    /// Applies the notices that arrived (between polls).
-    pub fn drain_notices(&mut self, control: &impl PartitionControl) {
-        while let Ok(notice) = self.notices.try_recv() {
-            self.on_notice(control, notice, OffsetCommit::Send);
+    /// Applies the acks that arrived (between polls).
+    pub fn apply_acks(&mut self, control: &impl PartitionControl) {
+        for event in self.driver.arrived() {
+            self.apply(control, event, OffsetCommit::Send);
         }
         self.start_if_due(control);
     }
 
-    /// Waits for notices until `done` holds or `deadline` passes; offsets of the
-    /// checkpoints completed meanwhile are committed to the group as `commit` says.
-    fn wait(
-        &mut self,
-        control: &impl PartitionControl,
-        deadline: Instant,
-        commit: OffsetCommit,
-        done: impl Fn(&SourceState) -> bool,
-    ) -> anyhow::Result<()> {
-        while !done(self) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self
-                .notices
-                .recv_timeout(left.max(Duration::from_millis(1)))
-            {
-                Ok(notice) => self.on_notice(control, notice, commit),
-                Err(RecvTimeoutError::Timeout) if Instant::now() >= deadline => {
-                    anyhow::bail!("deadline passed")
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => anyhow::bail!("the sinks are gone"),
-            }
-        }
-        Ok(())
-    }
-
-    /// Runs a final checkpoint and waits for it (revocation and shutdown).
+    /// Runs a final checkpoint and waits for it (revocation and shutdown); offsets of
+    /// the checkpoints completed meanwhile are committed to the group as `commit` says.
     pub fn final_checkpoint(
         &mut self,
         control: &impl PartitionControl,
         timeout: Duration,
         commit: OffsetCommit,
     ) -> anyhow::Result<()> {
-        let deadline = Instant::now() + timeout;
-        let late = |what: &str| format!("{what} did not complete within {timeout:?}");
-        // A periodic checkpoint may be running; let it finish first.
-        let running = self.wait(control, deadline, commit, |s| !s.checkpoint_in_flight());
-        running.map_err(|e| e.context(late("the checkpoint before the final one")))?;
-        let Some(id) = self.start_checkpoint(control, CheckpointKind::Final) else {
-            return Ok(());
-        };
-        self.wait(control, deadline, commit, |s| s.completed == Some(id))
-            .map_err(|e| e.context(late("the final checkpoint")))
+        driver::final_checkpoint(
+            &mut Driving {
+                state: self,
+                control,
+                commit,
+            },
+            timeout,
+        )
+    }
+}
+
+/// The source as the driver sees it while a final checkpoint is waited for.
+struct Driving<'a, C> {
+    state: &'a mut SourceState,
+    control: &'a C,
+    commit: OffsetCommit,
+}
+
+impl<C: PartitionControl> Driven for Driving<'_, C> {
+    fn driver(&mut self) -> &mut CheckpointDriver {
+        &mut self.state.driver
+    }
+
+    fn start(&mut self, kind: CheckpointKind) -> Option<u64> {
+        self.state.start_checkpoint(self.control, kind)
+    }
+
+    fn apply(&mut self, event: Event) {
+        self.state.apply(self.control, event, self.commit);
     }
 }

@@ -4,16 +4,16 @@
 //!
 //! Its jobs, and where they live:
 //! - poll records in bursts and cut them into per-partition batches (here);
-//! - create one supervised `PartitionReader` per assigned partition, hand it batches,
-//!   pause the partition while its reader is full (`flow.rs`);
+//! - ask the wiring's reader starter for a `PartitionReader` per assigned partition,
+//!   hand it batches, pause the partition while its reader is full (`flow.rs`,
+//!   `pausing.rs`);
 //! - **claim** every assigned partition in Redis before reading it and start at the
 //!   lower fence (`assignment.rs`, called from the rebalance callback in `context.rs`);
-//! - inject checkpoint barriers after each partition's last batch, collect the sinks'
-//!   fences, then commit the lowest to Kafka (`flow.rs`, with the coordinator in
-//!   `checkpoint/coordinator.rs`). That offset is only progress reporting (lag) and
+//! - inject checkpoint barriers after each partition's last batch and, when the
+//!   checkpoint driver (`checkpoint/driver.rs`) has every sink's ack, commit the lowest
+//!   fences to Kafka (`flow.rs`). That offset is only progress reporting (lag) and
 //!   the cold-start position of a partition that has no fences.
 
-use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,13 +26,13 @@ use rdkafka::message::Message as _;
 use tracing::{debug, info, warn};
 
 use crate::checkpoint::barrier::CheckpointKind;
-use crate::messages::{Shutdown, SourceNotice, TriggerCheckpoint};
+use crate::messages::{Shutdown, TriggerCheckpoint};
 use crate::protocol::keys::FenceKeys;
 use crate::sinks::warehouse::storage::Storage;
 use crate::source::assignment::Claimer;
 use crate::source::context::{SourceConsumer, SourceContext};
 use crate::source::control::OffsetCommit;
-use crate::source::flow::{ReaderFactory, SourceState};
+use crate::source::flow::{SourceParts, SourceState};
 
 /// How long one `poll` may block when no records are waiting. Control messages (a
 /// checkpoint trigger, shutdown) wait at most this long.
@@ -50,9 +50,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// flight per broker, and a partition resumed after an uncommitted pause (`flow.rs`) is
 /// only fetched again once it returns: when the partitions in that fetch are at their
 /// end, the broker holds it this long while Redis waits for the records behind the
-/// pause. On funnel data the default cost about 15 % of the committed throughput
-/// (docs/benchmarks.md); an idle consumer pays for this with 10 fetches a second per
-/// broker instead of 2. An operator's `[kafka]` value wins.
+/// pause, so the default's half second is Redis idle on every such resume (the cost on
+/// funnel data is in docs/benchmarks.md); an idle consumer pays for a shorter wait
+/// with 10 fetches a second per broker instead of 2. An operator's `[kafka]` value wins.
 pub const FETCH_WAIT_MAX_MS: u64 = 100;
 
 /// Mailbox capacity of the source: only control messages (checkpoint triggers, a
@@ -79,9 +79,9 @@ fn client_config(config: &crate::config::Config) -> ClientConfig {
     client.set("auto.offset.reset", "earliest");
     // Statistics tell which brokers answer (see `held.rs`) and drive the lag metric.
     client.set("statistics.interval.ms", "1000");
-    // The prefetch share of the memory budget (runtime/memory.rs), never more than the
-    // 16 MiB queue anchorflow always used (the fault rows were tuned against it), and
-    // within librdkafka's range. One fetch may overshoot it by `fetch.max.bytes`, which
+    // The prefetch share of the memory budget (runtime/memory.rs), at most 16 MiB (the
+    // most a partition's reader can fall behind by before a pause says so: the fault
+    // rows' timing assumes it), and within librdkafka's range. One fetch may overshoot it by `fetch.max.bytes`, which
     // a budget below 128 MiB cuts too.
     let prefetch = config.pipeline.memory().prefetch_bytes().min(16 << 20);
     client.set(
@@ -110,24 +110,19 @@ fn client_config(config: &crate::config::Config) -> ClientConfig {
 
 impl KafkaSource {
     /// Builds the consumer and subscribes; the actor starts polling once started.
-    pub fn new(
-        factory: ReaderFactory,
-        storage: Arc<dyn Storage>,
-        notices: Receiver<SourceNotice>,
-        notices_tx: Sender<SourceNotice>,
-    ) -> anyhow::Result<Self> {
-        let config = factory.config.clone();
+    pub fn new(parts: SourceParts, storage: Arc<dyn Storage>) -> anyhow::Result<Self> {
+        let config = parts.config.clone();
         let start_at_latest = matches!(
             config.kafka.0.get("auto.offset.reset").map(String::as_str),
             Some("latest" | "largest" | "end")
         );
         let context = SourceContext {
-            metrics: factory.context.metrics.clone(),
+            metrics: parts.metrics.clone(),
             claimer: Claimer {
                 redis_url: config.redis.url.clone(),
                 redis_timeout: Duration::from_secs(config.redis.command_timeout_secs),
                 keys: FenceKeys::new(&config.source.group_id, &config.source.topic),
-                clock: factory.context.clock.clone(),
+                clock: parts.clock.clone(),
                 storage,
                 warehouse_root: config.warehouse.root.clone().into(),
                 group: config.source.group_id.clone(),
@@ -135,9 +130,9 @@ impl KafkaSource {
             },
             revoke_timeout: Duration::from_millis(config.pipeline.revoke_timeout_ms),
             start_at_latest,
-            held: factory.held.clone(),
+            held: parts.held.clone(),
             repeats: Default::default(),
-            state: Mutex::new(SourceState::new(factory, notices, notices_tx)),
+            state: Mutex::new(SourceState::new(parts)),
         };
         let consumer: SourceConsumer = client_config(&config)
             .create_with_context(context)
@@ -198,7 +193,7 @@ impl KafkaSource {
         context.search_starved(consumer, &mut state);
         context.check_progress(&mut state);
         state.flush_all(consumer);
-        state.drain_notices(consumer);
+        state.apply_acks(consumer);
         state.ran_dry(consumer);
     }
 

@@ -3,18 +3,19 @@
 //! Batches go to a reader with `try_send`. When the reader's mailbox is full the
 //! partition is **paused**, the queued items are delivered with `send().await` by a
 //! drainer task on the reader's arbiter, and the partition **resumes** (at the exact
-//! next offset) when the drainer reports back. The consumer keeps polling all the
-//! while, so rebalances and other partitions carry on. A partition is also paused
-//! (*throttled*) at its uncommitted bound and resumes when a checkpoint brings it back
-//! under (`flow.rs` says why the bound exists). `Pause` names the two reasons; a
-//! partition resumes only once neither holds.
+//! next offset) when the drainer acks (a `DrainAcks` handle of the checkpoint driver).
+//! The consumer keeps polling all the while, so rebalances and other partitions carry
+//! on. A partition is also paused at its uncommitted bound and resumes when a checkpoint
+//! brings it back under (`flow.rs` says why the bound exists). `Pause` names the two
+//! reasons (`ReaderFull`, `Uncommitted`), each a flag of the slot; a partition resumes
+//! only once neither holds.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 use tracing::{debug, error, warn};
 
-use crate::messages::{PartitionInput, SourceNotice};
+use crate::messages::PartitionInput;
 use crate::source::control::PartitionControl;
 use crate::source::flow::SourceState;
 use crate::source::slot::Pause;
@@ -26,7 +27,7 @@ impl SourceState {
         let Some(slot) = self.slots.get_mut(&partition) else {
             return;
         };
-        if slot.blocked {
+        if slot.reader_full {
             return;
         }
         while let Some(item) = slot.outbox.pop_front() {
@@ -59,7 +60,7 @@ impl SourceState {
         };
         let items: Vec<PartitionInput> = slot.outbox.drain(..).collect();
         let reader = slot.reader.clone();
-        let notices = self.notices_tx.clone();
+        let acks = self.driver.drain_acks();
         slot.arbiter.spawn(async move {
             for item in items {
                 if let Err(error) = reader.send(item).await {
@@ -67,14 +68,14 @@ impl SourceState {
                     break;
                 }
             }
-            let _ = notices.send(SourceNotice::Drained { partition });
+            acks.drained(partition);
         });
     }
 
     /// The reader drained what was queued for it.
     pub(super) fn drained(&mut self, control: &impl PartitionControl, partition: i32) {
         if let Some(slot) = self.slots.get_mut(&partition) {
-            slot.blocked = false;
+            slot.reader_full = false;
             self.release(control, partition);
         }
         self.dispatch(control, partition);
@@ -86,18 +87,18 @@ impl SourceState {
             return;
         };
         let was_paused = slot.paused();
-        let metrics = &self.factory.context.metrics;
+        let metrics = &self.metrics;
         match why {
             Pause::ReaderFull => {
-                slot.blocked = true;
+                slot.reader_full = true;
                 metrics.partition_pauses.inc();
             }
             Pause::Uncommitted => {
-                slot.throttled = true;
+                slot.uncommitted = true;
                 metrics.uncommitted_pauses.inc();
             }
         }
-        self.factory.held.set_paused(partition, true);
+        self.held.set_paused(partition, true);
         debug!(
             partition,
             ?why,
@@ -121,7 +122,7 @@ impl SourceState {
         if slot.paused() {
             return;
         }
-        self.factory.held.set_paused(partition, false);
+        self.held.set_paused(partition, false);
         debug!(
             partition,
             next_offset = slot.next_offset,
@@ -131,14 +132,14 @@ impl SourceState {
         control.resume(partition, slot.resume_at());
     }
 
-    /// A checkpoint released input (`Completed::released`): throttled partitions back
-    /// under the bound resume.
+    /// A checkpoint released input (`CheckpointDone::released`): partitions paused at
+    /// their uncommitted bound that are back under it resume.
     pub(super) fn advance_released(
         &mut self,
         control: &impl PartitionControl,
         released: &BTreeMap<i32, i64>,
     ) {
-        let pipeline = &self.factory.config.pipeline;
+        let pipeline = &self.config.pipeline;
         let max_records = pipeline.max_uncommitted_records as i64;
         let max_bytes = pipeline.memory().uncommitted_bytes(self.slots.len());
         for (&partition, &fence) in released {
@@ -146,8 +147,8 @@ impl SourceState {
                 continue;
             };
             slot.advance(fence);
-            if slot.throttled && !slot.over_uncommitted(max_records, max_bytes) {
-                slot.throttled = false;
+            if slot.uncommitted && !slot.over_uncommitted(max_records, max_bytes) {
+                slot.uncommitted = false;
                 self.release(control, partition);
             }
         }

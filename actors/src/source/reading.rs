@@ -48,7 +48,7 @@ impl SourceContext {
         partition: i32,
         offset: i64,
     ) -> bool {
-        let verify = state.factory.config.source.verify_offset_gaps;
+        let verify = state.config.source.verify_offset_gaps;
         let Some(slot) = state.slot_mut(partition) else {
             warn!(
                 partition,
@@ -150,7 +150,7 @@ impl SourceContext {
     /// Searches every unpaused partition that has delivered nothing for
     /// [`STARVED_AFTER`] while its high watermark says it has records for us.
     pub fn search_starved(&self, consumer: &SourceConsumer, state: &mut SourceState) {
-        if !state.factory.config.source.verify_offset_gaps {
+        if !state.config.source.verify_offset_gaps {
             return;
         }
         for partition in state.assigned() {
@@ -283,7 +283,7 @@ impl SourceContext {
         }
         let now = Instant::now();
         state.progress_checked = now;
-        let config = &state.factory.config;
+        let config = &state.config;
         let redis = Duration::from_secs(config.pipeline.stall_timeout_secs);
         let roll = Duration::from_secs(config.warehouse.roll_interval_secs);
         let timeouts = Timeouts {
@@ -324,7 +324,7 @@ impl SourceContext {
                 ),
             );
         }
-        state.factory.health.set_stalled(reasons);
+        state.health.set_stalled(reasons);
     }
 }
 
@@ -334,7 +334,7 @@ const PROGRESS_CHECK: Duration = Duration::from_secs(1);
 /// What a stalled partition waits for, in words, from what the source knows of it.
 fn waits_for(state: &mut SourceState, partition: i32) -> String {
     let mut waits = Vec::new();
-    let restarting = state.factory.health.restarting();
+    let restarting = state.health.restarting();
     if !restarting.is_empty() {
         waits.push(format!("restarting actors ({})", restarting.join(", ")));
     }
@@ -344,7 +344,7 @@ fn waits_for(state: &mut SourceState, partition: i32) -> String {
             running.as_secs()
         ));
     }
-    if state.factory.held.unreachable(partition) {
+    if state.held.unreachable(partition) {
         waits.push("its broker, which does not answer".into());
     }
     if let Some(slot) = state.slot_mut(partition) {
@@ -354,10 +354,10 @@ fn waits_for(state: &mut SourceState, partition: i32) -> String {
                 search.reading_from()
             ));
         }
-        if slot.blocked {
+        if slot.reader_full {
             waits.push("its reader, whose downstream is full (a slow or restarting sink)".into());
         }
-        if slot.throttled {
+        if slot.uncommitted {
             waits.push("Redis commits (paused at the uncommitted bound)".into());
         }
         if waits.is_empty() {

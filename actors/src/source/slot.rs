@@ -1,7 +1,7 @@
 //! One assigned partition as the source sees it ([`Slot`]): its reader, the batch
 //! being cut, what is queued for the reader, why it is paused, and how far it has read
 //! beyond what the Redis sink made durable (where the input stops holding memory,
-//! `Completed::released`), in records and in bytes (the memory budget's uncommitted
+//! `CheckpointDone::released`), in records and in bytes (the memory budget's uncommitted
 //! share, `runtime/memory.rs`). `flow.rs` drives it.
 
 use std::collections::VecDeque;
@@ -21,17 +21,18 @@ pub struct Slot {
     pub(super) arbiter: ArbiterHandle,
     pub(super) building: RecordBatch,
     pub(super) outbox: VecDeque<PartitionInput>,
-    /// The reader is full: a drainer is delivering the outbox.
-    pub(super) blocked: bool,
-    /// At `pipeline.max_uncommitted_records`: waiting for a checkpoint.
-    pub(super) throttled: bool,
+    /// Paused for [`Pause::ReaderFull`]: a drainer is delivering the outbox.
+    pub(super) reader_full: bool,
+    /// Paused for [`Pause::Uncommitted`]: at the uncommitted bound, waiting for a
+    /// checkpoint.
+    pub(super) uncommitted: bool,
     /// librdkafka reported the end of the partition (`enable.partition.eof`: its fetch
     /// reached the high watermark) and no record came after it.
     pub(super) at_end: bool,
     /// Offset after the last record handed on; starts at the claim's lower fence.
     pub next_offset: i64,
     /// Where the input stops holding memory: the Redis sink's fence at the last
-    /// completed checkpoint, or the claim (`Completed::released`).
+    /// completed checkpoint, or the claim (`CheckpointDone::released`).
     pub(super) released: i64,
     /// Bytes read so far (payloads plus `RECORD_OVERHEAD` each), the same counted up to
     /// `released`, and the count at each barrier not yet released, as `(next_offset,
@@ -76,8 +77,8 @@ impl Slot {
             arbiter,
             building: RecordBatch::new(partition),
             outbox: VecDeque::new(),
-            blocked: false,
-            throttled: false,
+            reader_full: false,
+            uncommitted: false,
             at_end: false,
             next_offset: claim.start(),
             released: claim.start(),
@@ -102,7 +103,7 @@ impl Slot {
     }
 
     pub(super) fn paused(&self) -> bool {
-        self.blocked || self.throttled
+        self.reader_full || self.uncommitted
     }
 
     /// Whether the partition read as much beyond its released fence as it may.
@@ -169,8 +170,11 @@ fn all_at_end(partitions: impl Iterator<Item = (bool, bool)>) -> bool {
 /// Exports how many partitions are paused, by why (a partition may count under both).
 pub(super) fn export_paused<'a>(metrics: &Metrics, slots: impl Iterator<Item = &'a Slot> + Clone) {
     for (reason, why) in [
-        ("reader_full", (|s: &Slot| s.blocked) as fn(&Slot) -> bool),
-        ("uncommitted", |s: &Slot| s.throttled),
+        (
+            "reader_full",
+            (|s: &Slot| s.reader_full) as fn(&Slot) -> bool,
+        ),
+        ("uncommitted", |s: &Slot| s.uncommitted),
     ] {
         let count = slots.clone().filter(|s| why(s)).count() as i64;
         metrics
@@ -192,8 +196,8 @@ mod tests {
 
     #[test]
     fn the_input_ran_dry_only_when_every_partition_is_at_its_end() {
-        // CI once saw this: partition 0 read to its end, the last fetches of 1 and 2
-        // not back yet. Committing then left their rest waiting for a tick.
+        // Partition 0 read to its end, the last fetches of 1 and 2 not back yet:
+        // committing now would leave their rest waiting for a tick.
         let early = [(true, true), (false, false), (false, false)];
         assert!(!all_at_end(early.into_iter()));
         assert!(all_at_end([(true, true), (true, false)].into_iter()));

@@ -14,6 +14,7 @@ use tracing::{error, warn};
 
 use crate::config::RedisConfig;
 use crate::metrics::Metrics;
+use crate::protocol::commit_args;
 use crate::protocol::keys::FenceKeys;
 use crate::protocol::reply::{self, Reply};
 use crate::protocol::scripts::{self, Args};
@@ -95,7 +96,7 @@ impl ServerWatch {
 }
 
 /// The connection and what lives with it. The sink lends it to each commit.
-pub struct Link {
+pub struct SinkConnection {
     url: String,
     timeout: Duration,
     conn: Option<MultiplexedConnection>,
@@ -105,9 +106,9 @@ pub struct Link {
     server: ServerWatch,
 }
 
-impl Link {
+impl SinkConnection {
     pub fn new(config: &RedisConfig, clock: Clock, server: ServerWatch) -> Self {
-        Link {
+        SinkConnection {
             url: config.url.clone(),
             timeout: Duration::from_secs(config.command_timeout_secs),
             conn: None,
@@ -190,7 +191,7 @@ impl Link {
         let script = self.script.clone();
         let value = self
             .bounded("running the commit script", async move {
-                let command = scripts::commit_command(&script, keys, args);
+                let command = commit_args::commit_command(&script, keys, args);
                 match command.query_async(&mut conn).await {
                     Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                         script.load_async(&mut conn).await?;

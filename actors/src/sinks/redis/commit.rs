@@ -5,7 +5,7 @@
 //! Units are fixed ranges of the Redis Cluster hash slots (CRC16 of the key, as
 //! `CLUSTER KEYSLOT` computes it): [`UNITS`](crate::protocol::units::UNITS) of them, each
 //! [`SLOTS_PER_UNIT`](crate::protocol::units::SLOTS_PER_UNIT) slots. A
-//! checkpoint that fits the budget is one script, as it always was. A bigger one is
+//! checkpoint that fits the budget is one script. A bigger one is
 //! several `part` scripts and one `final`; each part records, per partition and unit,
 //! the range end it applied (a *unit fence*, `anchorflow:{group}:{topic}:units:{p}`),
 //! so a crash between scripts leaves every unit either applied or not, and a replay
@@ -29,10 +29,11 @@ use crate::checkpoint::claim::{range_for, FenceRange, SinkKind};
 use crate::logic::decode::TraceValues;
 use crate::logic::window::Counts;
 use crate::messages::{ListPush, PartitionDelta, ShardFlush};
-use crate::protocol::keys::{FenceKeys, KeyLayout, RESERVED_PREFIX, SERIES_KEY_PREFIX};
-use crate::protocol::scripts::{
-    Args, CommitArgs, Expiry, FinalTail, HashWrite, ListWrite, Mode, Staged, UnitWrites,
+use crate::protocol::commit_args::{
+    CommitArgs, Expiry, FinalTail, HashWrite, ListWrite, Mode, Staged, UnitWrites,
 };
+use crate::protocol::keys::{FenceKeys, KeyLayout, RESERVED_PREFIX, SERIES_KEY_PREFIX};
+use crate::protocol::scripts::Args;
 use crate::protocol::staged::{staged_batch, PublishArgs, SeriesPart};
 use crate::protocol::units::unit_of;
 
@@ -404,55 +405,6 @@ fn pack(
     groups
 }
 
-/// The share of `redis.max_commit_ms` a script is sized to. The same script's cost per
-/// operation varies by up to ~1.7× on a busy machine (`anchorflow bench` on 2 cores:
-/// 2.4–4.1 µs within one run), so scripts sized to the whole bound ran over it (135 ms
-/// against 100); sized to half, a busier Redis still ran one over it in about every
-/// third run (up to 125 ms), its script descheduled while the readers had the cores. A script's own fixed cost (the fence
-/// check, one unit fence per partition) is ~0.2 ms, so smaller scripts cost little.
-pub const HEADROOM: f64 = 0.35;
-
-/// Keeps the per-script operations budget so that one script stays within
-/// `redis.max_commit_ms`: the measured cost per operation (a moving average over
-/// scripts big enough to measure) converts [`HEADROOM`] of the time bound into
-/// operations.
-#[derive(Clone, Copy, Debug)]
-pub struct OpsBudget {
-    max_ms: f64,
-    micros_per_op: f64,
-}
-
-impl OpsBudget {
-    /// Until measured, assume 5 µs per operation: `anchorflow bench` measured 4-7 µs
-    /// per write on 2 cores with unique keys, where the first scripts at 2 µs took 2-3×
-    /// `redis.max_commit_ms`.
-    pub fn new(max_commit_ms: u64) -> Self {
-        OpsBudget {
-            max_ms: max_commit_ms as f64,
-            micros_per_op: 5.0,
-        }
-    }
-
-    pub fn ops(&self) -> usize {
-        ((HEADROOM * self.max_ms * 1000.0 / self.micros_per_op) as usize).clamp(1_000, 1_000_000)
-    }
-
-    /// Learns from one script that carried `ops` writes and took `took`.
-    pub fn observe(&mut self, ops: usize, took: std::time::Duration) {
-        if ops < 2_000 {
-            return;
-        }
-        let measured = took.as_secs_f64() * 1e6 / ops as f64;
-        // Dearer than assumed: believe it at once, so that at most one script runs over
-        // the bound; cheaper: average it in.
-        self.micros_per_op = if measured > self.micros_per_op {
-            measured
-        } else {
-            (0.8 * self.micros_per_op + 0.2 * measured).max(0.05)
-        };
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -648,23 +600,6 @@ mod tests {
                 .map(|h| (h.as_array().unwrap().len() - 2) / 2)
                 .sum::<usize>(),
             100
-        );
-    }
-
-    #[test]
-    fn the_budget_follows_measured_cost() {
-        let mut budget = OpsBudget::new(100);
-        assert_eq!(budget.ops(), 7_000, "35 % of 100 ms at 5 µs");
-        budget.observe(10_000, std::time::Duration::from_millis(100));
-        assert_eq!(budget.ops(), 3_500, "a dearer script corrects at once");
-        for _ in 0..30 {
-            budget.observe(10_000, std::time::Duration::from_millis(40));
-        }
-        assert!((8_500..9_000).contains(&budget.ops()), "{}", budget.ops());
-        budget.observe(10, std::time::Duration::from_secs(1));
-        assert!(
-            (8_500..9_000).contains(&budget.ops()),
-            "tiny scripts are ignored"
         );
     }
 }

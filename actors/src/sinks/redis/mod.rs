@@ -1,7 +1,10 @@
 //! The Redis sink: the actor (`redis_sink.rs`), the plan of one checkpoint's commit
-//! (`commit.rs`), its connection (`client.rs`) and the report of writes Redis refused
+//! (`commit.rs`) and the budget its scripts are sized to (`budget.rs`), applying a plan
+//! (`apply.rs`), its connection (`client.rs`) and the report of writes Redis refused
 //! (`conflicts.rs`).
 
+pub mod apply;
+pub mod budget;
 pub mod client;
 pub mod commit;
 pub mod conflicts;

@@ -47,47 +47,28 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
 use actix::prelude::*;
-use tracing::{debug, error, info};
+use tracing::{debug, error};
 
-use crate::checkpoint::claim::SinkKind;
+use crate::checkpoint::driver::SinkAcks;
 use crate::config::RedisConfig;
 use crate::logic::tables::end_of_day_ms;
 use crate::messages::ShardFlush;
 use crate::metrics::SinkLabel;
+use crate::protocol::commit_args::Expiry;
 use crate::protocol::keys::{KeyLayout, CONFLICTS_TTL_MS};
-use crate::protocol::reply::{Rejection, Reply};
-use crate::protocol::scripts::{Expiry, Mode};
 use crate::runtime::clock::Clock;
 use crate::runtime::fault;
 use crate::runtime::supervision::{self, Failure, Restarts};
-use crate::sinks::fenced::{on_rejection, SinkShared};
-use crate::sinks::redis::client::{Link, ServerWatch};
-use crate::sinks::redis::commit::{self, CommitInput, CommitPlan, OpsBudget, Ttls};
-use crate::sinks::redis::conflicts::report_conflicts;
+use crate::sinks::fenced::SinkShared;
+use crate::sinks::redis::apply::{Committer, InFlight, Stop};
+use crate::sinks::redis::budget::OpsBudget;
+use crate::sinks::redis::client::{ServerWatch, SinkConnection};
+use crate::sinks::redis::commit::{self, CommitInput, CommitPlan, Ttls};
 
 /// Mailbox capacity: one flush per shard per checkpoint is all that is ever queued,
 /// because a shard waits for its flush to be taken before it handles anything else, and
 /// at most two checkpoints are in flight.
 pub const REDIS_SINK_MAILBOX: usize = 64;
-
-/// Counters of the sink, for tests and logs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RedisSinkCounters {
-    /// Checkpoints applied.
-    pub commits: u64,
-    /// Scripts run for them (more than one for a split checkpoint).
-    pub scripts: u64,
-    /// Failed attempts (each followed by a restart).
-    pub errors: u64,
-}
-
-/// The commit being applied; it survives a restart of the sink, which resumes it.
-struct InFlight {
-    plan: CommitPlan,
-    /// Scripts of the plan applied so far.
-    applied: usize,
-    started: Instant,
-}
 
 pub struct RedisSink {
     restarts: Restarts,
@@ -95,8 +76,10 @@ pub struct RedisSink {
     tz: chrono_tz::Tz,
     shards: usize,
     shared: SinkShared,
+    /// Where each applied checkpoint is reported.
+    acks: SinkAcks,
     /// Lent to the commit future while one runs.
-    link: Option<Link>,
+    link: Option<SinkConnection>,
     /// The link's clock (shared with it), for planning while the link is lent.
     clock: Clock,
     layout: KeyLayout,
@@ -115,7 +98,6 @@ pub struct RedisSink {
     /// Plans waiting for the one in flight (at most one: two checkpoints in flight).
     queued: VecDeque<CommitPlan>,
     in_flight: Option<InFlight>,
-    counters: RedisSinkCounters,
 }
 
 impl RedisSink {
@@ -124,14 +106,16 @@ impl RedisSink {
         tz: chrono_tz::Tz,
         shards: usize,
         shared: SinkShared,
+        acks: SinkAcks,
         clock: Clock,
     ) -> Self {
         RedisSink {
+            acks,
             restarts: Restarts::new("redis_sink", &shared.metrics, &shared.health),
             layout: KeyLayout::new(&config),
             budget: OpsBudget::new(config.max_commit_ms),
             publish_budget: OpsBudget::new(config.max_commit_ms),
-            link: Some(Link::new(
+            link: Some(SinkConnection::new(
                 &config,
                 clock.clone(),
                 ServerWatch::new(
@@ -150,12 +134,7 @@ impl RedisSink {
             planning: false,
             queued: VecDeque::new(),
             in_flight: None,
-            counters: RedisSinkCounters::default(),
         }
-    }
-
-    pub fn counters(&self) -> RedisSinkCounters {
-        self.counters
     }
 
     fn ttls(&self, clock: &Clock) -> Ttls {
@@ -286,22 +265,20 @@ impl RedisSink {
     }
 
     /// What follows one attempt at the commit in flight.
-    fn settle(&mut self, ctx: &mut Context<Self>, in_flight: InFlight, outcome: Outcome) {
+    fn settle(&mut self, ctx: &mut Context<Self>, in_flight: InFlight, outcome: Result<(), Stop>) {
         let metrics = &self.shared.metrics;
         if let Some(link) = &self.link {
             metrics
                 .clock_skew_seconds
                 .set(link.clock.skew_ms() as f64 / 1000.0);
         }
-        self.counters.scripts += outcome.scripts;
-        match outcome.result {
+        match outcome {
             Ok(()) => {
                 self.applied(in_flight);
                 self.start_next(ctx);
             }
             Err(Stop::Refused) => {}
             Err(Stop::Failed(error)) => {
-                self.counters.errors += 1;
                 metrics.redis_errors.inc();
                 if let Some(link) = &mut self.link {
                     link.reset();
@@ -324,9 +301,8 @@ impl RedisSink {
         self.shared.applied();
         self.restarts.succeeded();
         fault::point(fault::AFTER_REDIS_COMMIT);
-        self.counters.commits += 1;
         let fences = plan.ranges.iter().map(|r| (r.partition, r.to)).collect();
-        self.shared.committed(SinkKind::Redis, plan.spec.id, fences);
+        self.acks.committed(plan.spec.id, fences);
     }
 }
 
@@ -337,106 +313,6 @@ fn day_end(tz: chrono_tz::Tz, now: chrono::DateTime<chrono::Utc>) -> Expiry {
     let next = chrono::DateTime::from_timestamp_millis(today)
         .map_or(today + 86_400_000, |midnight| end_of_day_ms(tz, midnight));
     Expiry::DayEnd([today, next])
-}
-
-/// Why a commit stopped before it applied.
-enum Stop {
-    /// Refused for good by the fence check: the process is stopping.
-    Refused,
-    /// Redis did not answer, or has lost the fences: restart and try again.
-    Failed(anyhow::Error),
-}
-
-/// What one attempt learned, handed back to the actor.
-struct Outcome {
-    result: Result<(), Stop>,
-    scripts: u64,
-}
-
-/// What a commit needs that is not lent by the actor.
-struct Committer {
-    shared: SinkShared,
-    budget: OpsBudget,
-    publish_budget: OpsBudget,
-    /// Test and benchmark knob (`redis.slowdown_factor`): after a commit, wait this
-    /// many times as long as it took.
-    slowdown: u32,
-}
-
-impl Committer {
-    /// Runs the scripts of the commit that have not applied yet, in order, each once.
-    async fn apply(&mut self, link: &mut Link, in_flight: &mut InFlight) -> Outcome {
-        let mut scripts = 0;
-        let checkpoint = in_flight.plan.spec.id;
-        while let Some(script) = in_flight.plan.scripts.get(in_flight.applied) {
-            if script.mode == Mode::Publish {
-                fault::point_or_hold(fault::BEFORE_SERIES_PUBLISH).await;
-            }
-            let started = Instant::now();
-            let reply = match link.apply(&self.shared.keys, &script.args).await {
-                Ok(reply) => reply,
-                Err(error) => {
-                    return Outcome {
-                        result: Err(Stop::Failed(error)),
-                        scripts,
-                    }
-                }
-            };
-            self.shared.metrics.redis_commands.inc();
-            match reply {
-                Reply::Applied {
-                    ops,
-                    conflicts,
-                    first,
-                } => {
-                    let took = started.elapsed();
-                    match script.mode {
-                        Mode::Publish => self.publish_budget.observe(script.ops, took),
-                        Mode::Part | Mode::Final => self.budget.observe(script.ops, took),
-                    }
-                    let metrics = &self.shared.metrics;
-                    metrics.redis_script_seconds.observe(took.as_secs_f64());
-                    metrics.redis_script_operations.inc_by(ops.max(0) as u64);
-                    report_conflicts(metrics, checkpoint, conflicts, &first);
-                    debug!(checkpoint, ops, took_ms = took.as_millis() as u64, mode = ?script.mode, "redis script applied");
-                }
-                Reply::AppliedBefore if script.mode == Mode::Publish => {
-                    debug!(
-                        checkpoint,
-                        "staged series already published (by a retry or another instance)"
-                    );
-                }
-                Reply::AppliedBefore => {
-                    info!(checkpoint, "redis commit had been applied before its reply was lost; not applied again");
-                }
-                Reply::Rejected(rejection) => {
-                    let stop =
-                        if on_rejection(&self.shared, SinkKind::Redis, checkpoint, &rejection) {
-                            Stop::Failed(lost_fences(rejection))
-                        } else {
-                            Stop::Refused
-                        };
-                    return Outcome {
-                        result: Err(stop),
-                        scripts,
-                    };
-                }
-            }
-            in_flight.applied += 1;
-            scripts += 1;
-        }
-        if self.slowdown > 0 {
-            tokio::time::sleep(in_flight.started.elapsed() * self.slowdown).await;
-        }
-        Outcome {
-            result: Ok(()),
-            scripts,
-        }
-    }
-}
-
-fn lost_fences(rejection: Rejection) -> anyhow::Error {
-    anyhow::anyhow!("{rejection}: holding the commit until an operator recovers the fences")
 }
 
 impl Actor for RedisSink {
@@ -507,11 +383,11 @@ mod tests {
 
     use super::*;
     use crate::checkpoint::barrier::{CheckpointKind, CheckpointSpec};
-    use crate::checkpoint::claim::Claim;
+    use crate::checkpoint::claim::{Claim, SinkKind};
     use crate::logic::decode::TraceValue;
-    use crate::messages::{ListPush, PartitionDelta, SourceNotice};
+    use crate::messages::{Ack, ListPush, PartitionDelta};
     use crate::protocol::fences;
-    use crate::sinks::test_redis::{shared, test_redis};
+    use crate::sinks::test_redis::{acks, shared, test_redis};
 
     /// One shard's flush of checkpoint `id`: partition 0 up to `next_offset`, one value
     /// pushed onto `receiver`.
@@ -546,10 +422,10 @@ mod tests {
     }
 
     /// The sink's reports so far, waiting (on the actor's own runtime) for `n`.
-    async fn reports(notices: &Receiver<SourceNotice>, n: usize) -> Vec<(u64, Vec<(i32, i64)>)> {
+    async fn reports(notices: &Receiver<Ack>, n: usize) -> Vec<(u64, Vec<(i32, i64)>)> {
         let mut out = Vec::new();
         for _ in 0..1000 {
-            while let Ok(SourceNotice::SinkCommitted {
+            while let Ok(Ack::SinkCommitted {
                 checkpoint, fences, ..
             }) = notices.try_recv()
             {
@@ -580,8 +456,16 @@ mod tests {
             std::process::id(),
             chrono::Utc::now().timestamp_micros()
         );
-        let (shared, notices) = shared(&keys);
-        let sink = RedisSink::new(config, chrono_tz::UTC, 1, shared, Clock::default()).start();
+        let (acks, notices) = acks(SinkKind::Redis);
+        let sink = RedisSink::new(
+            config,
+            chrono_tz::UTC,
+            1,
+            shared(&keys),
+            acks,
+            Clock::default(),
+        )
+        .start();
 
         // Scripts wait while Redis is paused for writes; reads and UNPAUSE do not.
         let _: () = redis::cmd("CLIENT")

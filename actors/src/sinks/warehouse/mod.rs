@@ -2,8 +2,9 @@
 //! (`roll.rs`), the files being written (`writer.rs`), publishing and crash cleanup
 //! (`publish.rs`), what each instance published (`marks.rs`), `_SUCCESS` and the hook
 //! (`partition_committer.rs`, `hook.rs`), and where the files live (`storage.rs`: a local folder, or
-//! `object_storage.rs`: S3-compatible object storage, with `complete_upload.rs` for
-//! the conditional completion `object_store` cannot send).
+//! `object_storage.rs`: S3-compatible object storage, with `upload_handle.rs` for what a
+//! record keeps of an upload and `complete_upload.rs` for the conditional completion
+//! `object_store` cannot send).
 
 pub mod complete_upload;
 pub mod hook;
@@ -13,6 +14,7 @@ pub mod partition_committer;
 pub mod publish;
 pub mod roll;
 pub mod storage;
+pub mod upload_handle;
 pub mod warehouse_sink;
 pub mod writer;
 

@@ -39,6 +39,7 @@ use object_store::{GetOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
 use crate::config::S3Config;
 use crate::sinks::warehouse::complete_upload::ConditionalCompleter;
 use crate::sinks::warehouse::storage::{Entry, FileWriter, Finished, Published, Storage};
+use crate::sinks::warehouse::upload_handle::{invalid, Handle};
 
 /// The runtime every object-store request runs on; never dropped (an actor thread may
 /// hold the last handle to the storage, and a runtime cannot be dropped there).
@@ -77,10 +78,6 @@ fn to_io(error: object_store::Error) -> io::Error {
         _ => io::ErrorKind::Other,
     };
     io::Error::new(kind, error)
-}
-
-fn invalid(message: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, message)
 }
 
 /// A bucket (and a prefix in it) holding the warehouse; paths are
@@ -242,59 +239,6 @@ impl ObjectStorage {
             upload: upload.trim().to_string(),
             size: 0,
             parts: Vec::new(),
-        }))
-    }
-}
-
-/// A finished upload, as a commit record stores it: the marker's path, then
-/// `#key#upload#size#etag,etag,…` (keys, upload ids and ETags never hold `#`, `,`, tabs
-/// or newlines; `encode` refuses them if one ever did).
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Handle {
-    marker: PathBuf,
-    key: Key,
-    upload: String,
-    size: u64,
-    parts: Vec<String>,
-}
-
-impl Handle {
-    fn encode(&self) -> io::Result<PathBuf> {
-        let clean = |s: &str| !s.contains(['#', ',', '\t', '\n']);
-        let key = self.key.to_string();
-        if !clean(&key) || !clean(&self.upload) || !self.parts.iter().all(|p| clean(p)) {
-            return Err(invalid(format!(
-                "the key, upload id or an ETag of {key} holds a reserved character"
-            )));
-        }
-        Ok(PathBuf::from(format!(
-            "{}#{key}#{}#{}#{}",
-            self.marker.display(),
-            self.upload,
-            self.size,
-            self.parts.join(",")
-        )))
-    }
-
-    /// `None` when `hidden` is a plain path (a marker), not a handle.
-    fn decode(hidden: &Path) -> io::Result<Option<Handle>> {
-        let text = hidden.to_string_lossy();
-        let fields: Vec<&str> = text.splitn(5, '#').collect();
-        let [marker, key, upload, size, parts] = fields[..] else {
-            return Ok(None);
-        };
-        Ok(Some(Handle {
-            marker: PathBuf::from(marker),
-            key: Key::from(key),
-            upload: upload.to_string(),
-            size: size
-                .parse()
-                .map_err(|_| invalid(format!("malformed upload handle {text}")))?,
-            parts: parts
-                .split(',')
-                .filter(|p| !p.is_empty())
-                .map(String::from)
-                .collect(),
         }))
     }
 }

@@ -29,7 +29,7 @@ use crate::logic::tables::{self, Table};
 use crate::logic::window::WindowSpec;
 use crate::messages::CommitDue;
 use crate::metrics::{Metrics, TableLabel};
-use crate::protocol::fences::BlockingLink;
+use crate::protocol::fences::BlockingConnection;
 use crate::protocol::keys::FenceKeys;
 use crate::runtime::backoff::Backoff;
 use crate::runtime::supervision::{self, Failure, Restarts};
@@ -58,21 +58,12 @@ pub fn commit_deadline(
     }
 }
 
-/// Counters of the committer, for tests and logs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CommitterCounters {
-    /// Folders committed.
-    pub committed: u64,
-    /// Hook runs that failed or timed out.
-    pub hook_failures: u64,
-}
-
 pub struct PartitionCommitter {
     restarts: Restarts,
     config: WarehouseConfig,
     windows: WindowSpec,
     keys: FenceKeys,
-    redis: BlockingLink,
+    redis: BlockingConnection,
     storage: Arc<dyn Storage>,
     instance: String,
     metrics: Metrics,
@@ -80,7 +71,6 @@ pub struct PartitionCommitter {
     retries: BTreeMap<String, (Instant, u32)>,
     /// Generation of the scheduled re-check (a newer one supersedes it).
     wake: u64,
-    counters: CommitterCounters,
 }
 
 impl PartitionCommitter {
@@ -97,18 +87,13 @@ impl PartitionCommitter {
             config,
             windows,
             keys: shared.keys.clone(),
-            redis: BlockingLink::new(redis),
+            redis: BlockingConnection::new(redis),
             storage,
             instance,
             metrics: shared.metrics.clone(),
             retries: BTreeMap::new(),
             wake: 0,
-            counters: CommitterCounters::default(),
         }
-    }
-
-    pub fn counters(&self) -> CommitterCounters {
-        self.counters
     }
 
     /// Runs `f` on the Redis connection, connecting first if needed; drops the
@@ -193,7 +178,6 @@ impl PartitionCommitter {
         };
         let committed = hook.is_ok();
         if let Err(error) = &hook {
-            self.counters.hook_failures += 1;
             self.metrics.partition_commit_hook_failures.inc();
             let attempts = self.retries.get(folder).map_or(0, |(_, n)| *n);
             let delay = Backoff::DEFAULT.delay(attempts);
@@ -223,7 +207,6 @@ impl PartitionCommitter {
         })?;
         if committed {
             self.retries.remove(folder);
-            self.counters.committed += 1;
             info!(folder, "partition committed");
             self.metrics
                 .partitions_committed

@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::checkpoint::claim::{FenceRange, SinkKind};
 use crate::logic::tables::Table;
 use crate::metrics::TableLabel;
-use crate::protocol::fences::BlockingLink;
+use crate::protocol::fences::BlockingConnection;
 use crate::protocol::keys::FenceKeys;
 use crate::protocol::publish::{pending_publishes, publish_done, PublishRecord};
 use crate::protocol::reply::Reply;
@@ -210,7 +210,7 @@ impl Publishing {
 pub struct Publisher {
     storage: Arc<dyn Storage>,
     shared: SinkShared,
-    pub redis: BlockingLink,
+    pub redis: BlockingConnection,
     script: redis::Script,
     /// What this instance published, kept in the warehouse (see `marks.rs`).
     marks: Option<PublishedMarks>,
@@ -221,7 +221,7 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    pub fn new(storage: Arc<dyn Storage>, shared: SinkShared, redis: BlockingLink) -> Self {
+    pub fn new(storage: Arc<dyn Storage>, shared: SinkShared, redis: BlockingConnection) -> Self {
         Publisher {
             storage,
             shared,

@@ -37,12 +37,13 @@ use rustc_hash::FxHashMap;
 use tracing::{error, info, warn};
 
 use crate::checkpoint::barrier::Barrier;
-use crate::checkpoint::claim::{FenceRange, SinkKind};
+use crate::checkpoint::claim::FenceRange;
+use crate::checkpoint::driver::SinkAcks;
 use crate::config::{RedisConfig, WarehouseConfig};
 use crate::logic::window::{PartitionWindows, WindowSpec};
 use crate::messages::{CommitDue, DetailBatch, TableRows, WarehouseInput};
 use crate::metrics::SinkLabel;
-use crate::protocol::fences::BlockingLink;
+use crate::protocol::fences::BlockingConnection;
 use crate::protocol::lease::InstanceLease;
 use crate::runtime::exit;
 use crate::runtime::fault;
@@ -73,8 +74,9 @@ pub struct WarehouseCounters {
     pub rolls: u64,
 }
 
-/// A completed checkpoint: its id and the sink's fences per partition.
-type Completed = (u64, Vec<(i32, i64)>);
+/// What this sink reports for a checkpoint it made durable: the id and its fences per
+/// partition.
+type SinkReport = (u64, Vec<(i32, i64)>);
 
 pub struct WarehouseSink {
     restarts: Restarts,
@@ -84,6 +86,8 @@ pub struct WarehouseSink {
     seq: u64,
     storage: Arc<dyn Storage>,
     shared: SinkShared,
+    /// Where each published checkpoint is reported.
+    acks: SinkAcks,
     current: Generation,
     next: Generation,
     roll: Option<Roll>,
@@ -115,6 +119,7 @@ impl WarehouseSink {
         window_spec: WindowSpec,
         instance: String,
         shared: SinkShared,
+        acks: SinkAcks,
         storage: Arc<dyn Storage>,
     ) -> Self {
         let run = new_run_id();
@@ -125,9 +130,14 @@ impl WarehouseSink {
             config,
             names: FileNames { instance, run },
             seq: 0,
-            publisher: Publisher::new(storage.clone(), shared.clone(), BlockingLink::new(redis)),
+            publisher: Publisher::new(
+                storage.clone(),
+                shared.clone(),
+                BlockingConnection::new(redis),
+            ),
             storage,
             shared,
+            acks,
             current: Generation::default(),
             next: Generation::default(),
             roll: None,
@@ -305,7 +315,7 @@ impl WarehouseSink {
     }
 
     /// Handles a barrier; returns the fences to report once the checkpoint is complete.
-    fn on_barrier(&mut self, barrier: Barrier) -> Result<Option<Completed>, PublishError> {
+    fn on_barrier(&mut self, barrier: Barrier) -> Result<Option<SinkReport>, PublishError> {
         self.clean_up_orphans()?;
         let window_spec = self.window_spec;
         let mut windows = self.dws.remove(&barrier.partition).unwrap_or_default();
@@ -341,7 +351,7 @@ impl WarehouseSink {
     }
 
     /// Records and publishes the pending commit, then moves the fences.
-    fn finish_publishing(&mut self) -> Result<Option<Completed>, PublishError> {
+    fn finish_publishing(&mut self) -> Result<Option<SinkReport>, PublishError> {
         let Some(publishing) = self.publisher.finish()? else {
             return Ok(None);
         };
@@ -359,7 +369,7 @@ impl WarehouseSink {
     }
 
     /// The sink's fences of a completed checkpoint's partitions.
-    fn report(&self, checkpoint: u64, ranges: &[FenceRange]) -> Completed {
+    fn report(&self, checkpoint: u64, ranges: &[FenceRange]) -> SinkReport {
         self.shared
             .metrics
             .sink_commits
@@ -378,12 +388,11 @@ impl WarehouseSink {
 
     /// What follows a step: report a completed checkpoint, restart after a Redis
     /// failure, stop the process after a file error.
-    fn settle(&mut self, ctx: &mut Context<Self>, step: Result<Option<Completed>, PublishError>) {
+    fn settle(&mut self, ctx: &mut Context<Self>, step: Result<Option<SinkReport>, PublishError>) {
         match step {
             Ok(Some((checkpoint, fences))) => {
                 self.restarts.succeeded();
-                self.shared
-                    .committed(SinkKind::Warehouse, checkpoint, fences);
+                self.acks.committed(checkpoint, fences);
             }
             Ok(None) => {}
             Err(PublishError::Redis(error)) => {
@@ -463,8 +472,12 @@ mod tests {
     use std::fs::{self, File};
     use std::time::Duration;
 
-    fn shared(keys: &FenceKeys) -> SinkShared {
-        crate::sinks::test_redis::shared(keys).0
+    use crate::checkpoint::claim::SinkKind;
+    use crate::sinks::test_redis::shared;
+
+    /// An ack handle whose reports these tests do not read.
+    fn acks() -> SinkAcks {
+        crate::sinks::test_redis::acks(SinkKind::Warehouse).0
     }
 
     fn rows(partition: i32, offsets: std::ops::Range<i64>) -> DetailBatch {
@@ -540,6 +553,7 @@ mod tests {
             minute_windows(),
             "t1".into(),
             shared(keys),
+            acks(),
             Arc::new(LocalFs),
         )
     }
@@ -614,6 +628,7 @@ mod tests {
                 minute_windows(),
                 "t1".into(),
                 shared(&keys),
+                acks(),
                 Arc::new(LocalFs),
             )
         };

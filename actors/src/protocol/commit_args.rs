@@ -1,0 +1,331 @@
+//! The arguments of `redis_commit.lua`, one script of a Redis sink commit: the writes
+//! of each key-hash unit ([`UnitWrites`]), what only the final script carries
+//! ([`FinalTail`]), and the command that sends them ([`commit_command`]). The script's
+//! other contracts (the argument cursor, the reply) are in `scripts.rs`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use compact_str::CompactString;
+
+use crate::checkpoint::claim::{FenceRange, SinkKind};
+use crate::logic::decode::TraceValues;
+use crate::protocol::keys::{series_field, FenceKeys};
+use crate::protocol::scripts::Args;
+
+/// Whether a commit script only applies units (`part`), also moves the fences
+/// (`final`), or applies series a final staged (`publish`, after the final).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Part,
+    Final,
+    Publish,
+}
+
+impl Mode {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Mode::Part => "part",
+            Mode::Final => "final",
+            Mode::Publish => "publish",
+        }
+    }
+}
+
+/// When a list written by a commit expires. The time to live is taken from Redis's
+/// clock when the script runs, not when the commit was planned: a commit that waited
+/// (a stalled Redis, retries, a queue) must not carry a receiver list past midnight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Expiry {
+    /// This many milliseconds after the write.
+    After(i64),
+    /// At the first of these instants (Unix ms, by Redis's clock) still ahead when the
+    /// script runs: the end of the local day the commit was planned in, and the end of
+    /// the next (a commit applied after midnight belongs to the new day). Past both,
+    /// whole days are added to the second.
+    DayEnd([i64; 2]),
+}
+
+impl std::fmt::Display for Expiry {
+    /// The script's form (`redis_commit.lua`, `ttl_of`): a number of milliseconds, or
+    /// `at:` and the two instants.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Expiry::After(ms) => write!(f, "{ms}"),
+            Expiry::DayEnd([first, second]) => write!(f, "at:{first}:{second}"),
+        }
+    }
+}
+
+/// One list write: values to push (oldest first) and when the key expires. The key
+/// (prefix and id) is held inline up to 24 bytes, as receivers' are: no allocation per
+/// list.
+#[derive(Debug)]
+pub struct ListWrite {
+    pub key: CompactString,
+    pub expiry: Expiry,
+    pub values: TraceValues,
+}
+
+/// One hash write: increments and the key's TTL.
+#[derive(Debug)]
+pub struct HashWrite {
+    pub key: String,
+    pub ttl_ms: i64,
+    pub fields: Vec<(String, i64)>,
+}
+
+impl ListWrite {
+    /// Redis's work: a value pushed costs about what a command does.
+    pub fn ops(&self) -> usize {
+        self.values.len() + self.values.len().div_ceil(1000) + 1
+    }
+}
+
+impl HashWrite {
+    pub fn ops(&self) -> usize {
+        self.fields.len() + 1
+    }
+}
+
+/// The writes of one key-hash unit.
+#[derive(Debug, Default)]
+pub struct UnitWrites {
+    pub lists: Vec<ListWrite>,
+    pub hashes: Vec<HashWrite>,
+}
+
+impl UnitWrites {
+    pub fn ops(&self) -> usize {
+        self.lists.iter().map(ListWrite::ops).sum::<usize>()
+            + self.hashes.iter().map(HashWrite::ops).sum::<usize>()
+    }
+}
+
+/// What only the final script of a commit carries.
+#[derive(Clone, Copy, Debug)]
+pub struct FinalTail<'a> {
+    /// Window-series increments applied by the final script itself.
+    pub series: &'a [HashWrite],
+    /// Window-series increments too many for the final script: staged by it and
+    /// applied by `publish` scripts after it (`protocol/staged.rs`).
+    pub staged: Option<Staged<'a>>,
+    /// Per partition, the open series windows after this commit.
+    pub windows: &'a BTreeMap<i32, String>,
+    /// Keys not written (they fall in anchorflow's reserved prefix) and the values
+    /// each lost: reported as conflicts.
+    pub refused: &'a [(String, i64)],
+}
+
+/// Series a final script stages instead of applying (`redis_commit.lua`'s header).
+#[derive(Clone, Copy, Debug)]
+pub struct Staged<'a> {
+    /// The staging list, named after the commit ([`FenceKeys::staged_list`]).
+    pub list: &'a str,
+    /// The set of staging lists not yet published ([`FenceKeys::staged`]).
+    pub pending: &'a str,
+    /// One item per `publish` script (`protocol/staged.rs`, `staged_batch`).
+    pub batches: &'a [String],
+}
+
+/// `redis_commit.lua`: one script of a Redis sink commit.
+pub struct CommitArgs<'a> {
+    /// The checkpoint committed (`fence_check.lua`: tells an empty range's commit from
+    /// its retry).
+    pub checkpoint: u64,
+    pub ranges: &'a [FenceRange],
+    pub mode: Mode,
+    pub units_prefix: &'a str,
+    pub conflicts_ttl_ms: i64,
+    pub units: &'a [(u16, UnitWrites)],
+    /// Present exactly when `mode` is [`Mode::Final`].
+    pub tail: Option<FinalTail<'a>>,
+}
+
+/// One class's lists: the single-value ones as key and value, then the others as key,
+/// n and n values.
+fn push_lists<'a>(args: &mut Args, lists: impl Iterator<Item = &'a ListWrite> + Clone) {
+    let single = |list: &&ListWrite| list.values.len() == 1;
+    args.push_int(lists.clone().filter(single).count());
+    for list in lists.clone().filter(single) {
+        args.push_str(&list.key);
+        args.push_value(&list.values[0]);
+    }
+    let others = lists.filter(|list| list.values.len() != 1);
+    args.push_int(others.clone().count());
+    for list in others {
+        args.push_str(&list.key);
+        args.counted(&list.values, |args, value| args.push_value(value));
+    }
+}
+
+fn push_hashes(args: &mut Args, hashes: &[HashWrite]) {
+    args.counted(hashes, |args, hash| {
+        args.push_str(&hash.key);
+        args.push_int(hash.ttl_ms);
+        args.counted(&hash.fields, |args, (field, n)| {
+            args.push_str(field);
+            args.push_int(*n);
+        });
+    });
+}
+
+impl CommitArgs<'_> {
+    pub fn encode(&self) -> Args {
+        let mut args = Args::fenced(SinkKind::Redis, self.checkpoint, self.ranges);
+        args.push(self.mode.name());
+        args.push(self.units_prefix);
+        args.push(self.conflicts_ttl_ms);
+        // The lists' expiry classes, then per unit its lists class by class
+        // (`redis_commit.lua` has the layout).
+        let classes: BTreeSet<Expiry> = self
+            .units
+            .iter()
+            .flat_map(|(_, unit)| unit.lists.iter().map(|list| list.expiry))
+            .collect();
+        args.push(classes.len());
+        for expiry in &classes {
+            args.push(expiry);
+        }
+        args.counted(self.units, |args, (id, unit)| {
+            args.push_int(*id);
+            for &expiry in &classes {
+                push_lists(args, unit.lists.iter().filter(|l| l.expiry == expiry));
+            }
+            push_hashes(args, &unit.hashes);
+        });
+        if let Some(tail) = self.tail {
+            push_hashes(&mut args, tail.series);
+            match tail.staged {
+                Some(staged) => {
+                    args.push(staged.list);
+                    args.push(staged.pending);
+                    args.counted(staged.batches, |args, batch| args.push(batch));
+                }
+                None => {
+                    args.push("");
+                    args.push("");
+                    args.push(0);
+                }
+            }
+            args.push(tail.windows.len());
+            for (partition, state) in tail.windows {
+                args.push(series_field(*partition));
+                args.push(state);
+            }
+            args.counted(tail.refused, |args, (key, lost)| {
+                args.push(key);
+                args.push(lost);
+            });
+        }
+        args.finish()
+    }
+}
+
+/// The commit script's `EVALSHA` with its keys and `args` ([`CommitArgs::encode`]) as one
+/// command: each argument is copied once, into the command's buffer, where an
+/// invocation first copies each into an allocation of its own. The caller loads the
+/// script when Redis answers `NOSCRIPT`.
+pub fn commit_command(script: &redis::Script, keys: &FenceKeys, args: &Args) -> redis::Cmd {
+    let keys = keys.commit_keys();
+    let mut command = redis::Cmd::with_capacity(args.len() + 7, args.text_len() + 256);
+    command
+        .arg("EVALSHA")
+        .arg(script.get_hash())
+        .arg(keys.len());
+    for key in keys {
+        command.arg(key);
+    }
+    for arg in args.iter() {
+        command.arg(arg);
+    }
+    command
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::logic::decode::TraceValue;
+    use crate::protocol::scripts::END;
+
+    fn list(key: &str, expiry: Expiry, timestamps: &[i64]) -> ListWrite {
+        let values = timestamps
+            .iter()
+            .map(|&timestamp| TraceValue {
+                state: 60,
+                business_id: 7,
+                timestamp,
+            })
+            .collect();
+        ListWrite {
+            key: key.into(),
+            expiry,
+            values,
+        }
+    }
+
+    /// The lists' expiries go once per script (one class per expiry), and a
+    /// single-value list is its key and value: two arguments, not four
+    /// (`redis_commit.lua` reads them).
+    #[test]
+    fn lists_are_written_by_expiry_class_and_single_values_without_a_count() {
+        let day_end = Expiry::DayEnd([5_000, 86_405_000]);
+        let unit = UnitWrites {
+            lists: vec![
+                list("r1", day_end, &[1]),
+                list("m1", Expiry::After(900), &[2, 3]),
+                list("r2", day_end, &[4]),
+            ],
+            hashes: Vec::new(),
+        };
+        let units = [(7u16, unit)];
+        let args = CommitArgs {
+            checkpoint: 1,
+            ranges: &[],
+            mode: Mode::Part,
+            units_prefix: "u:",
+            conflicts_ttl_ms: 10,
+            units: &units,
+            tail: None,
+        }
+        .encode();
+        let all: Vec<&str> = args.iter().collect();
+        let own = all
+            .iter()
+            .position(|a| *a == "part")
+            .expect("the mode argument");
+        let value = |t: i64| {
+            TraceValue {
+                state: 60,
+                business_id: 7,
+                timestamp: t,
+            }
+            .to_json()
+        };
+        let (v1, v2, v3, v4) = (value(1), value(2), value(3), value(4));
+        let expected = [
+            "part",
+            "u:",
+            "10", // mode, unit-fence prefix, conflicts' TTL
+            "2",
+            "900",
+            "at:5000:86405000", // two expiry classes
+            "1",
+            "7", // one unit, its id
+            "0",
+            "1",
+            "m1",
+            "2",
+            &v2,
+            &v3, // class 900 ms: no singles, one list of two
+            "2",
+            "r1",
+            &v1,
+            "r2",
+            &v4,
+            "0", // class day end: two singles, no others
+            "0",
+            END, // no hashes
+        ];
+        assert_eq!(&all[own..], expected);
+    }
+}
