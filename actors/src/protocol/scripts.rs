@@ -61,7 +61,7 @@ pub fn lease_script() -> redis::Script {
 
 /// The arguments of one call, in the order its script reads them: one buffer and where
 /// each argument ends, so that a big commit's tens of thousands of arguments are not as
-/// many allocations, and go into the command with one copy ([`commit_command`]).
+/// many allocations, and go into the command with one copy (`commit_args::commit_command`).
 #[derive(Debug, Default)]
 pub struct Args {
     text: String,

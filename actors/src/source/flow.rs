@@ -8,8 +8,8 @@
 //! consumer is [`PartitionControl`]; readers come from the wiring's [`StartReader`].
 //!
 //! Batches go to a reader with `try_send`; a full reader pauses its partition
-//! ([`Pause::ReaderFull`], `pausing.rs`). A partition is also paused at its uncommitted
-//! bound ([`Pause::Uncommitted`]) once it has read `pipeline.max_uncommitted_records`,
+//! (`Pause::ReaderFull`, `pausing.rs`). A partition is also paused at its uncommitted
+//! bound (`Pause::Uncommitted`) once it has read `pipeline.max_uncommitted_records`,
 //! or its share of the memory budget, beyond what the Redis sink has made durable, and
 //! resumes when a checkpoint brings it back under. The shards accept records until the
 //! next barrier, so without this bound a stalled Redis would let the whole backlog into
