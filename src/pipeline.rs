@@ -327,6 +327,8 @@ fn start_source_and_timer(
     };
     let source = KafkaSource::new(parts, storage)?;
     let source = KafkaSource::start_in_arbiter(&Arbiter::new().handle(), move |_| source);
+    // Off the data path: one control message at start-up, to a mailbox that is empty
+    // then; `do_send` cannot block the wiring on a timer that has not run yet.
     timer.do_send(TriggersTo(Mailbox::new(
         source.clone(),
         SOURCE_MAILBOX,

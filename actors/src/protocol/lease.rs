@@ -26,22 +26,26 @@ pub const RENEW: Duration = Duration::from_secs(10);
 
 use crate::config::hostname;
 
+/// The host and process id a lease value (`{host}:{pid}:{run}`) names.
+fn holder_process(holder: &str) -> Option<(&str, u32)> {
+    let mut parts = holder.splitn(3, ':');
+    let host = parts.next()?;
+    let pid = parts.next()?.parse().ok()?;
+    Some((host, pid))
+}
+
 /// Whether a lease value names a process of this host that is gone.
 fn holder_is_gone(holder: &str, host: &str) -> bool {
-    let mut parts = holder.splitn(3, ':');
-    let (Some(holder_host), Some(pid)) = (parts.next(), parts.next()) else {
-        return false;
-    };
-    holder_host == host
-        && pid.parse::<u32>().is_ok_and(|pid| {
-            pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
-        })
+    holder_process(holder).is_some_and(|(holder_host, pid)| {
+        holder_host == host
+            && pid != std::process::id()
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    })
 }
 
 /// Whether a lease value names this very process.
 fn holder_is_this_process(holder: &str, host: &str) -> bool {
-    let mut parts = holder.splitn(3, ':');
-    parts.next() == Some(host) && parts.next() == Some(std::process::id().to_string().as_str())
+    holder_process(holder) == Some((host, std::process::id()))
 }
 
 /// The run holding `instance`'s lease now, if it may be alive: a lease that expired,
