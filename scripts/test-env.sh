@@ -106,6 +106,8 @@ ensure_packages() {
   command -v mount >/dev/null || missing+=(mount)
   # promtool tests the shipped alerting rules; the alerts test scrapes a real Prometheus.
   command -v promtool >/dev/null || missing+=(prometheus)
+  # The Redis TLS test makes its CA and certificates with the openssl command.
+  command -v openssl >/dev/null || missing+=(openssl)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "installing ${missing[*]}" >&2
     local sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo

@@ -245,9 +245,9 @@ fn produce_demo_records(
 
 /// The topic was just created on a throwaway cluster: fences and published marks of an
 /// earlier demo run describe a topic that no longer exists.
-fn forget_earlier_runs(config: &Config, redis_url: &str, warehouse: &Path) -> anyhow::Result<()> {
+fn forget_earlier_runs(config: &Config, warehouse: &Path) -> anyhow::Result<()> {
     let keys = FenceKeys::new(&config.source.group_id, &config.source.topic);
-    fences::connect(redis_url, Duration::from_secs(5))
+    fences::connect(&config.redis, Duration::from_secs(5))
         .and_then(|mut conn| fences::forget(&mut conn, &keys))
         .context("clearing an earlier demo run's fences")?;
     anchorflow_actors::sinks::warehouse::marks::forget_published(
@@ -274,7 +274,7 @@ pub fn run(mut config: Config, options: DemoOptions) -> anyhow::Result<i32> {
     let total = produce_demo_records(&config, &brokers, &options)?;
     config.kafka.0.insert("bootstrap.servers".into(), brokers);
     config.redis.url = redis_url.clone();
-    forget_earlier_runs(&config, &redis_url, &options.warehouse)?;
+    forget_earlier_runs(&config, &options.warehouse)?;
     config.warehouse.root = options.warehouse.to_string_lossy().into_owned();
     let telemetry = Telemetry::default();
     if !options.metrics_listen.is_empty() {

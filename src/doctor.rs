@@ -65,7 +65,7 @@ fn broker(config: &Config) -> anyhow::Result<String> {
 
 fn redis(config: &Config) -> anyhow::Result<String> {
     let timeout = Duration::from_secs(config.redis.command_timeout_secs);
-    let mut conn = fences::connect(&config.redis.url, timeout)?;
+    let mut conn = fences::connect(&config.redis, timeout)?;
     let info = server::inspect(&mut conn)?;
     if let (Some(why), false) = (
         info.may_evict_bookkeeping(),
@@ -111,9 +111,9 @@ fn warehouse(config: &Config) -> anyhow::Result<String> {
         .with_context(|| format!("creating {}", hidden.display()))?;
     file.write_all(b"anchorflow check-config --connect\n")
         .context("writing the probe")?;
-    file.finish().context("closing the probe")?;
+    let finished = file.finish().context("closing the probe")?;
     let published = storage
-        .publish(&hidden, &visible)
+        .publish(&finished.handle, &visible)
         .with_context(|| format!("publishing {}", visible.display()))?;
     let removed = storage.remove(&visible);
     if published != Published::Done {

@@ -217,7 +217,7 @@ fn complete_or_discard(
 pub fn run(config: &Config, command: FencesCommand) -> anyhow::Result<()> {
     let keys = FenceKeys::new(&config.source.group_id, &config.source.topic);
     let timeout = Duration::from_secs(config.redis.command_timeout_secs);
-    let mut conn = fences::connect(&config.redis.url, timeout)?;
+    let mut conn = fences::connect(&config.redis, timeout)?;
     match command {
         FencesCommand::Show => {
             // What Redis holds is shown whether or not the broker answers.

@@ -59,6 +59,9 @@ pub struct GeneratorConfig {
     pub max_ids: usize,
     /// What the traffic looks like.
     pub shape: Shape,
+    /// austin's batch sends in place of the shape's own fan-out: a tenth of the sends
+    /// go to 2–19 receivers at once, the rest to one.
+    pub batch_sends: bool,
 }
 
 /// The kind of traffic generated.
@@ -84,6 +87,7 @@ impl Default for GeneratorConfig {
             bad_per_mille: 5,
             max_ids: 10_000,
             shape: Shape::Funnel,
+            batch_sends: false,
         }
     }
 }
@@ -192,13 +196,20 @@ impl Generator {
         }
     }
 
-    /// One `RedisHeavy` send: a single event with a new message id.
-    fn enqueue_unique(&mut self, receivers: u64, ts: i64, business_id: i64) {
-        let fan_out = if self.rng.chance(85) {
+    /// Receivers of one send: the shape's own spread (`own`), or batch sends.
+    fn fan_out(&mut self, own: fn(&mut Rng) -> u64) -> u64 {
+        if !self.config.batch_sends {
+            own(&mut self.rng)
+        } else if self.rng.chance(90) {
             1
         } else {
-            2 + self.rng.below(3)
-        };
+            2 + self.rng.below(18)
+        }
+    }
+
+    /// One `RedisHeavy` send: a single event with a new message id.
+    fn enqueue_unique(&mut self, receivers: u64, ts: i64, business_id: i64) {
+        let fan_out = self.fan_out(|rng| if rng.chance(85) { 1 } else { 2 + rng.below(3) });
         let ids: Vec<String> = (0..fan_out)
             .map(|_| format!("{}", 10_000_000 + self.rng.below(receivers)))
             .collect();
@@ -218,11 +229,11 @@ impl Generator {
         if let Shape::RedisHeavy { receivers } = self.config.shape {
             return self.enqueue_unique(receivers, ts, business_id);
         }
-        let fan_out = match self.rng.below(100) {
+        let fan_out = self.fan_out(|rng| match rng.below(100) {
             0..=79 => 1,
-            80..=94 => 2 + self.rng.below(3),
-            _ => 5 + self.rng.below(20),
-        };
+            80..=94 => 2 + rng.below(3),
+            _ => 5 + rng.below(20),
+        });
         let ids: Vec<String> = (0..fan_out)
             .map(|_| match self.rng.below(3) {
                 0 => format!("1380000{:04}", self.rng.below(5000)),
@@ -309,5 +320,41 @@ mod tests {
             .filter_map(|g| g.bad)
             .collect();
         assert_eq!(kinds.len(), 7, "{kinds:?}");
+    }
+
+    /// Batch sends on either key distribution: about a tenth of the good events carry
+    /// 2–19 receivers, the rest one, and none more.
+    #[test]
+    fn batch_sends_give_a_tenth_of_the_events_many_receivers() {
+        for shape in [
+            Shape::Funnel,
+            Shape::RedisHeavy {
+                receivers: 1_000_000,
+            },
+        ] {
+            let config = GeneratorConfig {
+                shape,
+                batch_sends: true,
+                bad_per_mille: 0,
+                ..Default::default()
+            };
+            let mut fan_outs = [0usize; 21];
+            for generated in Generator::new(config).take(20_000) {
+                let value: serde_json::Value =
+                    serde_json::from_slice(&generated.value.expect("a value")).expect("json");
+                let ids = value["ids"].as_array().map_or(0, Vec::len);
+                fan_outs[ids.min(20)] += 1;
+            }
+            let many: usize = fan_outs[2..=19].iter().sum();
+            assert_eq!(
+                (fan_outs[0], fan_outs[20]),
+                (0, 0),
+                "{shape:?}: {fan_outs:?}"
+            );
+            assert!(
+                (1_600..=2_400).contains(&many) && fan_outs[19] > 0,
+                "{shape:?}: {many} of 20000 with 2–19 receivers: {fan_outs:?}"
+            );
+        }
     }
 }

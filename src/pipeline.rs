@@ -48,7 +48,7 @@ use anchorflow_actors::source::kafka_source::{KafkaSource, SOURCE_MAILBOX};
 use anchorflow_actors::timer::{Timer, TriggersTo, TIMER_MAILBOX};
 use anyhow::Context as _;
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// What the pipeline reports through: metrics and health, shared with the HTTP
 /// endpoint, the demo, the benchmark and tests.
@@ -135,7 +135,7 @@ fn wait_while_state_lost(
         if *stop.borrow() {
             return false;
         }
-        let marker = fences::connect(&config.redis.url, timeout)
+        let marker = fences::connect(&config.redis, timeout)
             .and_then(|mut conn| fences::lost_marker(&mut conn, &keys));
         let lost = matches!(marker, Ok(Some(_)));
         telemetry.metrics.redis_state_lost.set(i64::from(lost));
@@ -163,7 +163,7 @@ fn evicting_redis(config: &Config) -> Option<String> {
         return None;
     }
     let timeout = Duration::from_secs(config.redis.command_timeout_secs);
-    let info = fences::connect(&config.redis.url, timeout)
+    let info = fences::connect(&config.redis, timeout)
         .and_then(|mut conn| anchorflow_actors::protocol::server::inspect(&mut conn))
         .ok()?;
     info.may_evict_bookkeeping()
@@ -174,7 +174,7 @@ fn evicting_redis(config: &Config) -> Option<String> {
 fn live_run_of_this_id(config: &Config) -> Option<String> {
     let keys = FenceKeys::new(&config.source.group_id, &config.source.topic);
     let timeout = Duration::from_secs(config.redis.command_timeout_secs);
-    let mut conn = fences::connect(&config.redis.url, timeout).ok()?;
+    let mut conn = fences::connect(&config.redis, timeout).ok()?;
     anchorflow_actors::protocol::lease::live_holder(&mut conn, &keys, &config.source.instance_id)
         .ok()
         .flatten()
@@ -421,7 +421,30 @@ pub fn run(
     let code = system.run_with_code().context("running the actor system");
     // A partition-commit hook still running would outlive the process.
     anchorflow_actors::sinks::warehouse::hook::kill_running_hook();
+    if matches!(code, Ok(0)) {
+        release_instance_id(&config);
+    }
     code
+}
+
+/// After a clean stop, hands this run's instance lease back (`protocol/lease.rs`), so
+/// that the id may start on another host at once. Failing only delays that by the lease.
+fn release_instance_id(config: &Config) {
+    let keys = FenceKeys::new(&config.source.group_id, &config.source.topic);
+    let timeout = Duration::from_secs(config.redis.command_timeout_secs);
+    let released = fences::connect(&config.redis, timeout).and_then(|mut conn| {
+        anchorflow_actors::protocol::lease::release_held_here(
+            &mut conn,
+            &keys,
+            &config.source.instance_id,
+        )
+    });
+    if let Err(error) = released {
+        warn!(
+            error = format!("{error:#}"),
+            "could not release the instance lease: another host may start this instance id once it expires"
+        );
+    }
 }
 
 /// The warehouse's settings as the sink uses them: on object storage every open file

@@ -78,7 +78,7 @@ pub fn stored_partitions(
 pub fn read(config: &Config) -> anyhow::Result<Status> {
     let keys = FenceKeys::new(&config.source.group_id, &config.source.topic);
     let timeout = Duration::from_secs(config.redis.command_timeout_secs);
-    let mut conn = fences::connect(&config.redis.url, timeout)?;
+    let mut conn = fences::connect(&config.redis, timeout)?;
     let (kafka, broker_error) = match kafka_offsets(config, BROKER_TIMEOUT) {
         Ok(kafka) => (Some(kafka), None),
         Err(e) => (None, Some(format!("{e:#}"))),

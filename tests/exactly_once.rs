@@ -135,10 +135,12 @@ fn dangerous_instants(setup: Setup) {
                 anchorflow_actors::protocol::publish::pending_publishes(&mut conn, &keys).unwrap();
             assert_eq!(pending.len(), 1, "one recorded, unpublished commit");
             // On a folder its files are still hidden; in a bucket the record names
-            // their uploads (marker#key#upload#size#parts).
-            let recorded = |hidden: &std::path::Path| match setup.s3_prefix {
-                None => hidden.exists(),
-                Some(_) => hidden.to_string_lossy().split('#').count() == 5,
+            // their uploads.
+            use anchorflow_actors::sinks::warehouse::storage::FileHandle;
+            let recorded = |handle: &FileHandle| match (handle, &setup.s3_prefix) {
+                (FileHandle::InProgress(hidden), None) => hidden.exists(),
+                (FileHandle::Upload(upload), Some(_)) => !upload.parts.is_empty(),
+                _ => false,
             };
             assert!(
                 pending[0].files.iter().all(|(hidden, _)| recorded(hidden)),

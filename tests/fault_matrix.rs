@@ -1413,12 +1413,12 @@ fn slow_scripts(conn: &mut redis::Connection) -> Vec<String> {
 
 /// Issue 11: a backlog spread over tens of thousands of one-minute windows closes them
 /// at one checkpoint. Their series, far more than one script may carry, are staged by
-/// the final script and published after it in scripts within the bound: Redis's slow
+/// the final script and unstaged after it in scripts within the bound: Redis's slow
 /// log (threshold four times the bound) lists none. The first run dies between a final
-/// and its first publish; the next run publishes what was staged, each field once.
+/// and its first unstage; the next run unstages what was staged, each field once.
 /// Newest first: every later record is a window of its own that the first barrier
 /// closes (with ten templates, ~40,000 series fields): so many that the final script
-/// stages them and `publish` scripts apply them.
+/// stages them and `unstage` scripts apply them.
 fn many_windows() -> Vec<Option<Vec<u8>>> {
     (0..40_000i64)
         .map(|n| {
@@ -1452,7 +1452,7 @@ fn series_of_many_windows_commit_in_short_scripts_and_survive_a_crash_before_pub
         .set("redis.max_commit_ms=25")
         .set("pipeline.checkpoint_interval_ms=60000");
     let produced = setup.produce_records(many_windows());
-    let point = "before_series_publish";
+    let point = "before_series_unstage";
     let mut first = setup.spawn("spread", &[("ANCHORFLOW_FAULT", point)], "");
     let status = first.wait_exit(Duration::from_secs(240));
     assert_eq!(
@@ -1476,11 +1476,11 @@ fn series_of_many_windows_commit_in_short_scripts_and_survive_a_crash_before_pub
         "one final staged series and died: {staged:?}"
     );
 
-    // The next run's claim publishes the pending list.
+    // The next run's claim unstages the pending list.
     let run = setup.supervise("spread", &[], "");
     setup.wait_drained(&produced);
     setup.wait_until(
-        "the staged series are published",
+        "the staged series are unstaged",
         Duration::from_secs(60),
         || nothing_staged(&mut conn, &setup),
     );
@@ -1490,11 +1490,11 @@ fn series_of_many_windows_commit_in_short_scripts_and_survive_a_crash_before_pub
     setup.check(&produced);
 }
 
-/// Redis freezes or goes down between two `publish` scripts of series staged by a final
-/// script (the third publish is held at a fault point until the fault is in place, then
-/// sent into it): the publish in flight applies with its reply lost, or not at all. The
-/// sink says so (not ready, errors counted), restarts in place and publishes on; every
-/// staged batch applies once (each `publish` pops the batch it applies) and the oracle
+/// Redis freezes or goes down between two `unstage` scripts of series staged by a final
+/// script (the third unstage is held at a fault point until the fault is in place, then
+/// sent into it): the unstage in flight applies with its reply lost, or not at all. The
+/// sink says so (not ready, errors counted), restarts in place and unstages on; every
+/// staged batch applies once (each `unstage` pops the batch it applies) and the oracle
 /// finds the series exact.
 fn redis_outage_mid_publish(
     name: &str,
@@ -1511,7 +1511,7 @@ fn redis_outage_mid_publish(
     let hold = setup.logs.join("hold");
     let once = setup.logs.join("held-once");
     let env = [
-        ("ANCHORFLOW_FAULT", "before_series_publish"),
+        ("ANCHORFLOW_FAULT", "before_series_unstage"),
         ("ANCHORFLOW_FAULT_AFTER", "3"),
         ("ANCHORFLOW_FAULT_HOLD", hold.to_str().unwrap()),
         ("ANCHORFLOW_FAULT_ONCE", once.to_str().unwrap()),
@@ -1519,14 +1519,14 @@ fn redis_outage_mid_publish(
     let metrics = format!("127.0.0.1:{}", free_port());
     let run = setup.supervise(name, &env, &metrics);
     setup.wait_until(
-        "the third publish is held",
+        "the third unstage is held",
         Duration::from_secs(240),
         || hold.exists(),
     );
     fault(&mut redis);
     std::fs::remove_file(&hold).unwrap();
     setup.wait_until(
-        "the sink fails on the publish",
+        "the sink fails on the unstage",
         Duration::from_secs(60),
         || {
             http_get(&metrics, "/metrics")
@@ -1535,12 +1535,12 @@ fn redis_outage_mid_publish(
         },
     );
     let ready = http_get(&metrics, "/readyz").map(|r| r.0);
-    assert_eq!(ready, Some(503), "ready while Redis is out mid-publish");
+    assert_eq!(ready, Some(503), "ready while Redis is out mid-unstage");
     heal(&mut redis);
     setup.wait_drained(&produced);
     let mut conn = connect(&redis.url(1));
     setup.wait_until(
-        "the staged series are published",
+        "the staged series are unstaged",
         Duration::from_secs(60),
         || nothing_staged(&mut conn, &setup),
     );
@@ -1554,18 +1554,18 @@ fn redis_outage_mid_publish(
 }
 
 #[test]
-fn redis_paused_mid_publish_of_staged_series_applies_every_batch_once() {
+fn redis_paused_mid_unstage_of_staged_series_applies_every_batch_once() {
     redis_outage_mid_publish(
-        "publish-pause",
+        "unstage-pause",
         |redis| redis.pause(),
         |redis| redis.resume(),
     );
 }
 
 #[test]
-fn redis_refusing_connections_mid_publish_of_staged_series_applies_every_batch_once() {
+fn redis_refusing_connections_mid_unstage_of_staged_series_applies_every_batch_once() {
     redis_outage_mid_publish(
-        "publish-down",
+        "unstage-down",
         |redis| redis.stop(),
         |redis| redis.restart(),
     );

@@ -8,10 +8,10 @@
 mod common;
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anchorflow_actors::sinks::warehouse::object_storage::ObjectStorage;
-use anchorflow_actors::sinks::warehouse::storage::{LocalFs, Published, Storage};
+use anchorflow_actors::sinks::warehouse::storage::{FileHandle, LocalFs, Published, Storage};
 
 /// Bytes that need more than one part at the smallest part size (5 MiB).
 fn content(seed: u8, len: usize) -> Vec<u8> {
@@ -31,14 +31,14 @@ fn names(storage: &dyn Storage, folder: &Path) -> Vec<String> {
     names
 }
 
-fn write(storage: &dyn Storage, hidden: &Path, visible: &Path, bytes: &[u8]) -> PathBuf {
+fn write(storage: &dyn Storage, hidden: &Path, visible: &Path, bytes: &[u8]) -> FileHandle {
     let mut file = storage.create(hidden, visible).unwrap();
     for chunk in bytes.chunks(700_000) {
         file.write_all(chunk).unwrap();
     }
     let finished = file.finish().unwrap();
     assert_eq!(finished.bytes, bytes.len() as u64);
-    finished.hidden
+    finished.handle
 }
 
 fn check_contract(storage: &dyn Storage, root: &Path) {
@@ -76,7 +76,7 @@ fn check_contract(storage: &dyn Storage, root: &Path) {
     );
     assert_eq!(storage.read(&visible).unwrap().as_deref(), Some(&rows[..]));
     assert!(
-        storage.remove(&other).unwrap(),
+        storage.remove(other.path()).unwrap(),
         "the zombie's file is discarded"
     );
 
@@ -88,7 +88,7 @@ fn check_contract(storage: &dyn Storage, root: &Path) {
         &lost_visible,
         &content(3, 100),
     );
-    assert!(storage.remove(&lost).unwrap());
+    assert!(storage.remove(lost.path()).unwrap());
     assert_eq!(
         storage.publish(&lost, &lost_visible).unwrap(),
         Published::Missing
@@ -150,12 +150,11 @@ fn an_s3_bucket_refuses_to_complete_over_an_object_that_appeared_meanwhile() {
         let hidden = folder.join(format!(".a.r.00000{n}.parquet.inprogress"));
         let rows = content(n, 6 << 20);
         let handle = write(&storage, &hidden, &visible, &rows);
-        // The handle is `marker#key#upload#size#etag,…` (object_storage.rs).
-        let text = handle.to_string_lossy().into_owned();
-        let fields: Vec<&str> = text.splitn(5, '#').collect();
-        let (upload, parts) = (fields[2], fields[4].split(',').map(String::from));
-        let parts: Vec<String> = parts.collect();
-        assert_eq!(parts.len(), 2, "6 MiB is two parts of 5 MiB: {text}");
+        let FileHandle::Upload(upload) = &handle else {
+            panic!("a bucket's file is an upload: {handle:?}");
+        };
+        let (parts, upload) = (upload.parts.clone(), upload.upload.as_str());
+        assert_eq!(parts.len(), 2, "6 MiB is two parts of 5 MiB: {handle:?}");
 
         let intruder = content(9, 1000);
         storage.replace(&visible, &intruder, true).unwrap();
@@ -167,7 +166,7 @@ fn an_s3_bucket_refuses_to_complete_over_an_object_that_appeared_meanwhile() {
             assert_eq!(error.kind(), std::io::ErrorKind::AlreadyExists, "{error}");
             assert_eq!(now, intruder, "the object under the name is untouched");
             assert!(
-                storage.remove(&handle).unwrap(),
+                storage.remove(handle.path()).unwrap(),
                 "the refused upload is aborted"
             );
         } else {

@@ -2,8 +2,9 @@
 //! that `run` would refuse is refused by `check-config` first, naming the field;
 //! `check-config --connect` reaches every dependency and its exit code says which
 //! failed; `status` shows the partitions even with the broker down; a second live run
-//! of one instance id refuses to start; logs into a file carry no colour codes; a
-//! closed stdout ends a command quietly.
+//! of one instance id refuses to start and a clean stop releases it; logs into a file
+//! carry no colour codes; a closed stdout ends a command quietly; Redis over TLS with a
+//! private CA and a client certificate.
 
 mod common;
 
@@ -118,12 +119,18 @@ fn check_config_connect_says_which_dependency_failed() {
     );
     assert_eq!(status.code(), Some(84), "the warehouse: {stdout}");
     assert!(stdout.contains("warehouse: FAILED"), "{stdout}");
+    // A bucket: the probe is written, published (its upload completed) and removed.
+    let bucket = common::bucket::s3_sets(&format!("doctor-{}", std::process::id()));
+    let bucket: Vec<&str> = bucket.iter().map(String::as_str).collect();
+    let (status, stdout, stderr) = setup.command(&["check-config", "--connect"], &bucket);
+    assert_eq!(status.code(), Some(0), "a bucket: {stdout}{stderr}");
+    assert!(stdout.contains("warehouse: ok"), "{stdout}");
 }
 
 /// After a run, `status` shows every partition's fences and lag; with the broker
 /// down it still shows what Redis holds, in seconds, not after the broker's timeouts.
-/// A second live run with the same instance id refuses to start (exit 73), and the
-/// log in a file carries no colour codes.
+/// A second live run with the same instance id refuses to start (exit 73), a clean stop
+/// releases the id, and the log in a file carries no colour codes.
 #[test]
 fn status_works_without_the_broker_and_an_instance_id_runs_once() {
     let setup = Setup::new("status", 2, redis_url(30));
@@ -173,7 +180,23 @@ fn status_works_without_the_broker_and_an_instance_id_runs_once() {
     }
     let (status, stdout, _) = setup.command(&["fences", "show"], &[&broker]);
     assert!(status.success(), "fences show too: {stdout}");
+
+    // A graceful stop hands the instance id back: another host need not wait out the
+    // lease to start it.
+    let keys = anchorflow_actors::protocol::keys::FenceKeys::new(&setup.group, &setup.topic);
+    let lease = format!("{}only-once", keys.instances_prefix);
+    let mut conn = redis::Client::open(setup.url.as_str())
+        .and_then(|c| c.get_connection())
+        .expect("redis");
+    let held = |conn: &mut redis::Connection| -> Option<String> {
+        redis::cmd("GET").arg(&lease).query(conn).expect("GET")
+    };
+    assert!(
+        held(&mut conn).is_some(),
+        "the running instance holds its lease"
+    );
     first.stop();
+    assert_eq!(held(&mut conn), None, "released at a clean stop");
     setup.check(&produced);
 }
 
@@ -310,4 +333,127 @@ fn sigterm_during_start_up_is_honoured_at_once() {
         "ended {:?} after SIGTERM",
         asked.elapsed()
     );
+}
+
+/// A private CA, and a server and a client certificate it signed, made with the
+/// `openssl` command (installed by scripts/test-env.sh): `ca.crt`, `server.{crt,key}`
+/// for 127.0.0.1, `client.{crt,key}`.
+fn make_certificates(dir: &std::path::Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (installed by scripts/test-env.sh)");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=anchorflow test CA",
+    ]);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for (name, subject) in [("server", "/CN=localhost"), ("client", "/CN=anchorflow")] {
+        let (key, csr, crt, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.ext"),
+        );
+        openssl(&[
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", subject,
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            &crt,
+            "-extfile",
+            &ext,
+        ]);
+    }
+}
+
+/// Redis over TLS with a private CA and client certificates (`redis.tls.*`): without
+/// the CA file the server's certificate does not verify, without the client's a Redis
+/// with `tls-auth-clients yes` refuses; with both `check-config --connect` passes and a
+/// run drains exactly (the oracle reads the same server on its plain port).
+#[test]
+fn redis_over_tls_with_a_ca_file_and_a_client_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certificates(certs.path());
+    let file = |name: &str| certs.path().join(name).display().to_string();
+    let tls_port = free_port().to_string();
+    let redis = common::servers::TestRedis::start_with(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &file("server.crt"),
+        "--tls-key-file",
+        &file("server.key"),
+        "--tls-ca-cert-file",
+        &file("ca.crt"),
+        "--tls-auth-clients",
+        "yes",
+    ]);
+    let mut setup = Setup::new("redis-tls", 1, redis.url(0));
+    let url = format!("redis.url=rediss://127.0.0.1:{tls_port}/0");
+    let ca = format!("redis.tls.ca_file={}", file("ca.crt"));
+    let crt = format!("redis.tls.crt_file={}", file("client.crt"));
+    let key = format!("redis.tls.key_file={}", file("client.key"));
+    let connect = |sets: &[&str]| {
+        let (status, stdout, stderr) = setup.command(&["check-config", "--connect"], sets);
+        (status.code(), stdout + &stderr)
+    };
+    let (code, out) = connect(&[&url, &crt, &key, "redis.command_timeout_secs=5"]);
+    assert_eq!(
+        code,
+        Some(82),
+        "the server's certificate needs the CA: {out}"
+    );
+    let (code, out) = connect(&[&url, &ca, "redis.command_timeout_secs=5"]);
+    assert_eq!(
+        code,
+        Some(82),
+        "the server asks for a client certificate: {out}"
+    );
+    let (code, out) = connect(&[&url, &ca, &crt]);
+    assert_eq!(code, Some(78), "a certificate without its key: {out}");
+    assert!(out.contains("redis.tls.crt_file"), "{out}");
+    let (code, out) = connect(&[&url, &ca, &crt, &key]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("redis: ok"), "{out}");
+
+    for set in [url, ca, crt, key] {
+        setup.set(set);
+    }
+    let produced = setup.produce(2_000, 500);
+    let run = setup.spawn("redis-tls", &[], "");
+    setup.wait_drained(&produced);
+    run.stop();
+    setup.check(&produced);
 }

@@ -5,7 +5,7 @@
 //! at all (for any partition), a retry of an applied commit is recognised, a key Redis
 //! refuses does not take the rest of the commit down, a split commit leaves unit
 //! fences that a claim returns and a replay never lowers, a retried commit that moves no
-//! fence is recognised, series staged by a final script publish exactly once, lost
+//! fence is recognised, series staged by a final script unstage exactly once, lost
 //! fences are marked, a warehouse record stores what
 //! it says, an instance lease has one holder, and arguments that do not match a
 //! script's layout fail it with nothing written.
@@ -121,7 +121,7 @@ fn plan_with(
         tracked: &BTreeMap::new(),
         keys,
         budget_ops: budget,
-        publish_fields: budget,
+        unstage_fields: budget,
     };
     commit::plan(&input, vec![flush]).expect("a plan")
 }
@@ -404,28 +404,28 @@ fn staged_lists(conn: &mut redis::Connection, keys: &FenceKeys) -> Vec<String> {
 }
 
 /// Series too many for one script within the budget are staged by the final script
-/// (with the fences) and applied by `publish` scripts, a batch within the budget each: a
-/// retried final stages nothing twice, a retried publish takes the next batch instead
-/// of the same one, and a publish that finds the list gone says so. Whoever publishes (the
+/// (with the fences) and applied by `unstage` scripts, a batch within the budget each: a
+/// retried final stages nothing twice, a retried unstage takes the next batch instead
+/// of the same one, and an unstage that finds the list gone says so. Whoever unstages (the
 /// sink after its final, or the next claim after a crash), every field applies exactly
 /// once. A final refused by the fence check stages nothing.
 #[test]
-fn series_staged_by_a_final_script_are_published_exactly_once() {
+fn series_staged_by_a_final_script_are_unstaged_exactly_once() {
     let (mut conn, keys) = fresh_db(51);
     claim_fresh(&mut conn, &keys, &[0], 10);
     let commit = many_windows_close(&keys, 1, 1, 300);
-    let (first, publishes) = commit.scripts.split_first().unwrap();
+    let (first, unstages) = commit.scripts.split_first().unwrap();
     assert_eq!(first.mode, Mode::Final);
     assert!(
         first.ops <= 100,
         "the final stays within the budget: {}",
         first.ops
     );
-    assert!(publishes.len() >= 3, "{} publish scripts", publishes.len());
-    assert!(publishes
+    assert!(unstages.len() >= 3, "{} unstage scripts", unstages.len());
+    assert!(unstages
         .iter()
-        .all(|p| p.mode == Mode::Publish && p.ops <= 100));
-    assert_eq!(publishes.iter().map(|p| p.ops).sum::<usize>(), 300);
+        .all(|p| p.mode == Mode::Unstage && p.ops <= 100));
+    assert_eq!(unstages.iter().map(|p| p.ops).sum::<usize>(), 300);
     assert!(matches!(
         run(&mut conn, &keys, &first.args),
         Reply::Applied { .. }
@@ -440,8 +440,8 @@ fn series_staged_by_a_final_script_are_published_exactly_once() {
     let staged_len: i64 = redis::cmd("LLEN").arg(&list).query(&mut conn).unwrap();
     assert_eq!(
         staged_len,
-        publishes.len() as i64,
-        "a batch per publish script"
+        unstages.len() as i64,
+        "a batch per unstage script"
     );
     assert_eq!(run(&mut conn, &keys, &first.args), Reply::AppliedBefore);
     let after_retry: i64 = redis::cmd("LLEN").arg(&list).query(&mut conn).unwrap();
@@ -450,15 +450,15 @@ fn series_staged_by_a_final_script_are_published_exactly_once() {
         "a retried final stages nothing again"
     );
 
-    // The first publish twice (its reply lost, say): the retry takes the next batch.
-    for script in [&publishes[0]].into_iter().chain(publishes) {
+    // The first unstage twice (its reply lost, say): the retry takes the next batch.
+    for script in [&unstages[0]].into_iter().chain(unstages) {
         run(&mut conn, &keys, &script.args);
     }
     let expected = many_windows_series(300);
     assert_eq!(series(&mut conn), expected);
     assert_eq!(staged_lists(&mut conn, &keys), Vec::<String>::new());
     assert_eq!(
-        run(&mut conn, &keys, &publishes[0].args),
+        run(&mut conn, &keys, &unstages[0].args),
         Reply::AppliedBefore,
         "the list is gone"
     );
@@ -480,7 +480,7 @@ fn series_staged_by_a_final_script_are_published_exactly_once() {
     assert_eq!(series(&mut conn), expected);
 
     // The new owner's final staged its series and the process died: the next claim
-    // publishes the pending list.
+    // unstages the pending list.
     let crashed = many_windows_close(&keys, 3, 2, 300);
     assert!(matches!(
         run(&mut conn, &keys, &crashed.scripts[0].args),
@@ -488,8 +488,8 @@ fn series_staged_by_a_final_script_are_published_exactly_once() {
     ));
     assert_eq!(staged_lists(&mut conn, &keys).len(), 1);
     assert_eq!(
-        staged::publish_pending(&mut conn, &keys).unwrap(),
-        staged::Published {
+        staged::unstage_pending(&mut conn, &keys).unwrap(),
+        staged::Unstaged {
             lists: 1,
             conflicts: 0
         }
@@ -631,11 +631,11 @@ fn a_receiver_list_expires_at_the_day_end_redis_sees_when_the_script_runs() {
     }
 }
 
-/// Three instances claiming at once publish the same pending list side by side (each
-/// claim runs `publish_pending`): every batch applies once, whoever pops it, and all
+/// Three instances claiming at once unstage the same pending list side by side (each
+/// claim runs `unstage_pending`): every batch applies once, whoever pops it, and all
 /// three finish without an error, the list gone.
 #[test]
-fn concurrent_publishers_apply_every_staged_batch_once() {
+fn concurrent_unstagers_apply_every_staged_batch_once() {
     let (mut conn, keys) = fresh_db(53);
     claim_fresh(&mut conn, &keys, &[0], 10);
     let commit = many_windows_close(&keys, 1, 1, 3000);
@@ -648,25 +648,25 @@ fn concurrent_publishers_apply_every_staged_batch_once() {
         run(&mut conn, &keys, &commit.scripts[0].args),
         Reply::Applied { .. }
     ));
-    let publishers: Vec<_> = (0..3)
+    let unstagers: Vec<_> = (0..3)
         .map(|_| {
             let keys = keys.clone();
             std::thread::spawn(move || {
                 let (mut conn, _) = connect_db(53);
-                staged::publish_pending(&mut conn, &keys)
+                staged::unstage_pending(&mut conn, &keys)
             })
         })
         .collect();
-    for publisher in publishers {
-        let published = publisher.join().unwrap().expect("publishing beside others");
-        assert_eq!(published.conflicts, 0);
+    for unstager in unstagers {
+        let unstaged = unstager.join().unwrap().expect("unstaging beside others");
+        assert_eq!(unstaged.conflicts, 0);
     }
     let expected = many_windows_series(3000);
     assert_eq!(series(&mut conn), expected);
     assert_eq!(staged_lists(&mut conn, &keys), Vec::<String>::new());
 }
 
-/// A series key of another type found while publishing a staged batch: its fields are
+/// A series key of another type found while unstaging a staged batch: its fields are
 /// refused and reported as conflicts (counted in the conflicts hash), the batch is
 /// still popped and the list finished, and the foreign key is left as it was.
 #[test]
@@ -958,7 +958,7 @@ fn lost_fences_are_refused_and_marked() {
 
 /// Issue 9, item 3: a second process started with the same instance id must not take
 /// the lease (and so delete the first one's in-progress files); a holder of this host
-/// that is gone (kill -9) is taken over at once.
+/// that is gone (kill -9) is taken over at once; a run hands back only its own.
 #[test]
 fn one_live_run_holds_an_instance_lease() {
     use anchorflow_actors::protocol::lease::InstanceLease;
@@ -989,6 +989,23 @@ fn one_live_run_holds_an_instance_lease() {
     );
     let ttl: i64 = redis::cmd("PTTL").arg(&lease_key).query(&mut conn).unwrap();
     assert!(ttl > 0 && ttl <= 30_000, "{ttl}");
+
+    // A clean stop hands back the lease this process holds, and no one else's.
+    use anchorflow_actors::protocol::lease::release_held_here;
+    assert!(release_held_here(&mut conn, &keys, "a").unwrap(), "its own");
+    let held: Option<String> = redis::cmd("GET").arg(&lease_key).query(&mut conn).unwrap();
+    assert_eq!(held, None);
+    redis::cmd("SET")
+        .arg(&lease_key)
+        .arg("elsewhere:1:run4")
+        .query::<()>(&mut conn)
+        .unwrap();
+    assert!(
+        !release_held_here(&mut conn, &keys, "a").unwrap(),
+        "another host's"
+    );
+    let held: Option<String> = redis::cmd("GET").arg(&lease_key).query(&mut conn).unwrap();
+    assert_eq!(held.as_deref(), Some("elsewhere:1:run4"));
 }
 
 /// `claim.lua` through [`ClaimArgs`]: each claim bumps the epoch and returns the
@@ -1080,7 +1097,12 @@ fn the_record_script_round_trips() {
     let ranges = [range(0, 1, 0, 10), range(1, 1, 0, 4)];
     let record = PublishRecord {
         id: "a.run.1".into(),
-        files: vec![("/w/.f.inprogress".into(), "/w/part-f.parquet".into())],
+        files: vec![(
+            anchorflow_actors::sinks::warehouse::storage::FileHandle::InProgress(
+                "/w/.f.inprogress".into(),
+            ),
+            "/w/part-f.parquet".into(),
+        )],
         ranges: ranges.to_vec(),
     };
     redis::cmd("SADD")

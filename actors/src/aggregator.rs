@@ -1,5 +1,5 @@
 //! `Aggregator`: one shard of the pre-aggregated Redis state, owning the templates whose
-//! `businessId` hashes to it (see `reader::links::shard_of`).
+//! `businessId` hashes to it (see `logic::route::shard_of`).
 //!
 //! State is kept per source partition: template counts `(businessId, state) → receivers`
 //! and the values to push onto receiver and message lists. A barrier for checkpoint *n*

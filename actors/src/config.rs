@@ -258,6 +258,28 @@ pub struct RedisConfig {
     /// (exit 78) and makes `/readyz` not ready if set later. Only for a Redis you know
     /// never reaches its `maxmemory`; evictions are logged and counted either way.
     pub allow_evicting_policy: bool,
+    /// Certificates for a `rediss://` URL; without them the system's trust store
+    /// verifies the server and no client certificate is sent.
+    pub tls: RedisTls,
+}
+
+/// TLS files for `rediss://` (PEM, named as Vector's `tls.*` options are).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisTls {
+    /// The CA certificate that signed the server's, when the system's trust store
+    /// does not hold it (a private CA).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// This client's certificate, for a Redis with `tls-auth-clients` (needs `key_file`).
+    pub crt_file: Option<std::path::PathBuf>,
+    /// The private key of `crt_file`.
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl RedisTls {
+    fn is_set(&self) -> bool {
+        self != &RedisTls::default()
+    }
 }
 
 impl Default for RedisConfig {
@@ -274,6 +296,7 @@ impl Default for RedisConfig {
             max_commit_ms: 100,
             slowdown_factor: 0,
             allow_evicting_policy: false,
+            tls: RedisTls::default(),
         }
     }
 }
@@ -282,6 +305,40 @@ impl RedisConfig {
     /// The URL with any password replaced by `***`.
     pub fn redacted_url(&self) -> String {
         redact_url_password(&self.url)
+    }
+
+    /// The client every connection to this Redis is opened from: the URL, and the
+    /// TLS files read when any is set.
+    pub fn client(&self) -> anyhow::Result<redis::Client> {
+        use anyhow::Context as _;
+        if !self.tls.is_set() {
+            return redis::Client::open(self.url.as_str()).context("parsing redis.url");
+        }
+        let read = |field: &str, path: &Option<std::path::PathBuf>| {
+            path.as_ref()
+                .map(|path| {
+                    std::fs::read(path)
+                        .with_context(|| format!("reading redis.tls.{field} {}", path.display()))
+                })
+                .transpose()
+        };
+        let client_tls = match (
+            read("crt_file", &self.tls.crt_file)?,
+            read("key_file", &self.tls.key_file)?,
+        ) {
+            (Some(client_cert), Some(client_key)) => Some(redis::ClientTlsConfig {
+                client_cert,
+                client_key,
+            }),
+            (None, None) => None,
+            _ => anyhow::bail!("redis.tls.crt_file and redis.tls.key_file go together"),
+        };
+        let certificates = redis::TlsCertificates {
+            client_tls,
+            root_cert: read("ca_file", &self.tls.ca_file)?,
+        };
+        redis::Client::build_with_tls(self.url.as_str(), certificates)
+            .context("setting up TLS for redis.url (redis.tls.*)")
     }
 }
 
@@ -299,6 +356,7 @@ impl fmt::Debug for RedisConfig {
             .field("max_commit_ms", &self.max_commit_ms)
             .field("slowdown_factor", &self.slowdown_factor)
             .field("allow_evicting_policy", &self.allow_evicting_policy)
+            .field("tls", &self.tls)
             .finish()
     }
 }

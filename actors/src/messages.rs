@@ -21,6 +21,7 @@ use crate::checkpoint::barrier::{Barrier, CheckpointSpec};
 use crate::checkpoint::claim::{Claim, SinkKind};
 use crate::logic::decode::TraceValues;
 use crate::logic::tables::Table;
+use crate::logic::watermark::InstanceMark;
 use crate::logic::window::{Counts, PartitionWindows, WindowKey};
 use compact_str::CompactString;
 
@@ -263,12 +264,13 @@ pub enum Ack {
 
 // Control messages: few, small, off the data path.
 
-/// Asks the source to start a checkpoint, carrying the timer's instance watermark
-/// (`None` while unknown); the checkpoint's barriers close the windows it passed.
+/// Asks the source to start a checkpoint, carrying the timer's instance watermark and
+/// the partitions it was taken over (`None` while unknown); the checkpoint's barriers
+/// close the windows it passed.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct TriggerCheckpoint {
-    pub watermark: Option<i64>,
+    pub watermark: Option<InstanceMark>,
 }
 
 /// Asks the source to stop reading, run a final checkpoint, commit, and leave the group.

@@ -19,7 +19,7 @@ use actix::prelude::*;
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::logic::watermark::Watermarks;
+use crate::logic::watermark::{InstanceMark, Watermarks};
 use crate::logic::window::WindowSpec;
 use crate::messages::TriggerCheckpoint;
 use crate::messages::WatermarkUpdate;
@@ -144,11 +144,11 @@ impl Timer {
         }
     }
 
-    fn watermark(&mut self) -> Option<i64> {
+    fn watermark(&mut self) -> Option<InstanceMark> {
         let now = Instant::now();
         self.touch_held(now);
         let (watermarks, _) = self.watermarks.as_ref()?;
-        watermarks.instance(now, self.clock.now_ms())
+        watermarks.instance_mark(now, self.clock.now_ms())
     }
 
     fn trigger(&mut self) -> bool {
@@ -173,7 +173,8 @@ impl Timer {
 
     /// Checkpoints now if the watermark has passed the next window close.
     fn close_if_due(&mut self) {
-        let (Some(spec), Some(mark)) = (self.windows, self.watermark()) else {
+        let (Some(spec), Some(InstanceMark { ms: mark, .. })) = (self.windows, self.watermark())
+        else {
             return;
         };
         if self.next_close.is_some_and(|due| mark < due) {
@@ -381,7 +382,7 @@ mod tests {
     impl Handler<TriggerCheckpoint> for Recorder {
         type Result = ();
         fn handle(&mut self, trigger: TriggerCheckpoint, _: &mut Self::Context) {
-            self.0.lock().unwrap().push(trigger.watermark);
+            self.0.lock().unwrap().push(trigger.watermark.map(|m| m.ms));
         }
     }
 

@@ -94,7 +94,11 @@ impl PipelineChild {
             .stderr(std::fs::File::create(&log)?)
             .spawn()
             .context("starting `anchorflow run`")?;
-        let conn = fences::connect(redis_url, Duration::from_secs(10))?;
+        let redis = anchorflow_actors::config::RedisConfig {
+            url: redis_url.to_string(),
+            ..Default::default()
+        };
+        let conn = fences::connect(&redis, Duration::from_secs(10))?;
         Ok(PipelineChild {
             child,
             metrics,

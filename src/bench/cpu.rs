@@ -15,9 +15,9 @@ use std::time::Instant;
 use anchorflow_actors::config::Config;
 use anchorflow_actors::logic::decode::{decode, TraceEvent};
 use anchorflow_actors::logic::partition_state::PartitionState;
+use anchorflow_actors::logic::route::shard_of;
 use anchorflow_actors::logic::window::{Counts, PartitionWindows, WindowSpec};
 use anchorflow_actors::messages::EventBatch;
-use anchorflow_actors::reader::links::shard_of;
 use anchorflow_actors::runtime::memory::RECORD_OVERHEAD;
 
 /// Partitions the payloads are spread over (as the producer does, round-robin).

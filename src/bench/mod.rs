@@ -60,6 +60,10 @@ pub struct BenchOptions {
     /// The traffic to preload.
     #[arg(long, value_enum, default_value_t = Data::RedisHeavy)]
     pub data: Data,
+    /// austin's batch sends on either `--data`: a tenth of the sends go to 2–19
+    /// receivers at once, the rest to one.
+    #[arg(long)]
+    pub batch_sends: bool,
     /// Events to preload (the mock broker trims a partition past ~5 MB: keep
     /// events × ~150 bytes / partitions below that).
     #[arg(long, default_value_t = 400_000)]
@@ -142,6 +146,7 @@ fn generator(options: &BenchOptions, config: &Config) -> Generator {
             Data::Funnel => Shape::Funnel,
         },
         spread_ms: options.spread_hours * 3_600_000,
+        batch_sends: options.batch_sends,
         ..Default::default()
     })
 }
@@ -169,6 +174,9 @@ fn bare_read(ground: &Ground, partitions: i32, expected: usize) -> anyhow::Resul
     Ok(read as f64 / took.as_secs_f64())
 }
 
+/// The pipeline's time with a commit script sent to Redis and its reply not yet read.
+const SCRIPT_SECONDS: &str = "anchorflow_redis_script_seconds_sum";
+
 /// Runs `anchorflow run` until every preloaded record is durable in both sinks.
 fn run_pipeline(
     ground: &Ground,
@@ -192,6 +200,7 @@ fn run_pipeline(
     let broker_pid = ground.broker_pid();
     let broker_cpu_before = broker_pid.as_deref().map(cpu_of);
     probe.watch_slowlog()?;
+    let scripts_before = child.metric(SCRIPT_SECONDS).unwrap_or(0.0);
     let total = options.events as i64;
     let (mut rss_samples, mut last_sample) = (Vec::new(), Instant::now());
     let mut redis_drain = None;
@@ -220,6 +229,7 @@ fn run_pipeline(
         .as_deref()
         .zip(broker_cpu_before)
         .map(|(pid, before)| cpu_of(pid) - before);
+    let script_secs = child.metric(SCRIPT_SECONDS).unwrap_or(0.0) - scripts_before;
     let longest = probe.longest()?;
     let checkpoints = child.checkpoints();
     let uncommitted_pauses = child
@@ -235,6 +245,7 @@ fn run_pipeline(
         redis_cpu_secs,
         own_cpu_secs,
         broker_cpu_secs,
+        script_secs,
         rss_samples,
         peak_rss,
         checkpoints,
@@ -357,9 +368,14 @@ fn preload(
         options.brokers.is_some(),
     )?;
     println!(
-        "preloaded: {} {:?} events, {:.1} MiB ({:.0} B each), {} partitions, in {:.1} s",
+        "preloaded: {} {:?}{} events, {:.1} MiB ({:.0} B each), {} partitions, in {:.1} s",
         options.events,
         options.data,
+        if options.batch_sends {
+            " batch-send"
+        } else {
+            ""
+        },
         mib(bytes as u64),
         bytes as f64 / options.events as f64,
         options.partitions,

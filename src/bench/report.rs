@@ -19,6 +19,8 @@ pub(super) struct PipelineRun {
     pub(super) own_cpu_secs: f64,
     /// The mock broker's CPU seconds over the same span (none for `--brokers`).
     pub(super) broker_cpu_secs: Option<f64>,
+    /// Seconds a commit script was outstanding (sent, its reply not yet read).
+    pub(super) script_secs: f64,
     pub(super) rss_samples: Vec<u64>,
     pub(super) peak_rss: u64,
     pub(super) checkpoints: Vec<f64>,
@@ -67,14 +69,21 @@ pub(super) fn report_pipeline(
         run.drain_secs
     );
     println!(
+        "redis_waiting_with_no_script: {:.0} %   (of the {:.2} s drain, the share with no commit script sent and unanswered; one was outstanding for {:.2} s, the network and reading its reply included)",
+        100.0 * (1.0 - run.script_secs / run.drain_secs).max(0.0),
+        run.drain_secs,
+        run.script_secs,
+    );
+    println!(
         "redis_cpu_us_per_event_pipeline: {:.2}",
         run.redis_cpu_secs * 1e6 / events
     );
     println!(
-        "pipeline_cpu_us_per_event: {:.2}   (anchorflow's own {:.2} CPU-s over the same {:.2} s: what it leaves Redis of the machine's cores)",
+        "pipeline_cpu_us_per_event: {:.2}   (anchorflow's own {:.2} CPU-s over the same {:.2} s, {:.2} cores busy: what it leaves Redis of the machine's cores)",
         run.own_cpu_secs * 1e6 / events,
         run.own_cpu_secs,
-        run.drain_secs
+        run.drain_secs,
+        run.own_cpu_secs / run.drain_secs,
     );
     if let Some(broker) = run.broker_cpu_secs {
         let cores = machine_cores();

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::checkpoint::barrier::{CheckpointKind, CheckpointSpec};
 use crate::checkpoint::claim::SinkKind;
+use crate::logic::watermark::InstanceMark;
 
 struct InFlight {
     spec: Arc<CheckpointSpec>,
@@ -61,8 +62,9 @@ pub struct Coordinator {
     last_id: u64,
     /// Oldest first; they complete in this order.
     in_flight: VecDeque<InFlight>,
-    /// The latest instance watermark the timer sent; every checkpoint carries it.
-    watermark: Option<i64>,
+    /// The latest instance watermark the timer sent; a checkpoint carries it when it
+    /// covers every partition of the checkpoint.
+    watermark: Option<InstanceMark>,
 }
 
 impl Coordinator {
@@ -93,8 +95,9 @@ impl Coordinator {
         }
     }
 
-    /// Keeps the timer's latest watermark (an unknown one does not erase a known one).
-    pub fn set_watermark(&mut self, watermark: Option<i64>) {
+    /// Keeps the timer's latest watermark (an unknown one does not erase a known one:
+    /// a checkpoint over partitions it does not cover carries none).
+    pub fn set_watermark(&mut self, watermark: Option<InstanceMark>) {
         if watermark.is_some() {
             self.watermark = watermark;
         }
@@ -113,9 +116,13 @@ impl Coordinator {
         self.last_id += 1;
         let spec = Arc::new(CheckpointSpec {
             id: self.last_id,
+            watermark: self
+                .watermark
+                .as_ref()
+                .filter(|mark| mark.covers(&partitions))
+                .map(|mark| mark.ms),
             partitions,
             kind,
-            watermark: self.watermark,
         });
         self.in_flight.push_back(InFlight {
             spec: spec.clone(),
@@ -185,10 +192,50 @@ fn lowest(
 mod tests {
     use super::*;
 
+    fn complete(coordinator: &mut Coordinator, checkpoint: u64) {
+        for sink in SinkKind::ALL {
+            coordinator
+                .sink_committed(sink, checkpoint, vec![])
+                .unwrap();
+        }
+    }
+
+    fn mark(ms: i64, partitions: &[i32]) -> InstanceMark {
+        InstanceMark {
+            ms,
+            partitions: partitions.iter().copied().collect(),
+        }
+    }
+
+    /// A watermark taken before partitions 2 and 3 were assigned here says nothing of
+    /// their records: a checkpoint over them carries none (it would close their windows
+    /// before their data, which the nemesis saw as correction rows on in-order data),
+    /// until the timer sends one taken over them too.
+    #[test]
+    fn a_watermark_is_carried_only_by_checkpoints_over_partitions_it_covers() {
+        let mut coordinator = Coordinator::default();
+        coordinator.set_watermark(Some(mark(9_000, &[0, 1])));
+        let spec = coordinator
+            .start(vec![0, 1], CheckpointKind::Periodic)
+            .unwrap();
+        assert_eq!(spec.watermark, Some(9_000));
+        complete(&mut coordinator, spec.id);
+        let spec = coordinator
+            .start(vec![0, 1, 2, 3], CheckpointKind::Periodic)
+            .unwrap();
+        assert_eq!(spec.watermark, None, "2 and 3 were not under it");
+        complete(&mut coordinator, spec.id);
+        coordinator.set_watermark(Some(mark(4_000, &[0, 1, 2, 3])));
+        let spec = coordinator
+            .start(vec![0, 1, 2, 3], CheckpointKind::Periodic)
+            .unwrap();
+        assert_eq!(spec.watermark, Some(4_000));
+    }
+
     #[test]
     fn a_checkpoint_completes_when_every_sink_reported_at_the_lowest_fence() {
         let mut coordinator = Coordinator::default();
-        coordinator.set_watermark(Some(5));
+        coordinator.set_watermark(Some(mark(5, &[0, 1, 2])));
         coordinator.set_watermark(None);
         let spec = coordinator
             .start(vec![0, 1, 2], CheckpointKind::Periodic)

@@ -126,7 +126,7 @@ impl CheckpointDriver {
     }
 
     /// Keeps the timer's latest watermark; checkpoints close the windows it passed.
-    pub fn set_watermark(&mut self, watermark: Option<i64>) {
+    pub fn set_watermark(&mut self, watermark: Option<crate::logic::watermark::InstanceMark>) {
         self.coordinator.set_watermark(watermark);
     }
 

@@ -202,6 +202,7 @@ impl Config {
                 format!("cannot be parsed: {e}"),
             ));
         }
+        redis_tls(redis)?;
         positive("redis.template_ttl_secs", redis.template_ttl_secs)?;
         positive("redis.message_ttl_secs", redis.message_ttl_secs)?;
         positive("redis.series_ttl_secs", redis.series_ttl_secs)?;
@@ -256,5 +257,44 @@ impl Config {
             return Err(ConfigError::new("log.format", "must be `text` or `json`"));
         }
         Ok(())
+    }
+}
+
+/// TLS files only with a `rediss://` URL, a certificate with its key, each readable,
+/// and together something the TLS library accepts.
+fn redis_tls(redis: &super::RedisConfig) -> Result<(), ConfigError> {
+    let tls = &redis.tls;
+    if !tls.is_set() {
+        return Ok(());
+    }
+    if !redis.url.starts_with("rediss://") {
+        return Err(ConfigError::new(
+            "redis.tls",
+            "needs a rediss:// redis.url (TLS files are set, the URL is plain redis://)",
+        ));
+    }
+    if tls.crt_file.is_some() != tls.key_file.is_some() {
+        return Err(ConfigError::new(
+            "redis.tls.crt_file",
+            "needs redis.tls.key_file, and the key its certificate",
+        ));
+    }
+    for (field, path) in [
+        ("redis.tls.ca_file", &tls.ca_file),
+        ("redis.tls.crt_file", &tls.crt_file),
+        ("redis.tls.key_file", &tls.key_file),
+    ] {
+        if let Some(path) = path {
+            if let Err(e) = std::fs::read(path) {
+                return Err(ConfigError::new(
+                    field,
+                    format!("cannot be read: {}: {e}", path.display()),
+                ));
+            }
+        }
+    }
+    match redis.client() {
+        Ok(_) => Ok(()),
+        Err(e) => Err(ConfigError::new("redis.tls", format!("{e:#}"))),
     }
 }

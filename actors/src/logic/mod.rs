@@ -3,6 +3,7 @@
 pub mod decode;
 pub mod lists;
 pub mod partition_state;
+pub mod route;
 pub mod tables;
 pub mod watermark;
 pub mod window;

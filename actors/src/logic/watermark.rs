@@ -13,10 +13,26 @@
 //! comes. The [`Timer`](crate::timer::Timer) owns one [`Watermarks`] and exports it as
 //! metrics.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+/// An instance watermark and the partitions it was taken over. It says nothing of any
+/// other partition: one assigned after it was taken has records it never saw, and a
+/// window of that partition closed by it would close before its data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InstanceMark {
+    pub ms: i64,
+    pub partitions: BTreeSet<i32>,
+}
+
+impl InstanceMark {
+    /// Whether it holds for every one of `partitions`.
+    pub fn covers(&self, partitions: &[i32]) -> bool {
+        partitions.iter().all(|p| self.partitions.contains(p))
+    }
+}
 
 #[derive(Clone, Copy, Debug)]
 struct Mark {
@@ -102,6 +118,15 @@ impl Watermarks {
 
     pub fn idle_partitions(&self, now: Instant) -> usize {
         self.marks.keys().filter(|p| self.is_idle(**p, now)).count()
+    }
+
+    /// [`Self::instance`] with the partitions it was taken over.
+    pub fn instance_mark(&self, now: Instant, wall_ms: i64) -> Option<InstanceMark> {
+        let ms = self.instance(now, wall_ms)?;
+        Some(InstanceMark {
+            ms,
+            partitions: self.marks.keys().copied().collect(),
+        })
     }
 
     /// The instance watermark: the minimum over non-idle partitions; `None` while a

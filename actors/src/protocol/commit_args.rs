@@ -13,12 +13,12 @@ use crate::protocol::keys::{series_field, FenceKeys};
 use crate::protocol::scripts::Args;
 
 /// Whether a commit script only applies units (`part`), also moves the fences
-/// (`final`), or applies series a final staged (`publish`, after the final).
+/// (`final`), or applies series a final staged (`unstage`, after the final).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Part,
     Final,
-    Publish,
+    Unstage,
 }
 
 impl Mode {
@@ -26,7 +26,7 @@ impl Mode {
         match self {
             Mode::Part => "part",
             Mode::Final => "final",
-            Mode::Publish => "publish",
+            Mode::Unstage => "unstage",
         }
     }
 }
@@ -107,7 +107,7 @@ pub struct FinalTail<'a> {
     /// Window-series increments applied by the final script itself.
     pub series: &'a [HashWrite],
     /// Window-series increments too many for the final script: staged by it and
-    /// applied by `publish` scripts after it (`protocol/staged.rs`).
+    /// applied by `unstage` scripts after it (`protocol/staged.rs`).
     pub staged: Option<Staged<'a>>,
     /// Per partition, the open series windows after this commit.
     pub windows: &'a BTreeMap<i32, String>,
@@ -121,9 +121,9 @@ pub struct FinalTail<'a> {
 pub struct Staged<'a> {
     /// The staging list, named after the commit ([`FenceKeys::staged_list`]).
     pub list: &'a str,
-    /// The set of staging lists not yet published ([`FenceKeys::staged`]).
+    /// The set of staging lists not yet unstaged ([`FenceKeys::staged`]).
     pub pending: &'a str,
-    /// One item per `publish` script (`protocol/staged.rs`, `staged_batch`).
+    /// One item per `unstage` script (`protocol/staged.rs`, `staged_batch`).
     pub batches: &'a [String],
 }
 

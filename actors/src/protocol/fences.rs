@@ -86,9 +86,12 @@ pub enum ClaimError {
 }
 
 /// A blocking connection with the given timeouts on connect, reads and writes.
-pub fn connect(url: &str, timeout: Duration) -> anyhow::Result<redis::Connection> {
-    let client = redis::Client::open(url).context("parsing the redis url")?;
-    let conn = client
+pub fn connect(
+    redis: &crate::config::RedisConfig,
+    timeout: Duration,
+) -> anyhow::Result<redis::Connection> {
+    let conn = redis
+        .client()?
         .get_connection_with_timeout(timeout)
         .context("connecting to redis")?;
     conn.set_read_timeout(Some(timeout))
@@ -100,7 +103,7 @@ pub fn connect(url: &str, timeout: Duration) -> anyhow::Result<redis::Connection
 
 /// A blocking connection that connects on first use and again after an error.
 pub struct BlockingConnection {
-    url: String,
+    redis: crate::config::RedisConfig,
     timeout: Duration,
     conn: Option<redis::Connection>,
 }
@@ -108,7 +111,7 @@ pub struct BlockingConnection {
 impl BlockingConnection {
     pub fn new(config: &crate::config::RedisConfig) -> Self {
         BlockingConnection {
-            url: config.url.clone(),
+            redis: config.clone(),
             timeout: Duration::from_secs(config.command_timeout_secs),
             conn: None,
         }
@@ -123,7 +126,7 @@ impl BlockingConnection {
     ) -> anyhow::Result<T> {
         let mut conn = match self.conn.take() {
             Some(conn) => conn,
-            None => connect(&self.url, self.timeout)?,
+            None => connect(&self.redis, self.timeout)?,
         };
         let out = f(&mut conn)?;
         self.conn = Some(conn);

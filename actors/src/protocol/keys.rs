@@ -16,7 +16,7 @@ pub struct FenceKeys {
     pub units_prefix: String,
     pub conflicts: String,
     pub skipped: String,
-    /// Prefix of the instance leases (`{prefix}{instance id}`, see `instance_lease.rs`).
+    /// Prefix of the instance leases (`{prefix}{instance id}`, see `protocol/lease.rs`).
     pub instances_prefix: String,
     /// The set of staging lists of window series not yet published
     /// (`scripts/redis_commit.lua`); each list is named by [`FenceKeys::staged_list`].

@@ -66,6 +66,29 @@ pub fn live_holder(
     Ok(holder.filter(|h| !holder_is_gone(h, &host) && !holder_is_this_process(h, &host)))
 }
 
+/// Hands `instance`'s lease back when this process holds it; returns whether it did.
+/// After a clean stop nothing of the run writes any more, so another host may start the
+/// id at once instead of waiting out [`LEASE`]. A lease another run holds is left alone
+/// (`WATCH` makes the check and the delete one step).
+pub fn release_held_here(
+    conn: &mut redis::Connection,
+    keys: &crate::protocol::keys::FenceKeys,
+    instance: &str,
+) -> anyhow::Result<bool> {
+    let key = format!("{}{instance}", keys.instances_prefix);
+    let host = hostname();
+    redis::transaction(conn, &[&key], |conn, pipe| {
+        let holder: Option<String> = redis::cmd("GET").arg(&key).query(conn)?;
+        if holder.is_some_and(|h| holder_is_this_process(&h, &host)) {
+            let deleted: Option<()> = pipe.del(&key).ignore().query(conn)?;
+            Ok(deleted.map(|()| true))
+        } else {
+            Ok(Some(false))
+        }
+    })
+    .context("releasing the instance lease")
+}
+
 pub struct InstanceLease {
     key: String,
     host: String,

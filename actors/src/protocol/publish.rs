@@ -8,19 +8,22 @@ use anyhow::Context as _;
 
 use crate::checkpoint::claim::FenceRange;
 use crate::protocol::keys::FenceKeys;
+use crate::sinks::warehouse::storage::FileHandle;
 
 /// A warehouse commit recorded in Redis: files to move from their hidden names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PublishRecord {
     pub id: String,
-    pub files: Vec<(PathBuf, PathBuf)>,
+    /// Each file's handle and its final name.
+    pub files: Vec<(FileHandle, PathBuf)>,
     /// The offset ranges the files hold, per partition: what an operator repairs if a
     /// file of this commit is lost (`fences recover`).
     pub ranges: Vec<FenceRange>,
 }
 
 impl PublishRecord {
-    /// A first line `#ranges p:epoch:from:to,…`, then a line `hidden\tvisible` per file.
+    /// A first line `#ranges p:epoch:from:to,…`, then a line `handle\tvisible` per file
+    /// ([`FileHandle::encode`]).
     pub fn encode(&self) -> String {
         let ranges: Vec<String> = self
             .ranges
@@ -29,9 +32,9 @@ impl PublishRecord {
             .collect();
         std::iter::once(format!("#ranges {}", ranges.join(",")))
             .chain(
-                self.files.iter().map(|(hidden, visible)| {
-                    format!("{}\t{}", hidden.display(), visible.display())
-                }),
+                self.files
+                    .iter()
+                    .map(|(handle, visible)| format!("{}\t{}", handle.encode(), visible.display())),
             )
             .collect::<Vec<_>>()
             .join("\n")
@@ -64,10 +67,9 @@ impl PublishRecord {
                 }
                 continue;
             }
-            let (hidden, visible) = line.split_once('\t').with_context(|| malformed(line))?;
-            record
-                .files
-                .push((PathBuf::from(hidden), PathBuf::from(visible)));
+            let (handle, visible) = line.split_once('\t').with_context(|| malformed(line))?;
+            let handle = FileHandle::decode(handle).with_context(|| malformed(line))?;
+            record.files.push((handle, PathBuf::from(visible)));
         }
         Ok(record)
     }
@@ -110,8 +112,23 @@ mod tests {
         let record = PublishRecord {
             id: "a-1".into(),
             files: vec![
-                ("/w/t/.a.inprogress".into(), "/w/t/part-a.parquet".into()),
-                ("/w/u/.b.inprogress".into(), "/w/u/part-b.parquet".into()),
+                (
+                    FileHandle::InProgress("/w/t/.a.inprogress".into()),
+                    "/w/t/part-a.parquet".into(),
+                ),
+                (
+                    FileHandle::Upload(
+                        crate::sinks::warehouse::upload_handle::Handle::new(
+                            "w/u/.b.inprogress".into(),
+                            "w/u/part-b.parquet".into(),
+                            "upload-1".into(),
+                            1234,
+                            vec!["etag-1".into(), "etag-2".into()],
+                        )
+                        .unwrap(),
+                    ),
+                    "w/u/part-b.parquet".into(),
+                ),
             ],
             ranges: vec![
                 FenceRange {

@@ -5,7 +5,7 @@
 //! | script | arguments | keys | reply |
 //! |---|---|---|---|
 //! | `claim.lua` | [`ClaimArgs`](crate::protocol::claim_script::ClaimArgs) | fences, lost | [`ClaimReply`](crate::protocol::claim_script::ClaimReply) |
-//! | `fence_check.lua` + `redis_commit.lua` | `CommitArgs` (`commit_args.rs`), `PublishArgs` (`staged.rs`) | fences, lost, windows, conflicts | [`Reply`] |
+//! | `fence_check.lua` + `redis_commit.lua` | `CommitArgs` (`commit_args.rs`), `UnstageArgs` (`staged.rs`) | fences, lost, windows, conflicts | [`Reply`] |
 //! | `fence_check.lua` + `warehouse_record.lua` | [`RecordArgs`] | fences, lost, publish, windows, folders, committed, wm | [`Reply`] |
 //! | `lease.lua` | [`LeaseArgs`] | the lease | the holder left in place, if not us |
 //!

@@ -1,8 +1,8 @@
 //! Window series staged by a Redis `final` script (too many for one script within
-//! `redis.max_commit_ms`) and the `publish` scripts that apply them
-//! (`scripts/redis_commit.lua`, `docs/exactly-once.md`). The Redis sink publishes its
+//! `redis.max_commit_ms`) and the `unstage` scripts that apply them
+//! (`scripts/redis_commit.lua`, `docs/exactly-once.md`). The Redis sink unstages its
 //! own right after its final; a crash in between leaves the list pending, and
-//! [`publish_pending`] finishes it at every claim, whoever staged it, as claims complete
+//! [`unstage_pending`] finishes it at every claim, whoever staged it, as claims complete
 //! recorded warehouse commits.
 
 use anyhow::Context as _;
@@ -17,7 +17,7 @@ use crate::protocol::scripts::{self, invoke_fenced, Args};
 /// increments.
 pub type SeriesPart<'a> = (&'a str, i64, &'a [(String, i64)]);
 
-/// One batch of staged series, as `publish` decodes it: a JSON array of hashes, each
+/// One batch of staged series, as `unstage` decodes it: a JSON array of hashes, each
 /// `[key, TTL ms, field, increment, …]`, all strings.
 pub fn staged_batch<'a>(
     hashes: impl IntoIterator<Item = (&'a str, i64, &'a [(String, i64)])>,
@@ -45,9 +45,9 @@ fn push_json_str(out: &mut String, text: &str) {
     out.push_str(&serde_json::Value::from(text).to_string());
 }
 
-/// `redis_commit.lua` in `publish` mode: applies the first batch staged on `list` and
+/// `redis_commit.lua` in `unstage` mode: applies the first batch staged on `list` and
 /// pops it, removing the list from `pending` once it is empty.
-pub struct PublishArgs<'a> {
+pub struct UnstageArgs<'a> {
     /// The checkpoint whose final staged the list (logs only: no fence is checked).
     pub checkpoint: u64,
     pub units_prefix: &'a str,
@@ -56,10 +56,10 @@ pub struct PublishArgs<'a> {
     pub pending: &'a str,
 }
 
-impl PublishArgs<'_> {
+impl UnstageArgs<'_> {
     pub fn encode(&self) -> Args {
         let mut args = Args::fenced(SinkKind::Redis, self.checkpoint, &[]);
-        args.push(Mode::Publish.name());
+        args.push(Mode::Unstage.name());
         args.push(self.units_prefix);
         args.push(self.conflicts_ttl_ms);
         args.push(self.list);
@@ -67,7 +67,7 @@ impl PublishArgs<'_> {
         args.finish()
     }
 
-    /// Runs it on a blocking connection (claims publish what a crash left staged).
+    /// Runs it on a blocking connection (claims unstage what a crash left staged).
     pub fn invoke(
         &self,
         script: &redis::Script,
@@ -79,21 +79,21 @@ impl PublishArgs<'_> {
             conn,
             &keys.commit_keys(),
             &self.encode(),
-            "running a publish script",
+            "running an unstage script",
         )
     }
 }
 
-/// What [`publish_pending`] did.
+/// What [`unstage_pending`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Published {
+pub struct Unstaged {
     /// Staging lists found pending.
     pub lists: usize,
     /// Writes Redis refused on the way (recorded in the conflicts hash).
     pub conflicts: i64,
 }
 
-/// The staging lists not yet published.
+/// The staging lists not yet unstaged.
 pub fn pending_lists(
     conn: &mut redis::Connection,
     keys: &FenceKeys,
@@ -104,22 +104,19 @@ pub fn pending_lists(
         .context("reading the staged window series")
 }
 
-/// Publishes every pending staging list, a batch per script (sized by the sink that
-/// staged it), until each is gone. Safe beside any other publisher: each script pops
-/// the batch it applies.
-pub fn publish_pending(
-    conn: &mut redis::Connection,
-    keys: &FenceKeys,
-) -> anyhow::Result<Published> {
+/// Unstages every pending staging list, a batch per script (sized by the sink that
+/// staged it), until each is gone. Safe beside anyone else unstaging it: each script
+/// pops the batch it applies.
+pub fn unstage_pending(conn: &mut redis::Connection, keys: &FenceKeys) -> anyhow::Result<Unstaged> {
     let script = scripts::commit_script();
     let lists = pending_lists(conn, keys)?;
-    let mut published = Published {
+    let mut unstaged = Unstaged {
         lists: lists.len(),
         conflicts: 0,
     };
     for list in &lists {
         loop {
-            let args = PublishArgs {
+            let args = UnstageArgs {
                 checkpoint: 0,
                 units_prefix: &keys.units_prefix,
                 conflicts_ttl_ms: CONFLICTS_TTL_MS,
@@ -127,13 +124,13 @@ pub fn publish_pending(
                 pending: &keys.staged,
             };
             match args.invoke(&script, conn, keys)? {
-                Reply::Applied { conflicts, .. } => published.conflicts += conflicts,
+                Reply::Applied { conflicts, .. } => unstaged.conflicts += conflicts,
                 Reply::AppliedBefore => break,
                 Reply::Rejected(rejection) => {
-                    anyhow::bail!("publishing {list} was refused: {rejection}")
+                    anyhow::bail!("unstaging {list} was refused: {rejection}")
                 }
             }
         }
     }
-    Ok(published)
+    Ok(unstaged)
 }

@@ -7,6 +7,7 @@ use actix::prelude::*;
 
 use crate::checkpoint::barrier::Barrier;
 use crate::logic::decode::{DecodeLimits, TimeBounds};
+use crate::logic::route::shard_of;
 use crate::logic::window::WindowSpec;
 use crate::messages::{DetailBatch, EventBatch, ShardInput, WarehouseInput, WatermarkUpdate};
 use crate::metrics::Metrics;
@@ -91,15 +92,4 @@ pub async fn forward_barrier(links: &ReaderOutputs, barrier: Barrier) -> Result<
         shard.send(ShardInput::Barrier(barrier.clone())).await?;
     }
     links.warehouse.send(WarehouseInput::Barrier(barrier)).await
-}
-
-/// The aggregator shard that owns `business_id`: FNV-1a over its bytes, so the choice
-/// is stable across processes and releases.
-pub fn shard_of(business_id: i64, shards: usize) -> usize {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in business_id.to_le_bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    (hash % shards.max(1) as u64) as usize
 }

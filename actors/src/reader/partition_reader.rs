@@ -28,6 +28,7 @@ use tracing::{debug, error, warn};
 use crate::checkpoint::barrier::Barrier;
 use crate::checkpoint::claim::Claim;
 use crate::logic::decode::{decode, is_known_state, DecodeError, TraceEvent};
+use crate::logic::route::shard_of;
 use crate::logic::tables::Folders;
 use crate::logic::window::Counts;
 use crate::messages::{
@@ -35,9 +36,7 @@ use crate::messages::{
 };
 use crate::metrics::ReasonLabel;
 use crate::protocol::fences::StoredWindows;
-use crate::reader::links::{
-    forward_barrier, forward_data, forward_restore, shard_of, ReaderContext,
-};
+use crate::reader::links::{forward_barrier, forward_data, forward_restore, ReaderContext};
 use crate::reader::output::{ingest_day, Output};
 use crate::runtime::fault;
 use crate::runtime::mailbox::actix_capacity;
@@ -391,21 +390,5 @@ impl Handler<PartitionInput> for PartitionReader {
             }
             .into_actor(self),
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shard_choice_is_stable_and_spread() {
-        assert_eq!(shard_of(1000001220231120, 4), shard_of(1000001220231120, 4));
-        let mut seen = [0usize; 4];
-        for b in 0..1000 {
-            seen[shard_of(1_000_000_220_231_120 + b * 100_000_000, 4)] += 1;
-        }
-        assert!(seen.iter().all(|&n| n > 150), "{seen:?}");
-        assert_eq!(shard_of(42, 1), 0);
     }
 }

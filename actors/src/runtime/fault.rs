@@ -12,10 +12,10 @@
 /// After the Redis commit script succeeded, before the sink reports it (and so
 /// before files of the same checkpoint are necessarily published).
 pub const AFTER_REDIS_COMMIT: &str = "after_redis_commit";
-/// After a Redis final script staged window series, before a `publish` script
-/// applies them (the first publish reached; `ANCHORFLOW_FAULT_AFTER` picks a later one;
+/// After a Redis final script staged window series, before an `unstage` script
+/// applies them (the first unstage reached; `ANCHORFLOW_FAULT_AFTER` picks a later one;
 /// a hold point, [`point_or_hold`]).
-pub const BEFORE_SERIES_PUBLISH: &str = "before_series_publish";
+pub const BEFORE_SERIES_UNSTAGE: &str = "before_series_unstage";
 /// After a warehouse commit was recorded in Redis, before its files are renamed.
 pub const AFTER_WAREHOUSE_RECORD: &str = "after_warehouse_record";
 /// Between publishing two files of a recorded warehouse commit.

@@ -28,7 +28,7 @@ pub type Claims = BTreeMap<i32, (Claim, StoredWindows)>;
 
 /// Claims partitions in Redis for this instance.
 pub struct Claimer {
-    pub redis_url: String,
+    pub redis: crate::config::RedisConfig,
     pub redis_timeout: Duration,
     pub keys: FenceKeys,
     /// Processing time; measured against Redis's at every claim.
@@ -64,7 +64,7 @@ impl Claimer {
         cold_start: &mut impl FnMut(&[i32]) -> anyhow::Result<BTreeMap<i32, i64>>,
     ) -> Result<Claims, ClaimError> {
         let mut conn =
-            fences::connect(&self.redis_url, self.redis_timeout).map_err(ClaimError::Other)?;
+            fences::connect(&self.redis, self.redis_timeout).map_err(ClaimError::Other)?;
         clock::measure(&self.clock, &mut conn)?;
         let claims = fences::claim(&mut conn, &self.keys, partitions, |fresh| cold_start(fresh))?;
         // An earlier owner may have recorded commits it never published; their rows are
@@ -77,13 +77,13 @@ impl Claimer {
             ),
             Err(error) => return Err(ClaimError::Unpublishable(error)),
         }
-        // And window series it staged but never published.
-        let staged = staged::publish_pending(&mut conn, &self.keys).map_err(ClaimError::Other)?;
+        // And window series it staged but never unstaged.
+        let staged = staged::unstage_pending(&mut conn, &self.keys).map_err(ClaimError::Other)?;
         if staged.lists > 0 {
             info!(
                 lists = staged.lists,
                 conflicts = staged.conflicts,
-                "published window series an earlier commit had staged"
+                "unstaged window series an earlier commit had staged"
             );
         }
         self.check_published(&mut conn, &claims)?;

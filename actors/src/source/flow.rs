@@ -256,7 +256,7 @@ impl SourceState {
     }
 
     /// Keeps the timer's latest watermark; checkpoints close the windows it passed.
-    pub fn set_watermark(&mut self, watermark: Option<i64>) {
+    pub fn set_watermark(&mut self, watermark: Option<crate::logic::watermark::InstanceMark>) {
         self.driver.set_watermark(watermark);
     }
 

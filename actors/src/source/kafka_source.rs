@@ -119,7 +119,7 @@ impl KafkaSource {
         let context = SourceContext {
             metrics: parts.metrics.clone(),
             claimer: Claimer {
-                redis_url: config.redis.url.clone(),
+                redis: config.redis.clone(),
                 redis_timeout: Duration::from_secs(config.redis.command_timeout_secs),
                 keys: FenceKeys::new(&config.source.group_id, &config.source.topic),
                 clock: parts.clock.clone(),

@@ -244,7 +244,7 @@ impl SourceContext {
             "records were deleted by the broker before they were read; they are skipped (anchorflow fences show lists them)"
         );
         let claimer = &self.claimer;
-        let stored = fences::connect(&claimer.redis_url, claimer.redis_timeout)
+        let stored = fences::connect(&claimer.redis, claimer.redis_timeout)
             .and_then(|mut conn| skipped::store(&mut conn, &claimer.keys, partition, range));
         if let Err(e) = stored {
             warn!(

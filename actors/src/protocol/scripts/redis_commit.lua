@@ -2,7 +2,7 @@
 -- CommitArgs builds its arguments). KEYS[3] is the open-window hash, KEYS[4] the
 -- conflicts hash.
 --
--- Own arguments: mode (`final`, `part` or `publish`), the prefix of the per-partition
+-- Own arguments: mode (`final`, `part` or `unstage`), the prefix of the per-partition
 -- unit-fence hashes, the conflicts' TTL in ms, then the lists' expiries (count, then
 -- each: a *class*, a TTL in ms or two day ends, see ttl_of), then the units: count, and per unit its id, its lists per class
 -- (single-value lists: count, then key and value each; the others: count, then key, n
@@ -19,10 +19,10 @@
 -- list named after the commit and adds the list to the pending set, atomically with
 -- the fences. Each item is one batch of series, sized for one script: a JSON array of
 -- hashes, each `[key, TTL ms, field, increment, field, increment, …]`, all strings; a
--- push copies bytes, with no work per field. A `publish` script (arguments: the list and
+-- push copies bytes, with no work per field. An `unstage` script (arguments: the list and
 -- the pending set) applies the list's first batch and pops it, in one script, so every
--- batch applies once, whoever publishes it (this sink right after its final, or a
--- claim, for lists a crash left pending). A publish that finds the list gone answers
+-- batch applies once, whoever unstages it (this sink right after its final, or a
+-- claim, for lists a crash left pending). An unstage that finds the list gone answers
 -- `{0, -1}`.
 --
 -- A checkpoint too big for one script is split by key-hash unit: `part` scripts apply
@@ -283,11 +283,11 @@ local function applied_reply()
   return reply
 end
 
--- A `publish` script: applies the staging list's first batch and pops it. It carries no
+-- An `unstage` script: applies the staging list's first batch and pops it. It carries no
 -- ranges and moves no fence: the final that staged the list was fenced. The batch is
 -- decoded before the first write, so one that is not what a final stages fails the
 -- script with nothing written.
-if mode == 'publish' then
+if mode == 'unstage' then
   local list, pending = next_arg(), next_arg()
   check_end()
   local batch = redis.call('LINDEX', list, 0)

@@ -38,7 +38,7 @@ pub enum Stop {
 pub struct Committer {
     pub shared: SinkShared,
     pub budget: OpsBudget,
-    pub publish_budget: OpsBudget,
+    pub unstage_budget: OpsBudget,
     /// Test and benchmark knob (`redis.slowdown_factor`): after a commit, wait this
     /// many times as long as it took.
     pub slowdown: u32,
@@ -53,8 +53,8 @@ impl Committer {
     ) -> Result<(), Stop> {
         let checkpoint = in_flight.plan.spec.id;
         while let Some(script) = in_flight.plan.scripts.get(in_flight.applied) {
-            if script.mode == Mode::Publish {
-                fault::point_or_hold(fault::BEFORE_SERIES_PUBLISH).await;
+            if script.mode == Mode::Unstage {
+                fault::point_or_hold(fault::BEFORE_SERIES_UNSTAGE).await;
             }
             let started = Instant::now();
             let reply = match link.apply(&self.shared.keys, &script.args).await {
@@ -70,7 +70,7 @@ impl Committer {
                 } => {
                     let took = started.elapsed();
                     match script.mode {
-                        Mode::Publish => self.publish_budget.observe(script.ops, took),
+                        Mode::Unstage => self.unstage_budget.observe(script.ops, took),
                         Mode::Part | Mode::Final => self.budget.observe(script.ops, took),
                     }
                     let metrics = &self.shared.metrics;
@@ -79,10 +79,10 @@ impl Committer {
                     report_conflicts(metrics, checkpoint, conflicts, &first);
                     debug!(checkpoint, ops, took_ms = took.as_millis() as u64, mode = ?script.mode, "redis script applied");
                 }
-                Reply::AppliedBefore if script.mode == Mode::Publish => {
+                Reply::AppliedBefore if script.mode == Mode::Unstage => {
                     debug!(
                         checkpoint,
-                        "staged series already published (by a retry or another instance)"
+                        "staged series already unstaged (by a retry or another instance)"
                     );
                 }
                 Reply::AppliedBefore => {

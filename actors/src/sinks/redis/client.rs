@@ -97,7 +97,7 @@ impl ServerWatch {
 
 /// The connection and what lives with it. The sink lends it to each commit.
 pub struct SinkConnection {
-    url: String,
+    redis: RedisConfig,
     timeout: Duration,
     conn: Option<MultiplexedConnection>,
     script: redis::Script,
@@ -109,7 +109,7 @@ pub struct SinkConnection {
 impl SinkConnection {
     pub fn new(config: &RedisConfig, clock: Clock, server: ServerWatch) -> Self {
         SinkConnection {
-            url: config.url.clone(),
+            redis: config.clone(),
             timeout: Duration::from_secs(config.command_timeout_secs),
             conn: None,
             script: scripts::commit_script(),
@@ -148,7 +148,7 @@ impl SinkConnection {
         if let Some(conn) = &self.conn {
             return Ok(conn.clone());
         }
-        let client = redis::Client::open(self.url.as_str()).context("parsing the redis url")?;
+        let client = self.redis.client()?;
         // The client's own response timeout defaults to 500 ms, shorter than a large
         // commit script runs; one deadline, ours, governs.
         let config = redis::AsyncConnectionConfig::new()

@@ -15,7 +15,7 @@
 //!
 //! Window series belong to no unit (a window closes at a barrier, not at a record), so
 //! they go in the `final` script. When they alone exceed the budget, the final stages
-//! them on a list instead (a copy, no per-field work) and `publish` scripts after it
+//! them on a list instead (a copy, no per-field work) and `unstage` scripts after it
 //! apply them a batch each (`docs/exactly-once.md`).
 
 use std::collections::BTreeMap;
@@ -34,7 +34,7 @@ use crate::protocol::commit_args::{
 };
 use crate::protocol::keys::{FenceKeys, KeyLayout, RESERVED_PREFIX, SERIES_KEY_PREFIX};
 use crate::protocol::scripts::Args;
-use crate::protocol::staged::{staged_batch, PublishArgs, SeriesPart};
+use crate::protocol::staged::{staged_batch, SeriesPart, UnstageArgs};
 use crate::protocol::units::unit_of;
 
 /// When each kind of key expires, for one commit (hashes: milliseconds after the write).
@@ -81,9 +81,9 @@ pub struct CommitInput<'a> {
     pub keys: &'a FenceKeys,
     /// Most writes one script may carry.
     pub budget_ops: usize,
-    /// Most series fields one `publish` script may carry (their cost per field is
+    /// Most series fields one `unstage` script may carry (their cost per field is
     /// measured apart: about three times a list push's, `docs/benchmarks.md`).
-    pub publish_fields: usize,
+    pub unstage_fields: usize,
 }
 
 /// Everything the shards flushed for one checkpoint, merged by key.
@@ -174,8 +174,8 @@ fn add_series(
 ///
 /// The window series go in the final script when they fit the budget. More (data spread
 /// over many windows: a backlog of late events, a day's windows closing at once) are
-/// staged by the final, in batches of `publish_fields`, and applied after it by one
-/// `publish` script per batch (`scripts/redis_commit.lua`).
+/// staged by the final, in batches of `unstage_fields`, and applied after it by one
+/// `unstage` script per batch (`scripts/redis_commit.lua`).
 pub fn plan(input: &CommitInput<'_>, flushes: Vec<ShardFlush>) -> Option<CommitPlan> {
     let spec = flushes.first()?.spec.clone();
     let merged = merge(input.tracked, flushes);
@@ -195,7 +195,7 @@ pub fn plan(input: &CommitInput<'_>, flushes: Vec<ShardFlush>) -> Option<CommitP
         .filter(|_| series_ops > input.budget_ops)
         .map(|r| input.keys.staged_list(r.partition, r.epoch, spec.id));
     let (batches, counts): (Vec<String>, Vec<usize>) = match staged_list {
-        Some(_) => staged_batches(&series, input.publish_fields)
+        Some(_) => staged_batches(&series, input.unstage_fields)
             .into_iter()
             .unzip(),
         None => Default::default(),
@@ -244,7 +244,7 @@ pub fn plan(input: &CommitInput<'_>, flushes: Vec<ShardFlush>) -> Option<CommitP
         })
         .collect();
     if let Some(list) = &staged_list {
-        scripts.extend(publishes(input, spec.id, list, &counts));
+        scripts.extend(unstages(input, spec.id, list, &counts));
     }
     Some(CommitPlan {
         spec,
@@ -289,19 +289,14 @@ fn staged_batches(series: &[HashWrite], fields: usize) -> Vec<(String, usize)> {
     batches
 }
 
-/// One `publish` script per staged batch; its figure is the batch's fields, which the
-/// sink's publish budget is measured in.
-fn publishes(
-    input: &CommitInput<'_>,
-    checkpoint: u64,
-    list: &str,
-    counts: &[usize],
-) -> Vec<Script> {
+/// One `unstage` script per staged batch; its figure is the batch's fields, which the
+/// sink's unstage budget is measured in.
+fn unstages(input: &CommitInput<'_>, checkpoint: u64, list: &str, counts: &[usize]) -> Vec<Script> {
     counts
         .iter()
         .map(|fields| Script {
-            mode: Mode::Publish,
-            args: PublishArgs {
+            mode: Mode::Unstage,
+            args: UnstageArgs {
                 checkpoint,
                 units_prefix: &input.keys.units_prefix,
                 conflicts_ttl_ms: input.ttls.conflicts_ms,
@@ -464,7 +459,7 @@ mod tests {
             tracked,
             keys,
             budget_ops: budget,
-            publish_fields: budget,
+            unstage_fields: budget,
         }
     }
 
@@ -529,11 +524,11 @@ mod tests {
         );
     }
 
-    /// Series over the budget are staged by the final script and published after it
+    /// Series over the budget are staged by the final script and unstaged after it
     /// in scripts within the budget, which together take every field once; series that
     /// fit stay in the final script.
     #[test]
-    fn series_over_the_budget_are_staged_and_published_within_it() {
+    fn series_over_the_budget_are_staged_and_unstaged_within_it() {
         let layout = KeyLayout::default();
         let tracked = BTreeMap::new();
         let keys = FenceKeys::new("g", "t");
@@ -562,22 +557,22 @@ mod tests {
             vec![flush(vec![spread()])],
         )
         .unwrap();
-        let (last_part, publishes) = staged
+        let (last_part, unstages) = staged
             .scripts
             .iter()
             .position(|s| s.mode == Mode::Final)
             .map(|at| staged.scripts.split_at(at + 1))
             .unwrap();
         assert!(last_part.iter().all(|s| s.ops <= 100));
-        assert!(publishes
+        assert!(unstages
             .iter()
-            .all(|s| s.mode == Mode::Publish && s.ops <= 100));
+            .all(|s| s.mode == Mode::Unstage && s.ops <= 100));
         let list = keys.staged_list(0, 1, 1);
-        assert!(publishes
+        assert!(unstages
             .iter()
             .all(|s| s.args.iter().nth(6) == Some(list.as_str())));
-        let fields: Vec<usize> = publishes.iter().map(|s| s.ops).collect();
-        assert_eq!(fields, vec![100, 100, 50], "batches of the publish budget");
+        let fields: Vec<usize> = unstages.iter().map(|s| s.ops).collect();
+        assert_eq!(fields, vec![100, 100, 50], "batches of the unstage budget");
         // The final carries the batches: two series keys of 125 fields, the second
         // batch holding the end of one and the start of the other.
         let batches: Vec<serde_json::Value> = last_part

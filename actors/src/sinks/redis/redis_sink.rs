@@ -8,8 +8,8 @@
 //! checkpoint that fits `redis.max_commit_ms` is **one** `EVALSHA`; a bigger one is split
 //! by key-hash unit into several, each atomic and carrying its own unit fences, so that
 //! no single script holds Redis (which austin-web reads too) for long. Window series too
-//! many for one script are staged by the final script and published by scripts after
-//! it (a claim publishes what a crash left staged: `protocol/staged.rs`).
+//! many for one script are staged by the final script and unstaged by scripts after
+//! it (a claim unstages what a crash left staged: `protocol/staged.rs`).
 //!
 //! Every script starts with the fence check (`protocol/scripts/fence_check.lua`): for
 //! every partition the commit covers the records `from..to`, where `from` is where this
@@ -84,9 +84,9 @@ pub struct RedisSink {
     clock: Clock,
     layout: KeyLayout,
     budget: OpsBudget,
-    /// Series fields per `publish` script, measured apart: a field costs Redis about
+    /// Series fields per `unstage` script, measured apart: a field costs Redis about
     /// three times what a list push does (decoded, then `HINCRBY` into a hash).
-    publish_budget: OpsBudget,
+    unstage_budget: OpsBudget,
     /// Per partition: the epoch and where our last planned commit ends. Plans apply in
     /// order, each only if the one before did (else the process stops or the sink
     /// retries it), so the next plan starts there.
@@ -114,7 +114,7 @@ impl RedisSink {
             restarts: Restarts::new("redis_sink", &shared.metrics, &shared.health),
             layout: KeyLayout::new(&config),
             budget: OpsBudget::new(config.max_commit_ms),
-            publish_budget: OpsBudget::new(config.max_commit_ms),
+            unstage_budget: OpsBudget::new(config.max_commit_ms),
             link: Some(SinkConnection::new(
                 &config,
                 clock.clone(),
@@ -186,10 +186,10 @@ impl RedisSink {
             self.ttls(&self.clock),
             self.fences.clone(),
         );
-        let (keys, budget_ops, publish_fields) = (
+        let (keys, budget_ops, unstage_fields) = (
             self.shared.keys.clone(),
             self.budget.ops(),
-            self.publish_budget.ops(),
+            self.unstage_budget.ops(),
         );
         self.planning = true;
         let sink = ctx.address();
@@ -202,7 +202,7 @@ impl RedisSink {
                     tracked: &tracked,
                     keys: &keys,
                     budget_ops,
-                    publish_fields,
+                    unstage_fields,
                 };
                 let plan = commit::plan(&input, flushes);
                 let took_ms = started.elapsed().as_millis() as u64;
@@ -245,20 +245,20 @@ impl RedisSink {
         let committer = Committer {
             shared: self.shared.clone(),
             budget: self.budget,
-            publish_budget: self.publish_budget,
+            unstage_budget: self.unstage_budget,
             slowdown: self.config.slowdown_factor,
         };
         Box::pin(
             async move {
                 let mut committer = committer;
                 let outcome = committer.apply(&mut link, &mut in_flight).await;
-                let budgets = (committer.budget, committer.publish_budget);
+                let budgets = (committer.budget, committer.unstage_budget);
                 (link, in_flight, budgets, outcome)
             }
             .into_actor(self)
             .map(|(link, in_flight, budgets, outcome), sink, ctx| {
                 sink.link = Some(link);
-                (sink.budget, sink.publish_budget) = budgets;
+                (sink.budget, sink.unstage_budget) = budgets;
                 sink.settle(ctx, in_flight, outcome);
             }),
         )
@@ -445,7 +445,7 @@ mod tests {
     #[actix::test]
     async fn a_flush_is_taken_while_redis_still_runs_the_commit_before() {
         let (config, keys) = test_redis();
-        let mut conn = fences::connect(&config.url, Duration::from_secs(5)).unwrap();
+        let mut conn = fences::connect(&config, Duration::from_secs(5)).unwrap();
         let claims = fences::claim(&mut conn, &keys, &[0], |fresh| {
             Ok(fresh.iter().map(|p| (*p, 0)).collect())
         })

@@ -38,7 +38,9 @@ use object_store::{GetOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
 
 use crate::config::S3Config;
 use crate::sinks::warehouse::complete_upload::ConditionalCompleter;
-use crate::sinks::warehouse::storage::{Entry, FileWriter, Finished, Published, Storage};
+use crate::sinks::warehouse::storage::{
+    Entry, FileHandle, FileWriter, Finished, Published, Storage,
+};
 use crate::sinks::warehouse::upload_handle::{invalid, Handle};
 
 /// The runtime every object-store request runs on; never dropped (an actor thread may
@@ -221,11 +223,8 @@ impl ObjectStorage {
         self.delete(&self.key(&handle.marker)?)
     }
 
-    /// What a marker (or a handle) says about its upload.
+    /// What a marker says about its upload.
     fn handle(&self, hidden: &Path) -> io::Result<Option<Handle>> {
-        if let Some(handle) = Handle::decode(hidden)? {
-            return Ok(Some(handle));
-        }
         let Some(bytes) = self.read(hidden)? else {
             return Ok(None);
         };
@@ -292,16 +291,16 @@ impl FileWriter for Upload {
         if !self.buffer.is_empty() || self.parts.is_empty() {
             self.send_part()?;
         }
-        let handle = Handle {
-            marker: self.marker.clone(),
-            key: self.key.clone(),
-            upload: self.upload.clone(),
-            size: self.size,
-            parts: std::mem::take(&mut self.parts),
-        };
+        let handle = Handle::new(
+            self.marker.clone(),
+            self.key.clone(),
+            self.upload.clone(),
+            self.size,
+            std::mem::take(&mut self.parts),
+        )?;
         Ok(Finished {
             bytes: self.size,
-            hidden: handle.encode()?,
+            handle: FileHandle::Upload(handle),
         })
     }
 }
@@ -325,9 +324,13 @@ impl Storage for ObjectStorage {
         }))
     }
 
-    fn publish(&self, hidden: &Path, visible: &Path) -> io::Result<Published> {
-        let handle = Handle::decode(hidden)?
-            .ok_or_else(|| invalid(format!("{} is not an upload handle", hidden.display())))?;
+    fn publish(&self, handle: &FileHandle, visible: &Path) -> io::Result<Published> {
+        let FileHandle::Upload(handle) = handle else {
+            return Err(invalid(format!(
+                "{} is not an upload handle",
+                handle.path().display()
+            )));
+        };
         let key = self.key(visible)?;
         // Published before (a roll-forward runs again), or another file has the name.
         if let Some(size) = self.head(&key)? {
@@ -374,7 +377,7 @@ impl Storage for ObjectStorage {
         Ok(folders.chain(files).collect())
     }
 
-    /// Removes a file; an in-progress file (a marker or a handle) also aborts its upload.
+    /// Removes a file; an in-progress file (a marker) also aborts its upload.
     fn remove(&self, path: &Path) -> io::Result<bool> {
         let name = path.to_string_lossy();
         if name.contains(".inprogress") {

@@ -32,17 +32,18 @@ use crate::runtime::fault;
 use crate::sinks::fenced::{on_rejection, SinkShared};
 use crate::sinks::warehouse::marks::PublishedMarks;
 use crate::sinks::warehouse::roll::Roll;
-use crate::sinks::warehouse::storage::{sync_parents, Published, Storage};
+use crate::sinks::warehouse::storage::{sync_parents, FileHandle, Published, Storage};
 use crate::sinks::warehouse::writer::{Closed, FileNames};
 
 /// Publishes one file of recorded commit `record`.
 pub fn publish_file(
     storage: &dyn Storage,
-    hidden: &Path,
+    handle: &FileHandle,
     visible: &Path,
     record: &str,
 ) -> anyhow::Result<()> {
-    let published = storage.publish(hidden, visible).with_context(|| {
+    let hidden = handle.path();
+    let published = storage.publish(handle, visible).with_context(|| {
         format!(
             "publishing {} as {} (commit {record})",
             hidden.display(),
@@ -66,11 +67,11 @@ pub fn publish_file(
 
 /// Publishes every file of a recorded commit and makes the new names durable.
 pub fn roll_forward(storage: &dyn Storage, record: &PublishRecord) -> anyhow::Result<()> {
-    for (n, (hidden, visible)) in record.files.iter().enumerate() {
+    for (n, (handle, visible)) in record.files.iter().enumerate() {
         if n > 0 {
             fault::point(fault::BETWEEN_PUBLISHES);
         }
-        publish_file(storage, hidden, visible, &record.id)?;
+        publish_file(storage, handle, visible, &record.id)?;
     }
     sync_parents(storage, record.files.iter().map(|(_, v)| v.as_path()))
 }
@@ -98,8 +99,8 @@ pub fn complete_recorded(
 /// Removes every file of a recorded commit, under either name (`fences recover`, for
 /// a commit that can no longer be published whole).
 pub fn discard(storage: &dyn Storage, record: &PublishRecord) -> anyhow::Result<()> {
-    for (hidden, visible) in &record.files {
-        for path in [hidden, visible] {
+    for (handle, visible) in &record.files {
+        for path in [handle.path(), visible] {
             storage
                 .remove(path)
                 .with_context(|| format!("removing {}", path.display()))?;
@@ -185,7 +186,7 @@ impl Publishing {
             id: format!("{}.{}.{checkpoint}", names.instance, names.run),
             files: closed
                 .iter()
-                .map(|c| (c.hidden.clone(), c.visible.clone()))
+                .map(|c| (c.handle.clone(), c.visible.clone()))
                 .collect(),
             ranges,
         };
@@ -386,12 +387,13 @@ mod tests {
         let names = names("a", new_run_id().as_str());
         let (hidden, visible) = (names.hidden(root.path(), 1), names.visible(root.path(), 1));
         fs::write(&hidden, b"rows").unwrap();
-        publish_file(&LocalFs, &hidden, &visible, "r1").unwrap();
+        let handle = FileHandle::InProgress(hidden.clone());
+        publish_file(&LocalFs, &handle, &visible, "r1").unwrap();
         assert!(!hidden.exists() && fs::read(&visible).unwrap() == b"rows");
-        publish_file(&LocalFs, &hidden, &visible, "r1").expect("publishing again is harmless");
+        publish_file(&LocalFs, &handle, &visible, "r1").expect("publishing again is harmless");
         // A different file under the visible name is never replaced.
         fs::write(&hidden, b"other rows").unwrap();
-        let err = publish_file(&LocalFs, &hidden, &visible, "r2").unwrap_err();
+        let err = publish_file(&LocalFs, &handle, &visible, "r2").unwrap_err();
         assert!(
             format!("{err:#}").contains("another file has that name"),
             "{err:#}"
@@ -399,6 +401,7 @@ mod tests {
         assert_eq!(fs::read(&visible).unwrap(), b"rows");
         // A recorded file under neither name is an error.
         let (lost, lost_visible) = (names.hidden(root.path(), 2), names.visible(root.path(), 2));
+        let lost = FileHandle::InProgress(lost);
         let err = publish_file(&LocalFs, &lost, &lost_visible, "r3").unwrap_err();
         assert!(
             format!("{err:#}").contains("missing under both its names"),

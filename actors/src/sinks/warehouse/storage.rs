@@ -7,8 +7,8 @@
 //! The contract the exactly-once protocol relies on (`docs/exactly-once.md`):
 //! - [`Storage::create`] writes a new file under its in-progress name, and
 //!   [`FileWriter::finish`] returns only once it is durable there, with what
-//!   [`Storage::publish`] needs to find it ([`Finished::hidden`], which the commit
-//!   record stores);
+//!   [`Storage::publish`] needs to find it (a [`FileHandle`], which the commit record
+//!   stores);
 //! - [`Storage::publish`] makes a finished file visible under its final name, never
 //!   replaces a different file, and is idempotent (publishing again, or after the
 //!   in-progress name is gone because it was published, is success); a file found
@@ -23,6 +23,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
+use crate::sinks::warehouse::upload_handle::{invalid, Handle};
+
 /// A file being written.
 pub trait FileWriter: Write + Send {
     /// Makes everything written durable.
@@ -34,9 +36,42 @@ pub trait FileWriter: Write + Send {
 pub struct Finished {
     /// Its size in bytes.
     pub bytes: u64,
-    /// What [`Storage::publish`] needs to find it: its in-progress path on a
-    /// filesystem; on object storage the marker, the upload and its parts.
-    pub hidden: PathBuf,
+    pub handle: FileHandle,
+}
+
+/// What [`Storage::publish`] needs to find a finished file, as the commit record keeps
+/// it (one line of text, [`FileHandle::encode`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FileHandle {
+    /// A file under its in-progress name on a filesystem.
+    InProgress(PathBuf),
+    /// A finished multipart upload not completed yet (object storage).
+    Upload(Handle),
+}
+
+impl FileHandle {
+    /// The in-progress name: the file itself, or the upload's marker.
+    pub fn path(&self) -> &Path {
+        match self {
+            FileHandle::InProgress(path) => path,
+            FileHandle::Upload(handle) => &handle.marker,
+        }
+    }
+
+    /// The record's text: the path, or the upload's fields after the marker's path.
+    pub fn encode(&self) -> String {
+        match self {
+            FileHandle::InProgress(path) => path.display().to_string(),
+            FileHandle::Upload(handle) => handle.encode(),
+        }
+    }
+
+    pub fn decode(text: &str) -> io::Result<FileHandle> {
+        Ok(match Handle::decode(text)? {
+            Some(handle) => FileHandle::Upload(handle),
+            None => FileHandle::InProgress(PathBuf::from(text)),
+        })
+    }
 }
 
 /// What [`Storage::publish`] found.
@@ -62,8 +97,8 @@ pub trait Storage: Send + Sync {
     /// Creates a new file (and its folders) for writing under its in-progress name
     /// `hidden`; it will be published as `visible`.
     fn create(&self, hidden: &Path, visible: &Path) -> io::Result<Box<dyn FileWriter>>;
-    /// Makes the finished file `hidden` visible as `visible`.
-    fn publish(&self, hidden: &Path, visible: &Path) -> io::Result<Published>;
+    /// Makes the finished file `handle` names visible as `visible`.
+    fn publish(&self, handle: &FileHandle, visible: &Path) -> io::Result<Published>;
     /// Makes the names in each of `folders` durable.
     fn sync_folders(&self, folders: &BTreeSet<&Path>) -> io::Result<()>;
     /// The entries of a folder; none when it does not exist.
@@ -101,7 +136,7 @@ impl FileWriter for LocalFile {
         self.0.sync_all()?;
         Ok(Finished {
             bytes: self.0.metadata()?.len(),
-            hidden: self.1,
+            handle: FileHandle::InProgress(self.1),
         })
     }
 }
@@ -132,7 +167,13 @@ impl Storage for LocalFs {
         Ok(Box::new(LocalFile(file, path.to_path_buf())))
     }
 
-    fn publish(&self, hidden: &Path, visible: &Path) -> io::Result<Published> {
+    fn publish(&self, handle: &FileHandle, visible: &Path) -> io::Result<Published> {
+        let FileHandle::InProgress(hidden) = handle else {
+            return Err(invalid(format!(
+                "{} names an upload, not a file of this folder",
+                handle.encode()
+            )));
+        };
         match fs::hard_link(hidden, visible) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -233,22 +274,21 @@ mod tests {
         let mut file = fs.create(&hidden, &visible).unwrap();
         file.write_all(b"rows").unwrap();
         let finished = file.finish().unwrap();
-        assert_eq!((finished.bytes, &finished.hidden), (4, &hidden));
+        let handle = FileHandle::InProgress(hidden.clone());
+        assert_eq!((finished.bytes, &finished.handle), (4, &handle));
         assert!(
             fs.create(&hidden, &visible).is_err(),
             "never truncates a file"
         );
-        assert_eq!(fs.publish(&hidden, &visible).unwrap(), Published::Done);
-        assert_eq!(fs.publish(&hidden, &visible).unwrap(), Published::Done);
+        assert_eq!(fs.publish(&handle, &visible).unwrap(), Published::Done);
+        assert_eq!(fs.publish(&handle, &visible).unwrap(), Published::Done);
         assert!(!hidden.exists());
         std::fs::write(&hidden, b"other").unwrap();
-        assert_eq!(fs.publish(&hidden, &visible).unwrap(), Published::NameTaken);
+        assert_eq!(fs.publish(&handle, &visible).unwrap(), Published::NameTaken);
         assert_eq!(std::fs::read(&visible).unwrap(), b"rows");
         let lost = dir.path().join("lost");
-        assert_eq!(
-            fs.publish(&dir.path().join(".lost"), &lost).unwrap(),
-            Published::Missing
-        );
+        let never = FileHandle::InProgress(dir.path().join(".lost"));
+        assert_eq!(fs.publish(&never, &lost).unwrap(), Published::Missing);
     }
 
     #[test]

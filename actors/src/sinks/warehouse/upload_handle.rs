@@ -3,7 +3,7 @@
 //! after a crash, with nothing but the record.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use object_store::path::Path as Key;
 
@@ -13,7 +13,7 @@ pub fn invalid(message: String) -> io::Error {
 
 /// A finished upload, as a commit record stores it: the marker's path, then
 /// `#key#upload#size#etag,etag,…` (keys, upload ids and ETags never hold `#`, `,`, tabs
-/// or newlines; `encode` refuses them if one ever did).
+/// or newlines; [`Handle::new`] refuses them if one ever did).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Handle {
     pub marker: PathBuf,
@@ -24,26 +24,42 @@ pub struct Handle {
 }
 
 impl Handle {
-    pub fn encode(&self) -> io::Result<PathBuf> {
+    /// A handle the record format can hold.
+    pub fn new(
+        marker: PathBuf,
+        key: Key,
+        upload: String,
+        size: u64,
+        parts: Vec<String>,
+    ) -> io::Result<Handle> {
         let clean = |s: &str| !s.contains(['#', ',', '\t', '\n']);
-        let key = self.key.to_string();
-        if !clean(&key) || !clean(&self.upload) || !self.parts.iter().all(|p| clean(p)) {
+        if !clean(key.as_ref()) || !clean(&upload) || !parts.iter().all(|p| clean(p)) {
             return Err(invalid(format!(
                 "the key, upload id or an ETag of {key} holds a reserved character"
             )));
         }
-        Ok(PathBuf::from(format!(
-            "{}#{key}#{}#{}#{}",
+        Ok(Handle {
+            marker,
+            key,
+            upload,
+            size,
+            parts,
+        })
+    }
+
+    pub fn encode(&self) -> String {
+        format!(
+            "{}#{}#{}#{}#{}",
             self.marker.display(),
+            self.key,
             self.upload,
             self.size,
             self.parts.join(",")
-        )))
+        )
     }
 
-    /// `None` when `hidden` is a plain path (a marker), not a handle.
-    pub fn decode(hidden: &Path) -> io::Result<Option<Handle>> {
-        let text = hidden.to_string_lossy();
+    /// `None` when `text` is a plain path (a marker), not a handle.
+    pub fn decode(text: &str) -> io::Result<Option<Handle>> {
         let fields: Vec<&str> = text.splitn(5, '#').collect();
         let [marker, key, upload, size, parts] = fields[..] else {
             return Ok(None);

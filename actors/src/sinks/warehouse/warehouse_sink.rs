@@ -533,7 +533,7 @@ mod tests {
     ) {
         let dir = tempfile::tempdir().unwrap();
         let (redis, keys) = test_redis();
-        let mut conn = fences::connect(&redis.url, Duration::from_secs(5)).unwrap();
+        let mut conn = fences::connect(&redis, Duration::from_secs(5)).unwrap();
         let claims = fences::claim(&mut conn, &keys, &[0, 1], |fresh| {
             Ok(fresh.iter().map(|p| (*p, 0)).collect())
         })
@@ -616,7 +616,7 @@ mod tests {
             ..Default::default()
         };
         let (redis, keys) = test_redis();
-        let mut conn = fences::connect(&redis.url, Duration::from_secs(5)).unwrap();
+        let mut conn = fences::connect(&redis, Duration::from_secs(5)).unwrap();
         let claims = fences::claim(&mut conn, &keys, &[0], |fresh| {
             Ok(fresh.iter().map(|p| (*p, 0)).collect())
         })

@@ -20,7 +20,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
 
 use crate::logic::tables::Table;
-use crate::sinks::warehouse::storage::{sync_parents, FileWriter, Storage};
+use crate::sinks::warehouse::storage::{sync_parents, FileHandle, FileWriter, Storage};
 
 /// A random id for this run of the process (64 bits, hex).
 pub fn new_run_id() -> String {
@@ -102,7 +102,7 @@ impl OpenFile {
             table: self.table,
             rows: self.rows,
             bytes: finished.bytes,
-            hidden: finished.hidden,
+            handle: finished.handle,
             visible: self.visible,
         })
     }
@@ -113,7 +113,8 @@ pub struct Closed {
     pub table: Table,
     pub rows: u64,
     pub bytes: u64,
-    pub hidden: PathBuf,
+    /// What publishing needs to find it.
+    pub handle: FileHandle,
     pub visible: PathBuf,
 }
 
@@ -216,7 +217,7 @@ impl Generation {
         for (_, file) in self.open {
             closed.push(file.close()?);
         }
-        sync_parents(storage, closed.iter().map(|c| c.hidden.as_path()))?;
+        sync_parents(storage, closed.iter().map(|c| c.handle.path()))?;
         Ok(closed)
     }
 }
@@ -299,7 +300,7 @@ mod tests {
         let read: i64 = closed
             .iter()
             .map(|c| {
-                let file = std::fs::File::open(&c.hidden).unwrap();
+                let file = std::fs::File::open(c.handle.path()).unwrap();
                 SerializedFileReader::new(file)
                     .unwrap()
                     .metadata()
