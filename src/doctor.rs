@@ -67,10 +67,7 @@ fn redis(config: &Config) -> anyhow::Result<String> {
     let timeout = Duration::from_secs(config.redis.command_timeout_secs);
     let mut conn = fences::connect(&config.redis, timeout)?;
     let info = server::inspect(&mut conn)?;
-    if let (Some(why), false) = (
-        info.may_evict_bookkeeping(),
-        config.redis.allow_evicting_policy,
-    ) {
+    if let Some(why) = info.refusal(&config.redis) {
         bail!("{why}");
     }
     let keys = FenceKeys::new(&config.source.group_id, &config.source.topic);

@@ -154,19 +154,17 @@ fn wait_while_state_lost(
     }
 }
 
-/// Why this Redis must not be run against (its eviction policy may drop anchorflow's
-/// bookkeeping, `protocol/server.rs`), unless `redis.allow_evicting_policy` says so.
-/// An unreachable Redis is not refused here: claiming partitions retries and reports it,
-/// and the Redis sink looks at the policy again once it connects.
-fn evicting_redis(config: &Config) -> Option<String> {
-    if config.redis.allow_evicting_policy {
-        return None;
-    }
+/// Why this Redis must not be run against: its eviction policy may drop anchorflow's
+/// bookkeeping (`protocol/server.rs`), unless `redis.allow_evicting_policy` says so, or
+/// it is too old for `redis.commit = "transaction"`. An unreachable Redis is not
+/// refused here: claiming partitions retries and reports it, and the Redis sink looks
+/// again once it connects.
+fn refused_redis(config: &Config) -> Option<String> {
     let timeout = Duration::from_secs(config.redis.command_timeout_secs);
     let info = fences::connect(&config.redis, timeout)
         .and_then(|mut conn| anchorflow_actors::protocol::server::inspect(&mut conn))
         .ok()?;
-    info.may_evict_bookkeeping()
+    info.refusal(&config.redis)
 }
 
 /// The live run that holds this instance id's lease, if one does (`protocol/lease.rs`).
@@ -381,7 +379,7 @@ pub fn run(
     if !wait_while_state_lost(&config, &telemetry, &stop) {
         return Ok(0);
     }
-    if let Some(why) = evicting_redis(&config) {
+    if let Some(why) = refused_redis(&config) {
         error!("{why}");
         return Ok(exit::CONFIG);
     }

@@ -20,6 +20,15 @@ fn kill_9_at_random_moments_loses_and_duplicates_nothing() {
     kill_9_loop(Setup::new("kill9", 3, redis_url(4)), 20);
 }
 
+/// The kill -9 loop with the Redis sink committing by `WATCH`/`MULTI`/`EXEC`
+/// (`redis.commit = "transaction"`).
+#[test]
+fn kill_9_at_random_moments_loses_and_duplicates_nothing_with_transactions() {
+    let mut setup = Setup::new("kill9-tx", 3, redis_url(57));
+    setup.set("redis.commit=transaction");
+    kill_9_loop(setup, 10);
+}
+
 /// The kill -9 loop with the warehouse in an S3 bucket (SeaweedFS): multipart uploads
 /// recorded before they are completed, completed again by the next run.
 #[test]
@@ -89,6 +98,14 @@ fn crashes_at_the_dangerous_instants_lose_and_duplicate_nothing() {
 #[test]
 fn crashes_at_the_dangerous_instants_lose_and_duplicate_nothing_on_s3() {
     dangerous_instants(Setup::new("faults-s3", 2, redis_url(47)).on_s3());
+}
+
+/// The dangerous instants with the Redis sink committing by transactions.
+#[test]
+fn crashes_at_the_dangerous_instants_lose_and_duplicate_nothing_with_transactions() {
+    let mut setup = Setup::new("faults-tx", 2, redis_url(58));
+    setup.set("redis.commit=transaction");
+    dangerous_instants(setup);
 }
 
 fn dangerous_instants(setup: Setup) {
@@ -230,6 +247,16 @@ fn a_frozen_zombie_is_fenced_off() {
 #[test]
 fn instances_joining_leaving_and_dying_lose_and_duplicate_nothing() {
     group_churn(Setup::on_mock_cluster("group3", 6, redis_url(7)));
+}
+
+/// Group churn (zombies, instances joining, leaving and dying) with the Redis sink
+/// committing by transactions: a zombie's transaction is refused by what it read under
+/// `WATCH`, or aborted when a claim bumps an epoch before its `EXEC`.
+#[test]
+fn instances_joining_leaving_and_dying_lose_and_duplicate_nothing_with_transactions() {
+    let mut setup = Setup::on_mock_cluster("group3-tx", 6, redis_url(59));
+    setup.set("redis.commit=transaction");
+    group_churn(setup);
 }
 
 /// Three instances (three ids, as on three hosts) share one bucket and one group.

@@ -351,6 +351,16 @@ fn a_random_schedule_of_faults_loses_nothing_and_every_partition_finishes() {
         .set("pipeline.max_uncommitted_records=2000")
         .set("pipeline.shutdown_timeout_secs=10")
         .set("pipeline.stall_timeout_secs=5");
+    // More settings for every instance, comma-separated (`scripts/nemesis.sh --set`),
+    // e.g. `redis.commit=transaction`.
+    for assignment in std::env::var("ANCHORFLOW_NEMESIS_SET")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|a| !a.is_empty())
+    {
+        println!("nemesis: --set {assignment}");
+        setup.set(assignment);
+    }
     let disk = Tmpfs::mount(setup.warehouse.path(), "1g", 100_000);
     let metrics = format!("127.0.0.1:{}", free_port());
     let mut world = World {

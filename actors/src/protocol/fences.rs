@@ -240,15 +240,17 @@ pub fn forget(conn: &mut redis::Connection, keys: &FenceKeys) -> anyhow::Result<
         .arg(&keys.skipped)
         .query::<i64>(conn)
         .context("deleting fences")?;
-    let units: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}*", keys.units_prefix))
-        .query(conn)
-        .context("listing unit fences")?;
-    for key in units {
-        redis::cmd("DEL")
-            .arg(key)
-            .query::<i64>(conn)
-            .context("deleting unit fences")?;
+    for prefix in [&keys.units_prefix, &keys.deadline_prefix] {
+        let found: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}*"))
+            .query(conn)
+            .context("listing unit fences and deadline keys")?;
+        for key in found {
+            redis::cmd("DEL")
+                .arg(key)
+                .query::<i64>(conn)
+                .context("deleting unit fences and deadline keys")?;
+        }
     }
     Ok(())
 }

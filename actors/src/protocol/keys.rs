@@ -21,6 +21,9 @@ pub struct FenceKeys {
     /// The set of staging lists of window series not yet published
     /// (`scripts/redis_commit.lua`); each list is named by [`FenceKeys::staged_list`].
     pub staged: String,
+    /// Prefix of the deadline keys of the Redis sink's transactions
+    /// (`{prefix}{connection}`, see `sinks/redis/transaction.rs`).
+    pub deadline_prefix: String,
 }
 
 impl FenceKeys {
@@ -39,6 +42,7 @@ impl FenceKeys {
             skipped: format!("{base}:skipped"),
             instances_prefix: format!("{base}:instance:"),
             staged: format!("{base}:staged"),
+            deadline_prefix: format!("{base}:deadline:"),
         }
     }
 

@@ -12,3 +12,4 @@ pub mod server;
 pub mod skipped;
 pub mod staged;
 pub mod units;
+pub mod verdict;

@@ -5,8 +5,9 @@
 //! | script | arguments | keys | reply |
 //! |---|---|---|---|
 //! | `claim.lua` | [`ClaimArgs`](crate::protocol::claim_script::ClaimArgs) | fences, lost | [`ClaimReply`](crate::protocol::claim_script::ClaimReply) |
-//! | `fence_check.lua` + `redis_commit.lua` | `CommitArgs` (`commit_args.rs`), `UnstageArgs` (`staged.rs`) | fences, lost, windows, conflicts | [`Reply`] |
+//! | `fence_check.lua` + `conflicts.lua` + `redis_commit.lua` | `CommitArgs` (`commit_args.rs`), `UnstageArgs` (`staged.rs`) | fences, lost, windows, conflicts | [`Reply`] |
 //! | `fence_check.lua` + `warehouse_record.lua` | [`RecordArgs`] | fences, lost, publish, windows, folders, committed, wm | [`Reply`] |
+//! | `conflicts.lua` + `record_conflicts.lua` | [`ConflictArgs`] | conflicts | how many were recorded |
 //! | `lease.lua` | [`LeaseArgs`] | the lease | the holder left in place, if not us |
 //!
 //! Every script starts with `args.lua`: it reads `ARGV` through a cursor and, before
@@ -23,13 +24,14 @@ use crate::checkpoint::claim::{FenceRange, SinkKind};
 use crate::logic::decode::TraceValue;
 use crate::protocol::keys::{dws_field, FenceKeys};
 use crate::protocol::publish::PublishRecord;
-use crate::protocol::reply::{self, Reply};
+use crate::protocol::reply::{self, Conflict, Reply};
 
 /// The last argument of every call (see `scripts/args.lua`).
 pub const END: &str = ".end";
 
 const ARGS: &str = include_str!("scripts/args.lua");
 const FENCE_CHECK: &str = include_str!("scripts/fence_check.lua");
+const CONFLICTS: &str = include_str!("scripts/conflicts.lua");
 
 fn script(parts: &[&str]) -> redis::Script {
     redis::Script::new(&parts.concat())
@@ -42,7 +44,22 @@ pub fn claim_script() -> redis::Script {
 
 /// The Redis sink's commit: the fence check, then `redis_commit.lua`.
 pub fn commit_script() -> redis::Script {
-    script(&[ARGS, FENCE_CHECK, include_str!("scripts/redis_commit.lua")])
+    script(&[
+        ARGS,
+        FENCE_CHECK,
+        CONFLICTS,
+        include_str!("scripts/redis_commit.lua"),
+    ])
+}
+
+/// The record of the writes a Redis sink transaction had refused:
+/// `record_conflicts.lua`.
+pub fn conflicts_script() -> redis::Script {
+    script(&[
+        ARGS,
+        CONFLICTS,
+        include_str!("scripts/record_conflicts.lua"),
+    ])
 }
 
 /// The warehouse sink's record: the fence check, then `warehouse_record.lua`.
@@ -224,6 +241,26 @@ impl RecordArgs<'_> {
             &self.encode(),
             "running the record script",
         )
+    }
+}
+
+/// `record_conflicts.lua`: the writes a Redis sink transaction had refused, recorded
+/// in the conflicts hash after its `EXEC` (`sinks/redis/transaction.rs`).
+pub struct ConflictArgs<'a> {
+    pub ttl_ms: i64,
+    pub conflicts: &'a [Conflict],
+}
+
+impl ConflictArgs<'_> {
+    pub fn encode(&self) -> Args {
+        let mut args = Args::default();
+        args.push_int(self.ttl_ms);
+        args.counted(self.conflicts, |args, conflict| {
+            args.push_str(&conflict.key);
+            args.push_str(&conflict.reason);
+            args.push_int(conflict.lost);
+        });
+        args.finish()
     }
 }
 

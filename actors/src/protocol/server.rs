@@ -47,6 +47,34 @@ impl ServerInfo {
         info
     }
 
+    /// Why anchorflow, configured as `redis` says, must not run against this server:
+    /// an eviction policy that may drop its bookkeeping (unless
+    /// `redis.allow_evicting_policy`), or a version too old for `redis.commit`.
+    pub fn refusal(&self, redis: &crate::config::RedisConfig) -> Option<String> {
+        let evicting = self
+            .may_evict_bookkeeping()
+            .filter(|_| !redis.allow_evicting_policy);
+        let too_old = self
+            .lacks_transactions()
+            .filter(|_| redis.commit == crate::config::CommitMode::Transaction);
+        evicting.or(too_old)
+    }
+
+    /// Why this server cannot run the Redis sink's transactions (`redis.commit =
+    /// "transaction"`), if it cannot: before 7.0 Redis does not abort an `EXEC` whose
+    /// watched key expired, which their day-end deadline rests on
+    /// (`sinks/redis/transaction.rs`). An unknown version is given the benefit of the
+    /// doubt.
+    pub fn lacks_transactions(&self) -> Option<String> {
+        let major = self.version.split('.').next()?.parse::<u32>().ok()?;
+        (major < 7).then(|| {
+            format!(
+                "redis.commit = \"transaction\" needs Redis 7.0 or later (an EXEC must abort when a watched key expired), this one is {}: upgrade it, or set redis.commit = \"script\"",
+                self.version
+            )
+        })
+    }
+
     /// Why this server may drop anchorflow's bookkeeping on its own, if it may: a
     /// policy that evicts keys without a time to live.
     pub fn may_evict_bookkeeping(&self) -> Option<String> {
@@ -95,6 +123,18 @@ mod tests {
                 ..info.clone()
             };
             assert_eq!(info.may_evict_bookkeeping(), None, "{safe}");
+        }
+        for (version, lacks) in [
+            ("7.0.15", false),
+            ("8.2.1", false),
+            ("6.2.14", true),
+            ("", false),
+        ] {
+            let info = ServerInfo {
+                version: version.into(),
+                ..ServerInfo::default()
+            };
+            assert_eq!(info.lacks_transactions().is_some(), lacks, "{version}");
         }
     }
 }

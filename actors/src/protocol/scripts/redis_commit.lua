@@ -1,4 +1,4 @@
--- The Redis sink's commit, after args.lua and fence_check.lua (protocol/scripts.rs:
+-- The Redis sink's commit, after args.lua, fence_check.lua and conflicts.lua (protocol/scripts.rs:
 -- CommitArgs builds its arguments). KEYS[3] is the open-window hash, KEYS[4] the
 -- conflicts hash.
 --
@@ -261,24 +261,16 @@ local function tail(apply)
   end
 end
 
--- The reply of an applied script, `{0, ops, conflicts[, key, reason, lost]…}`, after
--- recording the conflicts in KEYS[4].
+-- The reply of an applied script, `{0, ops, conflicts[, key, reason, lost]…}` (the
+-- first 100), after recording the conflicts in KEYS[4].
 local function applied_reply()
+  record_conflicts(KEYS[4], conflicts_ttl, conflicts)
   local reply = {0, ops, #conflicts}
-  for c, found in ipairs(conflicts) do
-    local field = found[2] .. ' ' .. found[1]
-    if redis.call('HEXISTS', KEYS[4], field) == 0 and redis.call('HLEN', KEYS[4]) >= 10000 then
-      field = found[2] .. ' (more keys)'
-    end
-    redis.call('HINCRBY', KEYS[4], field, found[3])
-    if c <= 100 then
-      reply[#reply + 1] = found[1]
-      reply[#reply + 1] = found[2]
-      reply[#reply + 1] = found[3]
-    end
-  end
-  if #conflicts > 0 then
-    redis.call('PEXPIRE', KEYS[4], conflicts_ttl)
+  for c = 1, math.min(#conflicts, 100) do
+    local found = conflicts[c]
+    reply[#reply + 1] = found[1]
+    reply[#reply + 1] = found[2]
+    reply[#reply + 1] = found[3]
   end
   return reply
 end

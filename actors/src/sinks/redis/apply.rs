@@ -1,5 +1,5 @@
-//! Applying one commit plan (`commit.rs`) to Redis, script by script, each once: what
-//! a script's reply means (applied, applied before its reply was lost, refused by the
+//! Applying one commit plan (`commit.rs`) to Redis, script by script (a Lua script or a
+//! transaction, `transaction.rs`), each once: what a script's reply means (applied, applied before its reply was lost, refused by the
 //! fence check), the budgets it teaches, and why an attempt stopped. The sink
 //! (`redis_sink.rs`) runs an attempt beside its mailbox and keeps the commit in flight
 //! across its restarts.
@@ -15,7 +15,7 @@ use crate::runtime::fault;
 use crate::sinks::fenced::{on_rejection, SinkShared};
 use crate::sinks::redis::budget::OpsBudget;
 use crate::sinks::redis::client::SinkConnection;
-use crate::sinks::redis::commit::CommitPlan;
+use crate::sinks::redis::commit::{Body, CommitPlan};
 use crate::sinks::redis::conflicts::report_conflicts;
 
 /// The commit being applied; it survives a restart of the sink, which resumes it.
@@ -57,7 +57,12 @@ impl Committer {
                 fault::point_or_hold(fault::BEFORE_SERIES_UNSTAGE).await;
             }
             let started = Instant::now();
-            let reply = match link.apply(&self.shared.keys, &script.args).await {
+            let keys = &self.shared.keys;
+            let attempt = match &script.body {
+                Body::Lua(args) => link.apply(keys, args).await,
+                Body::Transaction(tx) => link.transact(keys, tx).await,
+            };
+            let reply = match attempt {
                 Ok(reply) => reply,
                 Err(error) => return Err(Stop::Failed(error)),
             };

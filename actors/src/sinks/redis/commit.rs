@@ -36,6 +36,7 @@ use crate::protocol::keys::{FenceKeys, KeyLayout, RESERVED_PREFIX, SERIES_KEY_PR
 use crate::protocol::scripts::Args;
 use crate::protocol::staged::{staged_batch, SeriesPart, UnstageArgs};
 use crate::protocol::units::unit_of;
+use crate::sinks::redis::transaction::{Commit, Transaction};
 
 /// When each kind of key expires, for one commit (hashes: milliseconds after the write).
 #[derive(Clone, Copy, Debug)]
@@ -51,13 +52,33 @@ pub struct Ttls {
     pub conflicts_ms: i64,
 }
 
-/// One script invocation of a commit.
+/// One script of a commit: a Lua script's arguments, or the same writes as a
+/// transaction (`redis.commit`).
 #[derive(Debug)]
 pub struct Script {
     pub mode: Mode,
-    pub args: Args,
+    pub body: Body,
     /// Writes it carries (for the budget's calibration).
     pub ops: usize,
+}
+
+/// How a script's writes are sent.
+#[derive(Debug)]
+pub enum Body {
+    /// `redis_commit.lua`'s arguments.
+    Lua(Args),
+    /// `WATCH`/`MULTI`/`EXEC` of plain commands (`transaction.rs`).
+    Transaction(Transaction),
+}
+
+impl Script {
+    /// The script's arguments, when it is one.
+    pub fn args(&self) -> Option<&Args> {
+        match &self.body {
+            Body::Lua(args) => Some(args),
+            Body::Transaction(_) => None,
+        }
+    }
 }
 
 /// A checkpoint's commit: its ranges and the scripts that apply it, in order.
@@ -84,6 +105,12 @@ pub struct CommitInput<'a> {
     /// Most series fields one `unstage` script may carry (their cost per field is
     /// measured apart: about three times a list push's, `docs/benchmarks.md`).
     pub unstage_fields: usize,
+    /// Part and final scripts as transactions (`redis.commit`); `unstage` scripts are
+    /// always Lua (each pops what it applied, atomically).
+    pub transactions: bool,
+    /// The sink's estimate of Redis's clock, in Unix ms: the day end receiver lists
+    /// are built for (a transaction checks it against Redis's clock before it runs).
+    pub now_ms: i64,
 }
 
 /// Everything the shards flushed for one checkpoint, merged by key.
@@ -227,20 +254,38 @@ pub fn plan(input: &CommitInput<'_>, flushes: Vec<ShardFlush>) -> Option<CommitP
             });
             let ops = units.iter().map(|(_, u)| u.ops()).sum::<usize>()
                 + if tail.is_some() { final_ops } else { 0 };
-            let args = CommitArgs {
-                checkpoint: spec.id,
-                ranges: &ranges,
-                mode,
-                units_prefix: &input.keys.units_prefix,
-                conflicts_ttl_ms: input.ttls.conflicts_ms,
-                units: &units,
-                tail,
+            let body = if input.transactions {
+                let commit = Commit {
+                    checkpoint: spec.id,
+                    ranges: ranges.clone(),
+                    mode,
+                    refused: if tail.is_some() {
+                        refused.clone()
+                    } else {
+                        Vec::new()
+                    },
+                    conflicts_ttl_ms: input.ttls.conflicts_ms,
+                };
+                Body::Transaction(Transaction::build(
+                    commit,
+                    &units,
+                    tail.as_ref(),
+                    input.keys,
+                    input.now_ms,
+                ))
+            } else {
+                let args = CommitArgs {
+                    checkpoint: spec.id,
+                    ranges: &ranges,
+                    mode,
+                    units_prefix: &input.keys.units_prefix,
+                    conflicts_ttl_ms: input.ttls.conflicts_ms,
+                    units: &units,
+                    tail,
+                };
+                Body::Lua(args.encode())
             };
-            Script {
-                mode,
-                args: args.encode(),
-                ops,
-            }
+            Script { mode, body, ops }
         })
         .collect();
     if let Some(list) = &staged_list {
@@ -296,14 +341,16 @@ fn unstages(input: &CommitInput<'_>, checkpoint: u64, list: &str, counts: &[usiz
         .iter()
         .map(|fields| Script {
             mode: Mode::Unstage,
-            args: UnstageArgs {
-                checkpoint,
-                units_prefix: &input.keys.units_prefix,
-                conflicts_ttl_ms: input.ttls.conflicts_ms,
-                list,
-                pending: &input.keys.staged,
-            }
-            .encode(),
+            body: Body::Lua(
+                UnstageArgs {
+                    checkpoint,
+                    units_prefix: &input.keys.units_prefix,
+                    conflicts_ttl_ms: input.ttls.conflicts_ms,
+                    list,
+                    pending: &input.keys.staged,
+                }
+                .encode(),
+            ),
             ops: *fields,
         })
         .collect()
@@ -460,6 +507,8 @@ mod tests {
             keys,
             budget_ops: budget,
             unstage_fields: budget,
+            transactions: false,
+            now_ms: 0,
         }
     }
 
@@ -509,7 +558,7 @@ mod tests {
         // merged into it.
         let mut pushed: BTreeMap<String, usize> = BTreeMap::new();
         for script in &big.scripts {
-            for arg in script.args.iter() {
+            for arg in script.args().unwrap().iter() {
                 if arg.starts_with("user") {
                     *pushed.entry(arg.to_string()).or_default() += 1;
                 }
@@ -517,7 +566,12 @@ mod tests {
         }
         assert_eq!(pushed.len(), 400);
         assert!(pushed.values().all(|n| *n == 1));
-        let script = big.scripts[0].args.iter().nth(11).unwrap_or_default();
+        let script = big.scripts[0]
+            .args()
+            .unwrap()
+            .iter()
+            .nth(11)
+            .unwrap_or_default();
         assert_eq!(
             script, "part",
             "after sink, checkpoint, count and two ranges of four"
@@ -570,7 +624,7 @@ mod tests {
         let list = keys.staged_list(0, 1, 1);
         assert!(unstages
             .iter()
-            .all(|s| s.args.iter().nth(6) == Some(list.as_str())));
+            .all(|s| s.args().unwrap().iter().nth(6) == Some(list.as_str())));
         let fields: Vec<usize> = unstages.iter().map(|s| s.ops).collect();
         assert_eq!(fields, vec![100, 100, 50], "batches of the unstage budget");
         // The final carries the batches: two series keys of 125 fields, the second
@@ -578,7 +632,8 @@ mod tests {
         let batches: Vec<serde_json::Value> = last_part
             .last()
             .unwrap()
-            .args
+            .args()
+            .unwrap()
             .iter()
             .filter(|a| a.starts_with("[["))
             .map(|a| serde_json::from_str(a).unwrap())

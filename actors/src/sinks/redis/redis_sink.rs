@@ -50,7 +50,7 @@ use actix::prelude::*;
 use tracing::{debug, error};
 
 use crate::checkpoint::driver::SinkAcks;
-use crate::config::RedisConfig;
+use crate::config::{CommitMode, RedisConfig};
 use crate::logic::tables::end_of_day_ms;
 use crate::messages::ShardFlush;
 use crate::metrics::SinkLabel;
@@ -191,6 +191,10 @@ impl RedisSink {
             self.budget.ops(),
             self.unstage_budget.ops(),
         );
+        let (transactions, now_ms) = (
+            self.config.commit == CommitMode::Transaction,
+            self.clock.now_ms(),
+        );
         self.planning = true;
         let sink = ctx.address();
         actix::spawn(async move {
@@ -203,6 +207,8 @@ impl RedisSink {
                     keys: &keys,
                     budget_ops,
                     unstage_fields,
+                    transactions,
+                    now_ms,
                 };
                 let plan = commit::plan(&input, flushes);
                 let took_ms = started.elapsed().as_millis() as u64;
