@@ -56,6 +56,38 @@ impl std::fmt::Display for Expiry {
     }
 }
 
+/// How close to a day's end a transaction (`sinks/redis/transaction.rs`) with receiver
+/// lists may start: closer, it
+/// waits until this long past it. Also how long before the day's end its deadline key
+/// expires.
+pub const DAY_END_MARGIN_MS: i64 = 1_000;
+
+pub const DAY_MS: i64 = 86_400_000;
+
+/// The instant a list written at `now_ms` expires at, for `Expiry::DayEnd(ends)`: the
+/// first of `ends` still ahead, whole days after the second past both (as
+/// `redis_commit.lua`'s `ttl_of`).
+pub fn day_end_at(ends: [i64; 2], now_ms: i64) -> i64 {
+    let mut at = if ends[0] > now_ms { ends[0] } else { ends[1] };
+    if at <= now_ms {
+        at += (now_ms - at) / DAY_MS * DAY_MS + DAY_MS;
+    }
+    at
+}
+
+/// How long a transaction with lists expiring at `ends`, about to start at `now_ms`,
+/// waits first: until [`DAY_END_MARGIN_MS`] past the day end when it is nearer than
+/// twice that; then the day end it uses.
+pub fn day_end_wait(ends: [i64; 2], now_ms: i64) -> (i64, i64) {
+    let at = day_end_at(ends, now_ms);
+    if at - now_ms < 2 * DAY_END_MARGIN_MS {
+        let wait = at - now_ms + DAY_END_MARGIN_MS;
+        (wait, day_end_at(ends, now_ms + wait))
+    } else {
+        (0, at)
+    }
+}
+
 /// One list write: values to push (oldest first) and when the key expires. The key
 /// (prefix and id) is held inline up to 24 bytes, as receivers' are: no allocation per
 /// list.
@@ -244,6 +276,23 @@ pub fn commit_command(script: &redis::Script, keys: &FenceKeys, args: &Args) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn day_ends_are_the_first_ahead_and_near_midnight_wait_past_it() {
+        let ends = [10 * DAY_MS, 11 * DAY_MS];
+        assert_eq!(day_end_at(ends, 10 * DAY_MS - 5), 10 * DAY_MS);
+        assert_eq!(day_end_at(ends, 10 * DAY_MS), 11 * DAY_MS);
+        assert_eq!(day_end_at(ends, 11 * DAY_MS + 3), 12 * DAY_MS);
+        assert_eq!(day_end_at(ends, 13 * DAY_MS), 14 * DAY_MS);
+        assert_eq!(day_end_wait(ends, 9 * DAY_MS), (0, 10 * DAY_MS));
+        let near = 10 * DAY_MS - DAY_END_MARGIN_MS;
+        assert_eq!(
+            day_end_wait(ends, near),
+            (2 * DAY_END_MARGIN_MS, 11 * DAY_MS),
+            "a second before midnight: wait until a second after, then the next day"
+        );
+    }
+
     use crate::logic::decode::TraceValue;
     use crate::protocol::scripts::END;
 

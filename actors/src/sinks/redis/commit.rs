@@ -254,37 +254,7 @@ pub fn plan(input: &CommitInput<'_>, flushes: Vec<ShardFlush>) -> Option<CommitP
             });
             let ops = units.iter().map(|(_, u)| u.ops()).sum::<usize>()
                 + if tail.is_some() { final_ops } else { 0 };
-            let body = if input.transactions {
-                let commit = Commit {
-                    checkpoint: spec.id,
-                    ranges: ranges.clone(),
-                    mode,
-                    refused: if tail.is_some() {
-                        refused.clone()
-                    } else {
-                        Vec::new()
-                    },
-                    conflicts_ttl_ms: input.ttls.conflicts_ms,
-                };
-                Body::Transaction(Transaction::build(
-                    commit,
-                    &units,
-                    tail.as_ref(),
-                    input.keys,
-                    input.now_ms,
-                ))
-            } else {
-                let args = CommitArgs {
-                    checkpoint: spec.id,
-                    ranges: &ranges,
-                    mode,
-                    units_prefix: &input.keys.units_prefix,
-                    conflicts_ttl_ms: input.ttls.conflicts_ms,
-                    units: &units,
-                    tail,
-                };
-                Body::Lua(args.encode())
-            };
+            let body = script_body(input, spec.id, &ranges, mode, &units, tail);
             Script { mode, body, ops }
         })
         .collect();
@@ -297,6 +267,40 @@ pub fn plan(input: &CommitInput<'_>, flushes: Vec<ShardFlush>) -> Option<CommitP
         scripts,
         refused,
     })
+}
+
+/// One script's writes as the sink sends them: a transaction or a Lua script's
+/// arguments (`CommitInput::transactions`).
+fn script_body(
+    input: &CommitInput<'_>,
+    checkpoint: u64,
+    ranges: &[FenceRange],
+    mode: Mode,
+    units: &[(u16, UnitWrites)],
+    tail: Option<FinalTail<'_>>,
+) -> Body {
+    if input.transactions {
+        let commit = Commit {
+            checkpoint,
+            ranges: ranges.to_vec(),
+            mode,
+            refused: tail.map(|t| t.refused.to_vec()).unwrap_or_default(),
+            conflicts_ttl_ms: input.ttls.conflicts_ms,
+        };
+        let tx = Transaction::build(commit, units, tail.as_ref(), input.keys, input.now_ms);
+        Body::Transaction(tx)
+    } else {
+        let args = CommitArgs {
+            checkpoint,
+            ranges,
+            mode,
+            units_prefix: &input.keys.units_prefix,
+            conflicts_ttl_ms: input.ttls.conflicts_ms,
+            units,
+            tail,
+        };
+        Body::Lua(args.encode())
+    }
 }
 
 /// Redis's work for the series in a final script: the writes of those it applies, and

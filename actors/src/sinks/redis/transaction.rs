@@ -13,25 +13,12 @@
 //!    read (another sink's commit, a claim): otherwise `EXEC` answers nil, nothing was
 //!    written, and the round trips start over.
 //!
-//! The guarantees the script gives hold:
-//! - **Fenced.** Applied only if every range starts at its fence under its epoch, as
-//!   read under `WATCH`; a retry of a transaction that applied finds the fences at its
-//!   ends and writes nothing.
-//! - **Whole or not at all under memory pressure.** Redis refuses `EXEC` of a
-//!   transaction with a write in it whole when it is at `maxmemory` (`EXECABORT`),
-//!   and the attempt fails like any other: nothing written, retried.
-//! - **Refused writes are reported.** `EXEC` answers every command; a write Redis
-//!   refused (a key of another type, a field that is not a number) changed nothing and
-//!   is a conflict, recorded in the conflicts hash right after `EXEC`. Unlike the
-//!   script, the transaction still sets such a key's time to live (as austin's own
-//!   writes do); and a crash between `EXEC` and that record loses the record, never data.
-//! - **Receiver lists expire at their day's end by Redis's clock.** They get an
-//!   absolute `PEXPIREAT`, chosen by Redis's time at step 1. A transaction that ran
-//!   after that instant would delete the lists, so step 1 also sets a *deadline* key
-//!   that expires just before it and watches it: Redis (7.0 and later) aborts an `EXEC`
-//!   whose watched key expired. Within [`DAY_END_MARGIN_MS`] of midnight a commit
-//!   waits until just past it, and then belongs to the new day, as a script run after
-//!   midnight does.
+//! What the script guarantees, the transaction keeps, step by step: the fence check,
+//! out of memory, refused writes, keys of another type (found first, by
+//! `client/transact.rs`, and left out whole), and receiver lists that expire at their
+//! day's end by Redis's clock (an absolute `PEXPIREAT`, guarded by a watched deadline
+//! key): `docs/exactly-once.md`, "Transactions". The commands are built in
+//! `transaction/builder.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
@@ -40,20 +27,16 @@ use anyhow::Context as _;
 use redis::Value;
 
 use crate::checkpoint::claim::{FenceRange, SinkKind};
-use crate::protocol::commit_args::{Expiry, FinalTail, HashWrite, ListWrite, Mode, UnitWrites};
-use crate::protocol::keys::{series_field, FenceKeys};
+use crate::protocol::commit_args::{day_end_at, FinalTail, Mode, UnitWrites};
+use crate::protocol::keys::FenceKeys;
 use crate::protocol::reply::Conflict;
 use crate::protocol::verdict::{self, StoredFence};
 
-/// How close to a day's end a transaction with receiver lists may start: closer, it
-/// waits until this long past it. Also how long before the day's end its deadline key
-/// expires.
-pub const DAY_END_MARGIN_MS: i64 = 1_000;
+mod builder;
+use builder::{expire_at, Builder};
 
 /// Values per `LPUSH` or `RPUSH` (as the script pushes them).
 const PUSH_CHUNK: usize = 1_000;
-
-const DAY_MS: i64 = 86_400_000;
 
 /// What one command of a transaction is, to read its answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,137 +86,6 @@ pub fn key_hash(key: &[u8]) -> u64 {
     let mut hasher = rustc_hash::FxHasher::default();
     key.hash(&mut hasher);
     hasher.finish()
-}
-
-/// The instant a list written at `now_ms` expires at, for `Expiry::DayEnd(ends)`: the
-/// first of `ends` still ahead, whole days after the second past both (as
-/// `redis_commit.lua`'s `ttl_of`).
-pub fn day_end_at(ends: [i64; 2], now_ms: i64) -> i64 {
-    let mut at = if ends[0] > now_ms { ends[0] } else { ends[1] };
-    if at <= now_ms {
-        at += (now_ms - at) / DAY_MS * DAY_MS + DAY_MS;
-    }
-    at
-}
-
-/// How long a transaction with lists expiring at `ends`, about to start at `now_ms`,
-/// waits first: until [`DAY_END_MARGIN_MS`] past the day end when it is nearer than
-/// twice that; then the day end it uses.
-pub fn day_end_wait(ends: [i64; 2], now_ms: i64) -> (i64, i64) {
-    let at = day_end_at(ends, now_ms);
-    if at - now_ms < 2 * DAY_END_MARGIN_MS {
-        let wait = at - now_ms + DAY_END_MARGIN_MS;
-        (wait, day_end_at(ends, now_ms + wait))
-    } else {
-        (0, at)
-    }
-}
-
-#[derive(Default)]
-struct Builder {
-    commands: Vec<redis::Cmd>,
-    entries: Vec<Entry>,
-    keys: Vec<KeyWrites>,
-    value: String,
-}
-
-impl Builder {
-    fn push(&mut self, command: redis::Cmd, entry: Entry) {
-        self.commands.push(command);
-        self.entries.push(entry);
-    }
-
-    fn key(&mut self, key: &[u8], list: bool, first: usize, lost: i64) {
-        self.keys.push(KeyWrites {
-            hash: key_hash(key),
-            list,
-            commands: first..self.commands.len(),
-            lost,
-        });
-    }
-
-    fn list(&mut self, list: &ListWrite, now_ms: i64) {
-        let first = self.commands.len();
-        for chunk in list.values.chunks(PUSH_CHUNK) {
-            let mut command =
-                redis::Cmd::with_capacity(chunk.len() + 2, list.key.len() + chunk.len() * 64);
-            command.arg("LPUSH").arg(list.key.as_str());
-            for value in chunk {
-                self.value.clear();
-                value.write_json(&mut self.value);
-                command.arg(self.value.as_str());
-            }
-            self.push(command, Entry::Push(chunk.len()));
-        }
-        match list.expiry {
-            Expiry::After(ms) => {
-                let mut command = redis::cmd("PEXPIRE");
-                command.arg(list.key.as_str()).arg(ms);
-                self.push(command, Entry::Expire);
-            }
-            Expiry::DayEnd(ends) => {
-                let at = day_end_at(ends, now_ms);
-                self.push(
-                    expire_at(list.key.as_bytes(), at),
-                    Entry::DayEnd { ends, at },
-                );
-            }
-        }
-        self.key(list.key.as_bytes(), true, first, list.values.len() as i64);
-    }
-
-    fn hash(&mut self, hash: &HashWrite) {
-        let first = self.commands.len();
-        for (field, n) in &hash.fields {
-            let mut command = redis::cmd("HINCRBY");
-            command.arg(&hash.key).arg(field).arg(*n);
-            self.push(command, Entry::Incr(*n));
-        }
-        let mut command = redis::cmd("PEXPIRE");
-        command.arg(&hash.key).arg(hash.ttl_ms);
-        self.push(command, Entry::Expire);
-        let lost = hash.fields.iter().map(|(_, n)| n).sum();
-        self.key(hash.key.as_bytes(), false, first, lost);
-    }
-
-    fn unit(&mut self, unit: &UnitWrites, now_ms: i64) {
-        for list in &unit.lists {
-            self.list(list, now_ms);
-        }
-        for hash in &unit.hashes {
-            self.hash(hash);
-        }
-    }
-
-    fn tail(&mut self, tail: &FinalTail<'_>, keys: &FenceKeys) {
-        for hash in tail.series {
-            self.hash(hash);
-        }
-        if let Some(staged) = tail.staged.filter(|s| !s.batches.is_empty()) {
-            for chunk in staged.batches.chunks(PUSH_CHUNK) {
-                let mut command = redis::cmd("RPUSH");
-                command.arg(staged.list).arg(chunk);
-                self.push(command, Entry::Bookkeeping);
-            }
-            let mut command = redis::cmd("SADD");
-            command.arg(staged.pending).arg(staged.list);
-            self.push(command, Entry::Bookkeeping);
-        }
-        if !tail.windows.is_empty() {
-            let mut command = redis::cmd("HSET");
-            command.arg(&keys.windows);
-            for (partition, state) in tail.windows {
-                command.arg(series_field(*partition)).arg(state);
-            }
-            self.push(command, Entry::Bookkeeping);
-        }
-    }
-}
-
-fn expire_at(key: &[u8], at: i64) -> redis::Cmd {
-    let mut command = redis::cmd("PEXPIREAT");
-    command.arg(key).arg(at);
-    command
 }
 
 /// The key a command writes (its first argument).
@@ -535,7 +387,8 @@ impl Transaction {
     /// Reads `EXEC`'s answers: `sent` are the indexes of the commands step 2 sent,
     /// first in it; what follows them is anchorflow's bookkeeping, whose refusal is
     /// reported as a conflict too (it cannot be undone: the fences moved with it).
-    /// The `foreign` keys, left out, are conflicts with all they carried.
+    /// The `foreign` keys, left out, are conflicts with all they carried, and so are a
+    /// final's keys refused at planning (`reserved_key`).
     pub fn outcome(&self, sent: &[usize], answers: &[Value], foreign: &BTreeSet<usize>) -> Outcome {
         let mut outcome = Outcome::default();
         for &k in foreign {
@@ -578,6 +431,14 @@ impl Transaction {
                 }),
             }
         }
+        if self.commit.mode == Mode::Final {
+            let refused = self.commit.refused.iter().map(|(key, lost)| Conflict {
+                key: key.clone(),
+                reason: "reserved_key".into(),
+                lost: *lost,
+            });
+            outcome.conflicts.extend(refused);
+        }
         outcome
     }
 }
@@ -586,6 +447,7 @@ impl Transaction {
 mod tests {
     use super::*;
     use crate::logic::decode::TraceValue;
+    use crate::protocol::commit_args::{Expiry, HashWrite, ListWrite, DAY_MS};
     use std::collections::BTreeMap;
 
     fn value(timestamp: i64) -> TraceValue {
@@ -594,22 +456,6 @@ mod tests {
             business_id: 9,
             timestamp,
         }
-    }
-
-    #[test]
-    fn day_ends_are_the_first_ahead_and_near_midnight_wait_past_it() {
-        let ends = [10 * DAY_MS, 11 * DAY_MS];
-        assert_eq!(day_end_at(ends, 10 * DAY_MS - 5), 10 * DAY_MS);
-        assert_eq!(day_end_at(ends, 10 * DAY_MS), 11 * DAY_MS);
-        assert_eq!(day_end_at(ends, 11 * DAY_MS + 3), 12 * DAY_MS);
-        assert_eq!(day_end_at(ends, 13 * DAY_MS), 14 * DAY_MS);
-        assert_eq!(day_end_wait(ends, 9 * DAY_MS), (0, 10 * DAY_MS));
-        let near = 10 * DAY_MS - DAY_END_MARGIN_MS;
-        assert_eq!(
-            day_end_wait(ends, near),
-            (2 * DAY_END_MARGIN_MS, 11 * DAY_MS),
-            "a second before midnight: wait until a second after, then the next day"
-        );
     }
 
     fn units() -> Vec<(u16, UnitWrites)> {
