@@ -264,7 +264,8 @@ pub struct RedisConfig {
     /// How a commit's writes reach Redis: `script` (the default) as Lua scripts that
     /// check the fences themselves; `transaction` as `WATCH`/`MULTI`/`EXEC` of plain
     /// commands, fenced by what was read under `WATCH` (Redis 7.0 or later), which
-    /// costs Redis less CPU per event and anchorflow more (`docs/exactly-once.md`,
+    /// costs Redis less CPU per event and anchorflow more, and on Redis-heavy data
+    /// exceeds the memory budget: for trials only (`docs/exactly-once.md`,
     /// `docs/benchmarks.md`).
     pub commit: CommitMode,
 }
