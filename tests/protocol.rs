@@ -964,6 +964,53 @@ fn a_split_commit_leaves_unit_fences_until_its_final_script() {
     });
 }
 
+/// The sink keeps two parts of a split commit outstanding, so they may apply in any
+/// order, and a crash may leave a later part applied and an earlier one not: the claim
+/// returns the later part's unit fences, a replay leaves its units out, and every list
+/// holds its values once.
+#[test]
+fn the_parts_of_a_split_commit_apply_in_any_order() {
+    in_both_modes(|| {
+        let (mut conn, keys) = fresh_db(19);
+        claim_fresh(&mut conn, &keys, &[0], 0);
+        let receivers = receivers(300);
+        let refs: Vec<&str> = receivers.iter().map(String::as_str).collect();
+        let split = plan(&keys, &[range(0, 1, 0, 50)], 1, &refs, 120);
+        let (_, parts) = split.scripts.split_last().unwrap();
+        assert!(parts.len() >= 3, "{} scripts", split.scripts.len());
+        let last = parts.last().unwrap();
+        assert!(matches!(run(&mut conn, &keys, last), Reply::Applied { .. }));
+        let claimed = fences::claim(&mut conn, &keys, &[0], |_| panic!("fences exist")).unwrap();
+        assert_eq!(claimed[&0].claim.redis, 0);
+        let fenced = &claimed[&0].unit_fences;
+        let left: Vec<&str> = refs
+            .iter()
+            .copied()
+            .filter(|key| !fenced.contains_key(&unit_of(key.as_bytes())))
+            .collect();
+        assert!(!left.is_empty() && left.len() < refs.len());
+        // The new owner's replay, split too, runs its parts last first.
+        let epoch = claimed[&0].claim.epoch;
+        let replay = plan(&keys, &[range(0, epoch, 0, 50)], 1, &left, 120);
+        let (final_script, parts) = replay.scripts.split_last().unwrap();
+        assert!(parts.len() >= 2, "{} scripts", replay.scripts.len());
+        for part in parts.iter().rev() {
+            assert!(matches!(run(&mut conn, &keys, part), Reply::Applied { .. }));
+        }
+        assert!(matches!(
+            run(&mut conn, &keys, final_script),
+            Reply::Applied { .. }
+        ));
+        for key in &refs {
+            let len: i64 = redis::cmd("LLEN").arg(key).query(&mut conn).unwrap();
+            assert_eq!(len, 1, "{key}");
+        }
+        let claimed = fences::claim(&mut conn, &keys, &[0], |_| panic!("fences exist")).unwrap();
+        assert_eq!(claimed[&0].claim.redis, 50);
+        assert!(claimed[&0].unit_fences.is_empty());
+    });
+}
+
 /// A part stores its unit fence once per partition, over the run of units it carries
 /// (`first-last`): a few fields per checkpoint, not one per unit and partition. A claim
 /// returns one fence per unit of every run ahead of the Redis fence, the highest where

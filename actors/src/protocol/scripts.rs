@@ -139,10 +139,24 @@ impl Args {
 
     /// Each argument, in order.
     pub fn iter(&self) -> impl Iterator<Item = &str> + '_ {
-        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        self.range(0..self.ends.len())
+    }
+
+    /// The arguments at positions `range`, in order.
+    pub fn range(&self, range: std::ops::Range<usize>) -> impl Iterator<Item = &str> + '_ {
+        let first = match range.start {
+            0 => 0,
+            n => self.ends[n - 1],
+        };
+        let starts = std::iter::once(first).chain(self.ends[range.clone()].iter().copied());
         starts
-            .zip(self.ends.iter().copied())
+            .zip(self.ends[range].iter().copied())
             .map(|(start, end)| &self.text[start..end])
+    }
+
+    /// The heap it holds, in bytes.
+    pub fn heap_bytes(&self) -> usize {
+        self.text.capacity() + self.ends.capacity() * std::mem::size_of::<usize>()
     }
 
     pub fn len(&self) -> usize {

@@ -25,6 +25,9 @@ use crate::runtime::health::Health;
 mod transact;
 use rustc_hash::FxHashSet;
 
+/// A commit script's answer to come ([`SinkConnection::send`]).
+pub type Sent = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<redis::Value>>>>;
+
 /// How often Redis's clock is read again (it is also read on every new connection).
 const CLOCK_CHECK: Duration = Duration::from_secs(60);
 
@@ -153,13 +156,7 @@ impl SinkConnection {
         what: &str,
         step: impl std::future::Future<Output = anyhow::Result<T>>,
     ) -> anyhow::Result<T> {
-        let result = match tokio::time::timeout(self.timeout, step).await {
-            Ok(result) => result.with_context(|| what.to_string()),
-            Err(_) => Err(anyhow::anyhow!(
-                "redis did not answer within {:?} ({what})",
-                self.timeout
-            )),
-        };
+        let result = within(self.timeout, what, step).await;
         if result.is_err() {
             self.conn = None;
         }
@@ -218,11 +215,27 @@ impl SinkConnection {
     /// One attempt at one commit script: connect if needed, read the clock when due,
     /// run the script.
     pub async fn apply(&mut self, keys: &FenceKeys, args: &Args) -> anyhow::Result<Reply> {
+        let sent = self.send(keys, args).await?;
+        let value = sent.await;
+        if value.is_err() {
+            self.reset();
+        }
+        reply::parse(&value?)
+    }
+
+    /// Sends one commit script (connecting if needed, reading the clock when due) and
+    /// returns its answer to come, bounded by the deadline, which owns what it needs:
+    /// several can be outstanding on the connection. On its failure the caller drops
+    /// the connection ([`SinkConnection::reset`]), as for any step.
+    pub async fn send(&mut self, keys: &FenceKeys, args: &Args) -> anyhow::Result<Sent> {
         let mut conn = self.prepare().await?;
         let script = self.script.clone();
-        let value = self
-            .bounded("running the commit script", async move {
-                let command = commit_args::commit_command(&script, keys, args);
+        let command = commit_args::commit_command(&script, keys, args);
+        let timeout = self.timeout;
+        Ok(Box::pin(within(
+            timeout,
+            "running the commit script",
+            async move {
                 match command.query_async(&mut conn).await {
                     Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                         script.load_async(&mut conn).await?;
@@ -230,8 +243,21 @@ impl SinkConnection {
                     }
                     reply => Ok(reply?),
                 }
-            })
-            .await?;
-        reply::parse(&value)
+            },
+        )))
+    }
+}
+
+/// `step`, failed if it takes longer than `timeout`.
+async fn within<T>(
+    timeout: Duration,
+    what: &str,
+    step: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    match tokio::time::timeout(timeout, step).await {
+        Ok(result) => result.with_context(|| what.to_string()),
+        Err(_) => Err(anyhow::anyhow!(
+            "redis did not answer within {timeout:?} ({what})"
+        )),
     }
 }

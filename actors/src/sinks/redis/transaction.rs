@@ -33,7 +33,9 @@ use crate::protocol::reply::Conflict;
 use crate::protocol::verdict::{self, StoredFence};
 
 mod builder;
+mod commands;
 use builder::{expire_at, Builder};
+use commands::Commands;
 
 /// Values per `LPUSH` or `RPUSH` (as the script pushes them).
 const PUSH_CHUNK: usize = 1_000;
@@ -42,12 +44,13 @@ const PUSH_CHUNK: usize = 1_000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Entry {
     /// `LPUSH` of this many values.
-    Push(usize),
+    Push(u32),
     /// `PEXPIRE` of the key written before it.
     Expire,
-    /// `PEXPIREAT` at the first of these day ends still ahead when it runs; built for
-    /// `at`.
-    DayEnd { ends: [i64; 2], at: i64 },
+    /// `PEXPIREAT` at the first day end still ahead when it runs, of the pair
+    /// [`Transaction::day_ends`] holds at this index (with the instant it was built
+    /// for).
+    DayEnd(u32),
     /// `HINCRBY` by this much.
     Incr(i64),
     /// anchorflow's own keys (window states, staged series).
@@ -59,10 +62,13 @@ enum Entry {
 #[derive(Debug)]
 pub struct Transaction {
     pub commit: Commit,
-    commands: Vec<redis::Cmd>,
+    commands: Commands,
+    /// How to read each command's answer.
     entries: Vec<Entry>,
+    /// The day ends of the lists, each with the instant its `PEXPIREAT` was built for.
+    day_ends: Vec<([i64; 2], i64)>,
     /// The script's units in order, each with the range of its commands.
-    units: Vec<(u16, Range<usize>)>,
+    units: Vec<(u16, Range<u32>)>,
     /// Every data key written, with its commands.
     keys: Vec<KeyWrites>,
 }
@@ -74,7 +80,7 @@ struct KeyWrites {
     hash: u64,
     /// A list (else a hash).
     list: bool,
-    commands: Range<usize>,
+    commands: Range<u32>,
     /// Values (list items or increments) the writes carry.
     lost: i64,
 }
@@ -86,14 +92,6 @@ pub fn key_hash(key: &[u8]) -> u64 {
     let mut hasher = rustc_hash::FxHasher::default();
     key.hash(&mut hasher);
     hasher.finish()
-}
-
-/// The key a command writes (its first argument).
-fn key_of(command: &redis::Cmd) -> String {
-    match command.args_iter().nth(1) {
-        Some(redis::Arg::Simple(key)) => String::from_utf8_lossy(key).into_owned(),
-        _ => String::new(),
-    }
 }
 
 /// A refusal's reason, as `redis_commit.lua`'s `conflict` names it.
@@ -154,9 +152,9 @@ impl Transaction {
         let mut builder = Builder::default();
         let mut spans = Vec::with_capacity(units.len());
         for (id, unit) in units {
-            let first = builder.commands.len();
+            let first = builder.commands.len() as u32;
             builder.unit(unit, now_ms);
-            spans.push((*id, first..builder.commands.len()));
+            spans.push((*id, first..builder.commands.len() as u32));
         }
         if let Some(tail) = tail {
             builder.tail(tail, keys);
@@ -165,6 +163,7 @@ impl Transaction {
             commit,
             commands: builder.commands,
             entries: builder.entries,
+            day_ends: builder.day_ends,
             units: spans,
             keys: builder.keys,
         }
@@ -172,13 +171,16 @@ impl Transaction {
 
     /// The day ends its lists expire at (one per commit in practice).
     pub fn day_ends(&self) -> BTreeSet<[i64; 2]> {
-        self.entries
-            .iter()
-            .filter_map(|entry| match entry {
-                Entry::DayEnd { ends, .. } => Some(*ends),
-                _ => None,
-            })
-            .collect()
+        self.day_ends.iter().map(|(ends, _)| *ends).collect()
+    }
+
+    /// The heap it holds, in bytes: what a plan holds it by until it commits.
+    pub fn heap_bytes(&self) -> usize {
+        use std::mem::size_of;
+        self.commands.heap_bytes()
+            + self.entries.capacity() * size_of::<Entry>()
+            + self.keys.capacity() * size_of::<KeyWrites>()
+            + self.units.capacity() * size_of::<(u16, Range<u32>)>()
     }
 
     fn unit_ids(&self) -> Vec<u16> {
@@ -194,7 +196,7 @@ impl Transaction {
 
     /// The name of key `k`.
     pub fn key_name(&self, k: usize) -> String {
-        key_of(&self.commands[self.keys[k].commands.start])
+        self.commands.key(self.keys[k].commands.start as usize)
     }
 
     /// Whether `TYPE`'s answer for key `k` lets its writes go: none yet, or the type
@@ -221,8 +223,8 @@ impl Transaction {
         self.keys
             .iter()
             .filter(move |key| {
-                sent.contains(&key.commands.start)
-                    && !key.commands.clone().any(|n| refused.contains(&n))
+                let mut commands = key.commands.start as usize..key.commands.end as usize;
+                sent.contains(&commands.start) && !commands.any(|n| refused.contains(&n))
             })
             .map(|key| key.hash)
     }
@@ -320,24 +322,33 @@ impl Transaction {
         let mut pipe = redis::pipe();
         pipe.atomic().ignore_errors();
         let mut sent = Vec::with_capacity(self.commands.len());
-        let skipped: Vec<&Range<usize>> = self
+        let skipped: Vec<&Range<u32>> = self
             .units
             .iter()
             .filter(|(id, _)| skip.contains(id))
             .map(|(_, commands)| commands)
             .chain(foreign.iter().map(|&k| &self.keys[k].commands))
             .collect();
-        for (n, (command, entry)) in self.commands.iter().zip(&self.entries).enumerate() {
-            if skipped.iter().any(|commands| commands.contains(&n)) {
+        for (n, entry) in self.entries.iter().enumerate() {
+            if skipped
+                .iter()
+                .any(|commands| commands.contains(&(n as u32)))
+            {
                 continue;
             }
             match *entry {
-                Entry::DayEnd { ends, at } if day_end_at(ends, read.now_ms) != at => {
-                    let key = key_of(command);
-                    pipe.add_command(expire_at(key.as_bytes(), day_end_at(ends, read.now_ms)));
+                Entry::DayEnd(index) => {
+                    let (ends, at) = self.day_ends[index as usize];
+                    let now_at = day_end_at(ends, read.now_ms);
+                    if now_at == at {
+                        pipe.add_command(self.commands.to_cmd(n));
+                    } else {
+                        let key = self.commands.key(n);
+                        pipe.add_command(expire_at(key.as_bytes(), now_at));
+                    }
                 }
                 _ => {
-                    pipe.add_command(command.clone());
+                    pipe.add_command(self.commands.to_cmd(n));
                 }
             }
             sent.push(n);
@@ -414,7 +425,7 @@ impl Transaction {
                         Entry::Incr(n) => n,
                         _ => 0,
                     };
-                    (key_of(&self.commands[n]), lost)
+                    (self.commands.key(n), lost)
                 }
                 None => (format!("(bookkeeping: {error})"), 0),
             };
@@ -556,6 +567,48 @@ mod tests {
             names(&pipe),
             ["LPUSH", "LPUSH", "LPUSH", "PEXPIRE", "HSET"],
             "unit 3 left out, the span recorded"
+        );
+    }
+
+    /// A plan holds its transactions until they commit, counted in the memory budget
+    /// as a script's arguments are: on keys with one value each (the most commands per
+    /// value), a transaction holds little more than its arguments' bytes.
+    #[test]
+    fn a_transaction_holds_about_the_bytes_of_its_arguments() {
+        let keys = FenceKeys::new("g", "t");
+        let lists = (0..2_000)
+            .map(|n| ListWrite {
+                key: format!("Austin:MessageId:{n:012}").into(),
+                expiry: Expiry::After(259_200_000),
+                values: vec![value(1_700_000_000_000 + n)].into_iter().collect(),
+            })
+            .collect();
+        let units = vec![(
+            0,
+            UnitWrites {
+                lists,
+                hashes: vec![],
+            },
+        )];
+        let tx = Transaction::build(commit(vec![], Mode::Part), &units, None, &keys, DAY_MS);
+        let read = Read {
+            fences: vec![],
+            unit_fences: vec![],
+            now_ms: DAY_MS,
+        };
+        let (pipe, _) = tx.write_step(&keys, &read, &BTreeSet::new(), &BTreeSet::new());
+        let argument_bytes: usize = pipe
+            .cmd_iter()
+            .flat_map(|c| c.args_iter())
+            .map(|a| match a {
+                redis::Arg::Simple(a) => a.len(),
+                _ => 0,
+            })
+            .sum();
+        let held = tx.heap_bytes();
+        assert!(
+            held < 3 * argument_bytes,
+            "{held} bytes held for {argument_bytes} bytes of arguments"
         );
     }
 

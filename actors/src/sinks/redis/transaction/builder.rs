@@ -3,6 +3,7 @@
 //! series, staged series and window states; each command with the [`Entry`] that says
 //! how to read its answer, and each data key with its commands.
 
+use super::commands::Commands;
 use super::{key_hash, Entry, KeyWrites, PUSH_CHUNK};
 use crate::protocol::commit_args::{
     day_end_at, Expiry, FinalTail, HashWrite, ListWrite, UnitWrites,
@@ -11,15 +12,18 @@ use crate::protocol::keys::{series_field, FenceKeys};
 
 #[derive(Default)]
 pub(super) struct Builder {
-    pub(super) commands: Vec<redis::Cmd>,
+    pub(super) commands: Commands,
     pub(super) entries: Vec<Entry>,
+    /// The day ends lists expire at, and the instant built for each
+    /// ([`Entry::DayEnd`] names one by its index).
+    pub(super) day_ends: Vec<([i64; 2], i64)>,
     pub(super) keys: Vec<KeyWrites>,
-    value: String,
 }
 
 impl Builder {
-    fn push(&mut self, command: redis::Cmd, entry: Entry) {
-        self.commands.push(command);
+    /// Closes the command being built, read back as `entry`.
+    fn push(&mut self, entry: Entry) {
+        self.commands.end();
         self.entries.push(entry);
     }
 
@@ -27,7 +31,7 @@ impl Builder {
         self.keys.push(KeyWrites {
             hash: key_hash(key),
             list,
-            commands: first..self.commands.len(),
+            commands: first as u32..self.commands.len() as u32,
             lost,
         });
     }
@@ -35,28 +39,28 @@ impl Builder {
     fn list(&mut self, list: &ListWrite, now_ms: i64) {
         let first = self.commands.len();
         for chunk in list.values.chunks(PUSH_CHUNK) {
-            let mut command =
-                redis::Cmd::with_capacity(chunk.len() + 2, list.key.len() + chunk.len() * 64);
-            command.arg("LPUSH").arg(list.key.as_str());
+            self.commands.start("LPUSH").arg(&list.key);
             for value in chunk {
-                self.value.clear();
-                value.write_json(&mut self.value);
-                command.arg(self.value.as_str());
+                self.commands.value(value);
             }
-            self.push(command, Entry::Push(chunk.len()));
+            self.push(Entry::Push(chunk.len() as u32));
         }
         match list.expiry {
             Expiry::After(ms) => {
-                let mut command = redis::cmd("PEXPIRE");
-                command.arg(list.key.as_str()).arg(ms);
-                self.push(command, Entry::Expire);
+                self.commands.start("PEXPIRE").arg(&list.key).int(ms);
+                self.push(Entry::Expire);
             }
             Expiry::DayEnd(ends) => {
                 let at = day_end_at(ends, now_ms);
-                self.push(
-                    expire_at(list.key.as_bytes(), at),
-                    Entry::DayEnd { ends, at },
-                );
+                let index = match self.day_ends.iter().position(|&(e, _)| e == ends) {
+                    Some(index) => index,
+                    None => {
+                        self.day_ends.push((ends, at));
+                        self.day_ends.len() - 1
+                    }
+                };
+                self.commands.start("PEXPIREAT").arg(&list.key).int(at);
+                self.push(Entry::DayEnd(index as u32));
             }
         }
         self.key(list.key.as_bytes(), true, first, list.values.len() as i64);
@@ -65,13 +69,18 @@ impl Builder {
     fn hash(&mut self, hash: &HashWrite) {
         let first = self.commands.len();
         for (field, n) in &hash.fields {
-            let mut command = redis::cmd("HINCRBY");
-            command.arg(&hash.key).arg(field).arg(*n);
-            self.push(command, Entry::Incr(*n));
+            self.commands
+                .start("HINCRBY")
+                .arg(&hash.key)
+                .arg(field)
+                .int(*n);
+            self.push(Entry::Incr(*n));
         }
-        let mut command = redis::cmd("PEXPIRE");
-        command.arg(&hash.key).arg(hash.ttl_ms);
-        self.push(command, Entry::Expire);
+        self.commands
+            .start("PEXPIRE")
+            .arg(&hash.key)
+            .int(hash.ttl_ms);
+        self.push(Entry::Expire);
         let lost = hash.fields.iter().map(|(_, n)| n).sum();
         self.key(hash.key.as_bytes(), false, first, lost);
     }
@@ -91,21 +100,24 @@ impl Builder {
         }
         if let Some(staged) = tail.staged.filter(|s| !s.batches.is_empty()) {
             for chunk in staged.batches.chunks(PUSH_CHUNK) {
-                let mut command = redis::cmd("RPUSH");
-                command.arg(staged.list).arg(chunk);
-                self.push(command, Entry::Bookkeeping);
+                self.commands.start("RPUSH").arg(staged.list);
+                for batch in chunk {
+                    self.commands.arg(batch);
+                }
+                self.push(Entry::Bookkeeping);
             }
-            let mut command = redis::cmd("SADD");
-            command.arg(staged.pending).arg(staged.list);
-            self.push(command, Entry::Bookkeeping);
+            self.commands
+                .start("SADD")
+                .arg(staged.pending)
+                .arg(staged.list);
+            self.push(Entry::Bookkeeping);
         }
         if !tail.windows.is_empty() {
-            let mut command = redis::cmd("HSET");
-            command.arg(&keys.windows);
+            self.commands.start("HSET").arg(&keys.windows);
             for (partition, state) in tail.windows {
-                command.arg(series_field(*partition)).arg(state);
+                self.commands.arg(&series_field(*partition)).arg(state);
             }
-            self.push(command, Entry::Bookkeeping);
+            self.push(Entry::Bookkeeping);
         }
     }
 }
