@@ -908,17 +908,33 @@ fn a_key_of_another_type_is_a_conflict_not_a_partial_commit() {
     });
 }
 
+/// A fresh database with partition 0 claimed, 300 receivers, and a commit of one
+/// value per receiver over offsets 0..50, split into parts and a final.
+fn split_commit(db: u32) -> (redis::Connection, FenceKeys, Vec<String>, CommitPlan) {
+    let (mut conn, keys) = fresh_db(db);
+    claim_fresh(&mut conn, &keys, &[0], 0);
+    let receivers = receivers(300);
+    let refs: Vec<&str> = receivers.iter().map(String::as_str).collect();
+    let split = plan(&keys, &[range(0, 1, 0, 50)], 1, &refs, 120);
+    (conn, keys, receivers, split)
+}
+
+/// The keys of `refs` whose unit has no fence: what a replay still writes.
+fn unfenced<'a>(refs: &[&'a str], fenced: &BTreeMap<u16, i64>) -> Vec<&'a str> {
+    refs.iter()
+        .copied()
+        .filter(|key| !fenced.contains_key(&unit_of(key.as_bytes())))
+        .collect()
+}
+
 /// A commit bigger than the budget runs as parts and a final. A crash after a part
 /// leaves that part's unit fences, which the next claim returns; a retried part is not
 /// applied twice; the final drops the unit fences it passed.
 #[test]
 fn a_split_commit_leaves_unit_fences_until_its_final_script() {
     in_both_modes(|| {
-        let (mut conn, keys) = fresh_db(11);
-        claim_fresh(&mut conn, &keys, &[0], 0);
-        let receivers = receivers(300);
+        let (mut conn, keys, receivers, split) = split_commit(11);
         let refs: Vec<&str> = receivers.iter().map(String::as_str).collect();
-        let split = plan(&keys, &[range(0, 1, 0, 50)], 1, &refs, 120);
         let (last, parts) = split.scripts.split_last().unwrap();
         assert!(parts.len() >= 2, "{} scripts", split.scripts.len());
         assert_eq!(last.mode, Mode::Final);
@@ -944,11 +960,7 @@ fn a_split_commit_leaves_unit_fences_until_its_final_script() {
         // aggregators do), in one script: every list then holds its value exactly once,
         // and the final script drops the unit fences.
         let fenced = &claimed[&0].unit_fences;
-        let left: Vec<&str> = refs
-            .iter()
-            .copied()
-            .filter(|key| !fenced.contains_key(&unit_of(key.as_bytes())))
-            .collect();
+        let left = unfenced(&refs, fenced);
         assert_eq!(left.len() as i64, 300 - after_one_part);
         let epoch = claimed[&0].claim.epoch;
         let replay = plan(&keys, &[range(0, epoch, 0, 50)], 1, &left, 100_000);
@@ -971,11 +983,8 @@ fn a_split_commit_leaves_unit_fences_until_its_final_script() {
 #[test]
 fn the_parts_of_a_split_commit_apply_in_any_order() {
     in_both_modes(|| {
-        let (mut conn, keys) = fresh_db(19);
-        claim_fresh(&mut conn, &keys, &[0], 0);
-        let receivers = receivers(300);
+        let (mut conn, keys, receivers, split) = split_commit(19);
         let refs: Vec<&str> = receivers.iter().map(String::as_str).collect();
-        let split = plan(&keys, &[range(0, 1, 0, 50)], 1, &refs, 120);
         let (_, parts) = split.scripts.split_last().unwrap();
         assert!(parts.len() >= 3, "{} scripts", split.scripts.len());
         let last = parts.last().unwrap();
@@ -983,11 +992,7 @@ fn the_parts_of_a_split_commit_apply_in_any_order() {
         let claimed = fences::claim(&mut conn, &keys, &[0], |_| panic!("fences exist")).unwrap();
         assert_eq!(claimed[&0].claim.redis, 0);
         let fenced = &claimed[&0].unit_fences;
-        let left: Vec<&str> = refs
-            .iter()
-            .copied()
-            .filter(|key| !fenced.contains_key(&unit_of(key.as_bytes())))
-            .collect();
+        let left = unfenced(&refs, fenced);
         assert!(!left.is_empty() && left.len() < refs.len());
         // The new owner's replay, split too, runs its parts last first.
         let epoch = claimed[&0].claim.epoch;
