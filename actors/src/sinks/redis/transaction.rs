@@ -307,6 +307,19 @@ impl Transaction {
         verdict::applied_units(&self.unit_ids(), &self.commit.ranges, &read.unit_fences)
     }
 
+    /// Command `n` as sent at `now_ms` by Redis's clock: a list's day end rebuilt if
+    /// that clock says another is ahead.
+    fn command(&self, n: usize, entry: Entry, now_ms: i64) -> redis::Cmd {
+        if let Entry::DayEnd(index) = entry {
+            let (ends, at) = self.day_ends[index as usize];
+            let now_at = day_end_at(ends, now_ms);
+            if now_at != at {
+                return expire_at(self.commands.key(n).as_bytes(), now_at);
+            }
+        }
+        self.commands.to_cmd(n)
+    }
+
     /// Step 2: `MULTI`, the writes (but those of `skip`; lists at a day's end at the
     /// one ahead at `now_ms`), then the unit fences of a part, or a final's fences
     /// moved and the unit fences it passed, and `EXEC`. Also returns how many of its
@@ -336,21 +349,7 @@ impl Transaction {
             {
                 continue;
             }
-            match *entry {
-                Entry::DayEnd(index) => {
-                    let (ends, at) = self.day_ends[index as usize];
-                    let now_at = day_end_at(ends, read.now_ms);
-                    if now_at == at {
-                        pipe.add_command(self.commands.to_cmd(n));
-                    } else {
-                        let key = self.commands.key(n);
-                        pipe.add_command(expire_at(key.as_bytes(), now_at));
-                    }
-                }
-                _ => {
-                    pipe.add_command(self.commands.to_cmd(n));
-                }
-            }
+            pipe.add_command(self.command(n, *entry, read.now_ms));
             sent.push(n);
         }
         match commit.mode {
